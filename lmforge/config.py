@@ -1,0 +1,252 @@
+"""Typed configuration for a training run, grouped by concern (model, method, data, train).
+
+Owns: the schema (each field documented once, here), loading YAML, `key=value` overrides, and reporting every
+problem at once with a "did you mean". LLaMA-Factory's flat keys are translated by compat.py, not here.
+Must not load models or data.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name_or_path: str = "smollm2-135m-instruct"
+    """Builtin alias (see `lmforge models`), a local HF model dir, or a hub id."""
+    template: str | None = None
+    """Chat template for a model without one: a name (chatml, human_assistant) or a Jinja string."""
+    dtype: str = "auto"
+    """auto | float32 | bfloat16 | float16. Half precision without a GPU falls back to float32 with a warning."""
+
+
+class MethodConfig(Section):
+    type: Literal["lora", "full", "freeze"] = "lora"
+    """How parameters are made trainable."""
+    lora_rank: int = 8
+    lora_alpha: float | None = None
+    """Defaults to 2 × lora_rank."""
+    lora_dropout: float = 0.0
+    lora_target: list[str] | Literal["all"] = "all"
+    """Module names (q_proj, v_proj, …) or "all" for every linear layer of the decoder."""
+    freeze_trainable_layers: int = 2
+    """freeze: train the last N decoder layers (negative: the first N)."""
+    freeze_trainable_modules: list[str] = []
+    """freeze: additionally train parameters whose name contains one of these strings."""
+
+    @field_validator("lora_target", mode="before")
+    @classmethod
+    def _split_targets(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != "all":
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+
+class DataConfig(Section):
+    train: list[str] = []
+    """Dataset files (json/jsonl in alpaca, sharegpt, conversations or messages shape) or names in dataset_info.json."""
+    val: list[str] = []
+    """Validation files or names. Alternative: val_size."""
+    dataset_dir: str = "data"
+    """Where dataset names are looked up (dataset_info.json), as in LLaMA-Factory."""
+    val_size: float = 0.0
+    """Fraction (< 1) or count (≥ 1) of the training data held out for validation."""
+    cutoff_len: int = 1024
+    """Maximum tokens per example; longer examples are truncated, and dropped if nothing trainable is left."""
+    train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+    """Which tokens carry loss: every assistant turn, only the last one, or every token."""
+    max_samples: int | None = None
+    """Use at most this many examples from each dataset."""
+
+    @field_validator("train", "val", mode="before")
+    @classmethod
+    def _split_names(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+
+class TrainConfig(Section):
+    stage: Literal["sft"] = "sft"
+    output_dir: str | None = None
+    """Run directory. Default: runs/<name>."""
+    seed: int = 42
+    learning_rate: float = 2e-4
+    num_train_epochs: float = 3.0
+    max_steps: int = -1
+    """Optimizer steps; overrides num_train_epochs when > 0."""
+    batch_size: int = 4
+    """Examples per micro-batch (per_device_train_batch_size)."""
+    gradient_accumulation_steps: int = 1
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    logging_steps: int = 10
+    eval_steps: int | None = None
+    """Evaluate every N steps (and at the end) when there is validation data."""
+    eval_batch_size: int = 8
+    save_steps: int | None = None
+    """Checkpoint every N steps (and on Ctrl-C)."""
+    save_total_limit: int | None = None
+    """Keep only the newest N checkpoints."""
+    resume_from_checkpoint: str | None = None
+    """A checkpoint dir, or "latest" for the newest complete one in output_dir."""
+    overwrite_output_dir: bool = False
+
+
+class Config(Section):
+    name: str = "run"
+    """Run name; the default output_dir is runs/<name>."""
+    model: ModelConfig = ModelConfig()
+    method: MethodConfig = MethodConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if not self.data.train:
+            raise ValueError("data.train is empty: name at least one dataset file (data.train: [path/to/file.jsonl])")
+        return self
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.train.output_dir or f"runs/{self.name}")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+SECTIONS = {"model": ModelConfig, "method": MethodConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def known_paths() -> list[str]:
+    """Every settable key as a dotted path (train.learning_rate, …) plus the top-level ones."""
+    paths = [name for name in Config.model_fields if name not in SECTIONS]
+    for section, cls in SECTIONS.items():
+        paths += [f"{section}.{field}" for field in cls.model_fields]
+    return paths
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file (ours or LLaMA-Factory's flat one), apply key=value overrides, validate everything."""
+    from .compat import is_flat_llamafactory, translate_flat  # compat sits beside config: same layer
+
+    raw: dict = {}
+    source = "command line"
+    if path is not None:
+        source = str(path)
+        raw = _read_yaml(Path(path))
+    notes: list[str] = []
+    if is_flat_llamafactory(raw):
+        raw, notes = translate_flat(raw, source)
+    problems: list[str] = []
+    for item in overrides:
+        _apply_override(raw, item, problems)
+    problems += _unknown_keys(raw, source)
+    if problems:
+        raise ConfigError(_format_problems(source, problems))
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_problems(source, [_describe_error(e) for e in exc.errors()])) from None
+    for note in notes:
+        print(f"note: {note}")
+    return config
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+    return data
+
+
+def _apply_override(raw: dict, item: str, problems: list[str]) -> None:
+    """Apply `a.b=value`; a flat LLaMA-Factory key (learning_rate=…) is translated to its place."""
+    from .compat import translate_flat
+
+    if "=" not in item:
+        problems.append(f"override {item!r} is not key=value")
+        return
+    key, text = item.split("=", 1)
+    value = yaml.safe_load(text) if text else None
+    if "." not in key and key not in Config.model_fields:
+        translated, _ = translate_flat({key: value}, "command line")
+        if translated.get("_unknown"):
+            problems.append(_unknown_message(key))
+            return
+        _merge(raw, translated)
+        return
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            problems.append(f"override {key}: {part} is not a section")
+            return
+    node[leaf] = value
+
+
+def _merge(into: dict, extra: dict) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _unknown_keys(raw: dict, source: str) -> list[str]:
+    problems = [_unknown_message(key) for key in raw.pop("_unknown", [])]
+    for key, value in raw.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                problems.append(f"{key}: expected a section (mapping), got {value!r}")
+                continue
+            problems += [_unknown_message(f"{key}.{sub}") for sub in value if sub not in SECTIONS[key].model_fields]
+        elif key not in Config.model_fields:
+            problems.append(_unknown_message(key))
+    return problems
+
+
+def _unknown_message(key: str) -> str:
+    from .compat import FLAT_KEYS
+
+    candidates = known_paths() + list(FLAT_KEYS)
+    leaf_matches = [p for p in known_paths() if p.split(".")[-1] == key.split(".")[-1]]
+    close = leaf_matches or difflib.get_close_matches(key, candidates, n=3, cutoff=0.6)
+    hint = f" — did you mean {' or '.join(close)}?" if close else ""
+    return f"unknown key {key!r}{hint}"
+
+
+def _describe_error(error: dict) -> str:
+    where = ".".join(str(part) for part in error["loc"]) or "config"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] in ("literal_error", "enum"):
+        return f"{where}: {message} (got {error.get('input')!r})"
+    return f"{where}: {message}"
+
+
+def _format_problems(source: str, problems: list[str]) -> str:
+    lines = "\n".join(f"  - {p}" for p in problems)
+    return f"{source}: {len(problems)} problem{'s' if len(problems) > 1 else ''} in the config:\n{lines}"

@@ -1,0 +1,285 @@
+"""Edge converters: one small function per record shape, each turning one record into a Conversation.
+
+Owns the shapes we read (alpaca, sharegpt, ChatGLM3 "conversations", OpenAI "messages"), format detection, and
+LLaMA-Factory's dataset_info.json column/tag mapping (FormatSpec). Must not open files (sources.py does that) nor
+clean or filter content (later data/ stages do). Everything ends in conversation.validate(), so all shapes get the
+same checks.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..conversation import Conversation, validate
+from ..errors import DataError
+
+FORMAT_NAMES = ("alpaca", "sharegpt", "conversations", "messages")
+# LLaMA-Factory's column defaults. Unlike LLaMA-Factory we also read `system` and `history` by default: a column
+# that is present but silently unused would train on different data than the user wrote.
+DEFAULT_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "history": "history",
+                   "messages": "conversations", "system": "system", "tools": "tools", "images": "images",
+                   "videos": "videos", "audios": "audios",
+                   "chosen": "chosen", "rejected": "rejected", "kto_tag": "kto_tag"}
+DEFAULT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+                "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
+TOOL_ROLES = ("function_call", "observation", "tool", "function", "tool_call")
+MEDIA_COLUMNS = ("images", "videos", "audios")
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    """How to read records: a format name ("auto" = detect from the first record) and, for files described in
+    LLaMA-Factory's dataset_info.json, its `columns` (our key → the record's key) and sharegpt `tags`."""
+
+    format: str = "auto"
+    columns: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.format != "auto" and self.format not in FORMAT_NAMES:
+            raise DataError(f"unknown data format {self.format!r}{_did_you_mean(self.format, FORMAT_NAMES)}; "
+                            f"expected auto or one of {', '.join(FORMAT_NAMES)}")
+
+    def column(self, key: str) -> str:
+        return self.columns.get(key, DEFAULT_COLUMNS[key])
+
+    def tag(self, key: str) -> str:
+        return self.tags.get(key, DEFAULT_TAGS[key])
+
+    @classmethod
+    def from_dataset_info(cls, entry: dict, where: str) -> FormatSpec:
+        """Read an entry's `formatting`, `columns` and `tags`; reject data lmforge cannot train on with SFT yet."""
+        formatting = entry.get("formatting", "alpaca")
+        if formatting not in FORMAT_NAMES:
+            raise DataError(f"{where}: formatting {formatting!r} is not one we read"
+                            f"{_did_you_mean(formatting, FORMAT_NAMES)}; use \"alpaca\" (the default) or \"sharegpt\"")
+        columns = _string_mapping(entry.get("columns"), DEFAULT_COLUMNS, "columns", where)
+        tags = _string_mapping(entry.get("tags"), DEFAULT_TAGS, "tags", where)
+        if entry.get("ranking") or "chosen" in columns or "rejected" in columns:
+            raise DataError(f"{where}: preference data (ranking) is for stage dpo/rm, not sft; lmforge reads only "
+                            f"sft data for now, so remove this dataset from the list")
+        if "kto_tag" in columns:
+            raise DataError(f"{where}: KTO data (kto_tag) is for stage kto, not sft; remove this dataset from the list")
+        media = [key for key in MEDIA_COLUMNS if key in columns]
+        if media:
+            raise DataError(f"{where}: multimodal data not supported (columns: {', '.join(media)}); lmforge trains "
+                            f"text-only models for now")
+        return cls(formatting, columns, tags)
+
+
+def convert(record: dict, where: str, spec: FormatSpec = FormatSpec()) -> Conversation:
+    """Turn one record into a Conversation using spec.format, or the detected format when it is "auto"."""
+    name = detect_format(record, where) if spec.format == "auto" else spec.format
+    return FORMATS[name](record, where, spec)
+
+
+def detect_format(record: dict, where: str) -> str:
+    """The format name a record looks like, judged by its keys."""
+    if "messages" in record:
+        return "messages"
+    if "conversations" in record:
+        turns = record["conversations"]
+        first = turns[0] if isinstance(turns, list) and turns else None
+        if isinstance(first, dict) and "from" in first:
+            return "sharegpt"
+        if isinstance(first, dict) and "role" in first:
+            return "conversations"
+        raise DataError(f"{where}: field 'conversations' should be a non-empty list of messages with 'from'/'value' "
+                        f"(sharegpt) or 'role'/'content' (ChatGLM3), got {_preview(turns)}")
+    if "instruction" in record:
+        return "alpaca"
+    raise DataError(f"{where}: cannot tell the format of this record (its keys: {', '.join(record) or 'none'}).\n"
+                    f"{_unknown_shape_hint(record)}lmforge reads records shaped like:\n"
+                    f"  messages       {{\"messages\": [{{\"role\": ..., \"content\": ...}}, ...]}}   (OpenAI)\n"
+                    f"  sharegpt       {{\"conversations\": [{{\"from\": ..., \"value\": ...}}, ...]}}\n"
+                    f"  conversations  {{\"conversations\": [{{\"role\": ..., \"content\": ...}}, ...]}}   (ChatGLM3)\n"
+                    f"  alpaca         {{\"instruction\": ..., \"input\": ... (optional), \"output\": ...}}\n"
+                    f"If your fields have other names, describe the file in dataset_info.json with \"columns\".")
+
+
+def alpaca(record: dict, where: str, spec: FormatSpec = FormatSpec()) -> Conversation:
+    """instruction (+ newline + input) → user, output → assistant; optional system and earlier [user, assistant]
+    pairs in history."""
+    reject_unsupported_columns(record, where, spec)
+    required = (spec.column("prompt"), spec.column("response"))
+    if set(record) == {required[0]} and required[1] not in record:
+        raise DataError(f"{where}: missing field {required[1]!r}: the record has only {required[0]!r}, which looks "
+                        f"like pre-training text (stage pt); sft needs a response to train on")
+    instruction = _required_text(record, required[0], where, required)
+    response = _required_text(record, required[1], where, required)
+    query = _optional_text(record, spec.column("query"), where)
+    system = _optional_text(record, spec.column("system"), where)
+    messages = [{"role": "system", "content": system}] if system else []
+    for user, assistant in _history_pairs(record, spec.column("history"), where):
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    # LLaMA-Factory's rule: the non-empty parts of instruction and input joined by a newline.
+    prompt = "\n".join(part for part in (instruction, query) if part)
+    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    return Conversation.from_dicts(validate(messages, where), source=where)
+
+
+def sharegpt(record: dict, where: str, spec: FormatSpec = FormatSpec()) -> Conversation:
+    """{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}], "system": optional}, with tag renames."""
+    reject_unsupported_columns(record, where, spec)
+    turns = _message_list(record, spec.columns.get("messages", "conversations"), where)
+    role_tag, content_tag = spec.tag("role_tag"), spec.tag("content_tag")
+    roles = _sharegpt_roles(spec)
+    tool_roles = {spec.tag("function_tag"), spec.tag("observation_tag"), *TOOL_ROLES}
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            messages.append(turn)  # validate() reports it with its index
+            continue
+        value = turn.get(role_tag)
+        if isinstance(value, str) and value in tool_roles:
+            raise _tool_call_error(where, f"role {value!r}")
+        if not isinstance(value, str) or value not in roles:
+            raise DataError(f"{where}: message {i} has {role_tag}={_preview(value)}; expected one of "
+                            f"{', '.join(map(repr, roles))}")
+        messages.append({"role": roles[value], "content": turn.get(content_tag)})
+    return _with_system_column(validate(messages, where), record, where, spec)
+
+
+def conversations(record: dict, where: str, spec: FormatSpec = FormatSpec()) -> Conversation:
+    """ChatGLM3 finetune-demo shape: {"conversations": [{"role": ..., "content": ...}]}."""
+    reject_unsupported_columns(record, where, spec)
+    turns = _message_list(record, spec.columns.get("messages", "conversations"), where)
+    _reject_turn_loss_flags(turns, where, flag="loss", off=False)
+    return _role_content(turns, record, where, spec)
+
+
+def messages(record: dict, where: str, spec: FormatSpec = FormatSpec()) -> Conversation:
+    """OpenAI chat shape: {"messages": [{"role": ..., "content": ...}]}."""
+    reject_unsupported_columns(record, where, spec)
+    turns = _message_list(record, spec.columns.get("messages", "messages"), where)
+    _reject_turn_loss_flags(turns, where, flag="weight", off=0)
+    return _role_content(turns, record, where, spec)
+
+
+FORMATS: dict[str, Callable[[dict, str, FormatSpec], Conversation]] = {
+    "alpaca": alpaca, "sharegpt": sharegpt, "conversations": conversations, "messages": messages}
+
+
+def reject_unsupported_columns(record: dict, where: str, spec: FormatSpec) -> None:
+    """Tool descriptions and media files change what a sample means; refuse them rather than drop them."""
+    if _is_present(record.get(spec.column("tools"))):
+        raise _tool_call_error(where, f"a non-empty {spec.column('tools')!r} field")
+    media = [spec.column(key) for key in MEDIA_COLUMNS if _is_present(record.get(spec.column(key)))]
+    if media:
+        raise DataError(f"{where}: multimodal data not supported (record has {', '.join(media)}); lmforge trains "
+                        f"text-only models for now, so remove these records or fields")
+
+
+def _role_content(turns: list, record: dict, where: str, spec: FormatSpec) -> Conversation:
+    for turn in turns:
+        if not isinstance(turn, dict):
+            continue
+        if turn.get("role") in TOOL_ROLES:
+            raise _tool_call_error(where, f"role {turn['role']!r}")
+        for key in ("tool_calls", "function_call", "tools"):
+            if _is_present(turn.get(key)):
+                raise _tool_call_error(where, f"a message with {key!r}")
+    return _with_system_column(validate(turns, where), record, where, spec)
+
+
+def _with_system_column(messages: list[dict], record: dict, where: str, spec: FormatSpec) -> Conversation:
+    """Messages already validated (so error indices match the file), plus the record's top-level system prompt
+    when the messages do not start with one (a system message in the list wins, as in LLaMA-Factory)."""
+    system = _optional_text(record, spec.column("system"), where)
+    if system and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system}, *messages]
+    return Conversation.from_dicts(validate(messages, where), source=where)
+
+
+def _sharegpt_roles(spec: FormatSpec) -> dict[str, str]:
+    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+    roles.update({spec.tag("user_tag"): "user", spec.tag("assistant_tag"): "assistant",
+                  spec.tag("system_tag"): "system"})
+    return roles
+
+
+def _reject_turn_loss_flags(turns: list, where: str, *, flag: str, off: object) -> None:
+    for i, turn in enumerate(turns):
+        if isinstance(turn, dict) and turn.get("role") == "assistant" and flag in turn and turn[flag] == off:
+            raise DataError(f"{where}: message {i} has \"{flag}\": {json.dumps(off)}; per-turn loss flags are not "
+                            f"supported yet (every assistant turn is trained). Remove the flag, or drop that turn "
+                            f"and the ones after it")
+
+
+def _message_list(record: dict, key: str, where: str) -> list:
+    if key not in record:
+        raise DataError(f"{where}: missing field {key!r} (the list of messages); this record has: "
+                        f"{', '.join(record) or 'no fields'}")
+    turns = record[key]
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: field {key!r} should be a non-empty list of messages, got {_preview(turns)}")
+    return turns
+
+
+def _required_text(record: dict, key: str, where: str, required: tuple[str, ...]) -> str:
+    if record.get(key) is None:
+        raise DataError(f"{where}: missing field {key!r} (alpaca records need {' and '.join(map(repr, required))}; "
+                        f"this record has: {', '.join(record) or 'no fields'})")
+    return _optional_text(record, key, where)
+
+
+def _optional_text(record: dict, key: str, where: str) -> str:
+    value = record.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {key!r} is {type(value).__name__} {_preview(value)}, expected a string")
+    return value
+
+
+def _history_pairs(record: dict, key: str, where: str) -> list[tuple[str, str]]:
+    history = record.get(key) or []
+    if not isinstance(history, list):
+        raise DataError(f"{where}: field {key!r} should be a list of [user, assistant] pairs, got {_preview(history)}")
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
+            raise DataError(f"{where}: {key}[{i}] should be a [user, assistant] pair of strings, got {_preview(pair)}")
+    return [(user, assistant) for user, assistant in history]
+
+
+def _string_mapping(value: object, known: dict[str, str], name: str, where: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise DataError(f"{where}: {name!r} should be an object of string values, got {_preview(value)}")
+    for key in value:
+        if key not in known:
+            raise DataError(f"{where}: unknown key {key!r} in {name!r}{_did_you_mean(key, known)}; "
+                            f"known keys: {', '.join(known)}")
+    return dict(value)
+
+
+def _tool_call_error(where: str, what: str) -> DataError:
+    return DataError(f"{where}: tool-call conversations are not supported yet (record has {what}); remove tool-call "
+                     f"records from the dataset, or leave this dataset out for now")
+
+
+def _unknown_shape_hint(record: dict) -> str:
+    if "chosen" in record or "rejected" in record:
+        return "It looks like preference data (ranking), which is for stage dpo/rm, not sft.\n"
+    if set(record) == {"text"}:
+        return "It looks like plain pre-training text; sft needs conversations with an assistant reply.\n"
+    return ""
+
+
+def _is_present(value: object) -> bool:
+    """True for a non-empty field; LLaMA-Factory files often carry "" or "[]" for "no tools"."""
+    return value not in (None, "", "[]", [], {})
+
+
+def _did_you_mean(word: str, options) -> str:
+    close = difflib.get_close_matches(str(word), list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _preview(value: object) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text[:60] + ("…" if len(text) > 60 else "")

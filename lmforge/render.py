@@ -1,0 +1,168 @@
+"""Conversation + tokenizer → Example: token ids and the labels that carry loss.
+
+The tokenizer's own chat template is the only prompt format, for training and inference alike. Trained tokens are
+found by prefix difference: the text of messages[:k] with a generation prompt must be a prefix of messages[:k+1],
+which must be a prefix of the whole conversation; the tokens in between are assistant turn k. A template that breaks
+this is refused. A model without a template takes a named one (chatml, human_assistant) set on the tokenizer as Jinja.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .conversation import Conversation
+from .errors import ConfigError, DataError
+
+IGNORE_INDEX = -100
+
+NAMED_TEMPLATES = {
+    "chatml": (
+        "{%- for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+    ),
+    "human_assistant": (
+        "{%- set bos = bos_token | default('<s>', true) %}{%- set eos = eos_token | default('</s>', true) %}"
+        "{%- for message in messages %}"
+        "{%- if message['role'] == 'system' %}{{ bos + 'System: ' + message['content'] + eos }}"
+        "{%- elif message['role'] == 'user' %}{{ bos + 'Human: ' + message['content'] + eos }}"
+        "{%- else %}{{ bos + 'Assistant: ' + message['content'] + eos }}{%- endif %}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{ bos + 'Assistant:' }}{%- endif %}"
+    ),
+}
+# Tokens a named template writes literally; they must be single tokens of the vocabulary.
+_TEMPLATE_TOKENS = {"chatml": ("<|im_start|>", "<|im_end|>"), "human_assistant": ()}
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # aligned with input_ids; IGNORE_INDEX where no loss
+
+    @property
+    def num_supervised(self) -> int:
+        return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+def ensure_chat_template(tokenizer, template: str | None) -> str | None:
+    """Make sure the tokenizer has the chat template training will use; return a note for the user, if any."""
+    if template is None:
+        if not tokenizer.chat_template:
+            raise ConfigError(
+                "the model has no chat template (it is probably a base model): set model.template to one of "
+                f"{', '.join(NAMED_TEMPLATES)} or to a Jinja template string")
+        return None
+    if template in NAMED_TEMPLATES:
+        missing = [t for t in _TEMPLATE_TOKENS[template] if not _is_single_token(tokenizer, t)]
+        if missing:
+            raise ConfigError(
+                f"model.template {template!r} needs the tokens {', '.join(missing)}, which this tokenizer does not "
+                f"have; use model.template: human_assistant (built from the model's own bos/eos tokens)")
+        had_own = bool(tokenizer.chat_template)
+        tokenizer.chat_template = NAMED_TEMPLATES[template]
+        return f"chat template {template!r} replaces the model's own" if had_own else None
+    if "{%" in template or "{{" in template:
+        tokenizer.chat_template = template
+        return "using the Jinja chat template from model.template"
+    if tokenizer.chat_template:  # a LLaMA-Factory template name: the tokenizer's own template is the real one
+        return f"template {template!r} ignored: lmforge always uses the model's own chat template"
+    raise ConfigError(f"model.template {template!r} is not a template lmforge knows, and the model has none of its "
+                      f"own: use one of {', '.join(NAMED_TEMPLATES)} or a Jinja template string")
+
+
+def _is_single_token(tokenizer, token: str) -> bool:
+    ids = tokenizer.encode(token, add_special_tokens=False)
+    return len(ids) == 1
+
+
+def render_text(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation followed by the assistant generation prompt (inference)."""
+    text = render_text(tokenizer, messages, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def assistant_spans(tokenizer, messages: list[dict], train_on: str, where: str = "") -> tuple[str, list[tuple]]:
+    """Render the conversation; return (text, [(start, end) character spans that carry loss])."""
+    full = render_text(tokenizer, messages)
+    if train_on == "all":
+        return full, [(0, len(full))]
+    turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+    if train_on == "last_assistant":
+        turns = turns[-1:]
+    spans = []
+    for k in turns:
+        prompt = render_text(tokenizer, messages[:k], add_generation_prompt=True)
+        upto = full if k == len(messages) - 1 else render_text(tokenizer, messages[:k + 1])
+        if not upto.startswith(prompt) or not full.startswith(upto):
+            raise ConfigError(
+                f"{where}: the chat template is not prefix-preserving at assistant message {k} (rendering the "
+                f"earlier messages is not a prefix of rendering more of them), so the trained tokens cannot be "
+                f"found exactly. Use data.train_on: last_assistant, or set model.template")
+        end = len(upto.rstrip())  # the turn ends with its end-of-turn token; trailing newlines are not trained
+        spans.append((len(prompt), end))
+    return full, spans
+
+
+def render_example(tokenizer, conversation: Conversation, train_on: str = "assistant") -> Example:
+    messages = conversation.to_dicts()
+    text, spans = assistant_spans(tokenizer, messages, train_on, conversation.source)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
+    labels = [IGNORE_INDEX] * len(ids)
+    for i, (start, _) in enumerate(offsets):
+        if any(lo <= start < hi for lo, hi in spans):
+            labels[i] = ids[i]
+    if all(label == IGNORE_INDEX for label in labels):
+        raise DataError(f"{conversation.source}: no trainable tokens after rendering (empty assistant reply?)")
+    return Example(ids, labels)
+
+
+@dataclass
+class RenderStats:
+    read: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped_cutoff: int = 0
+
+    def summary(self) -> str:
+        return (f"{self.read} conversations → {self.kept} examples "
+                f"({self.truncated} truncated to cutoff_len, {self.dropped_cutoff} dropped: nothing trainable "
+                f"left within cutoff_len)")
+
+
+def render_dataset(tokenizer, conversations: list[Conversation], train_on: str, cutoff_len: int
+                   ) -> tuple[list[Example], RenderStats]:
+    """Render every conversation; truncate to cutoff_len; drop (and count) examples left with no trained token."""
+    stats = RenderStats(read=len(conversations))
+    examples = []
+    for conversation in conversations:
+        example = render_example(tokenizer, conversation, train_on)
+        if len(example.input_ids) > cutoff_len:
+            example = Example(example.input_ids[:cutoff_len], example.labels[:cutoff_len])
+            if example.num_supervised == 0:
+                stats.dropped_cutoff += 1
+                continue
+            stats.truncated += 1
+        examples.append(example)
+    stats.kept = len(examples)
+    return examples, stats
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Token ids that end an assistant turn under this template (for stopping generation)."""
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    text, spans = assistant_spans(tokenizer, messages, "assistant")
+    start, end = spans[0]
+    tail = text[start:end]
+    tail = tail[tail.rfind("y") + 1:]
+    ids = set(tokenizer(tail, add_special_tokens=False)["input_ids"][:1]) if tail else set()
+    eos = tokenizer.eos_token_id
+    if eos is not None:
+        ids.add(eos)
+    return sorted(ids)
