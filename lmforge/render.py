@@ -74,7 +74,7 @@ def ensure_chat_template(tokenizer, template: str | None) -> str | None:
 
 def _is_single_token(tokenizer, token: str) -> bool:
     ids = tokenizer.encode(token, add_special_tokens=False)
-    return len(ids) == 1
+    return len(ids) == 1 and ids[0] != tokenizer.unk_token_id  # a vocabulary may map an unknown word to one <unk>
 
 
 def render_text(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -84,7 +84,7 @@ def render_text(tokenizer, messages: list[dict], add_generation_prompt: bool = F
 def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of a conversation followed by the assistant generation prompt (inference)."""
     text = render_text(tokenizer, messages, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return _tokenize(tokenizer, text, _turn_spans(tokenizer, messages), [])[0]
 
 
 def assistant_spans(tokenizer, messages: list[dict], train_on: str, where: str = "") -> tuple[str, list[tuple]]:
@@ -112,15 +112,35 @@ def assistant_spans(tokenizer, messages: list[dict], train_on: str, where: str =
 def render_example(tokenizer, conversation: Conversation, train_on: str = "assistant") -> Example:
     messages = conversation.to_dicts()
     text, spans = assistant_spans(tokenizer, messages, train_on, conversation.source)
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
-    labels = [IGNORE_INDEX] * len(ids)
-    for i, (start, _) in enumerate(offsets):
-        if any(lo <= start < hi for lo, hi in spans):
-            labels[i] = ids[i]
+    turns = spans if train_on == "assistant" else _turn_spans(tokenizer, messages)
+    ids, labels = _tokenize(tokenizer, text, turns, spans)
     if all(label == IGNORE_INDEX for label in labels):
         raise DataError(f"{conversation.source}: no trainable tokens after rendering (empty assistant reply?)")
     return Example(ids, labels)
+
+
+def _turn_spans(tokenizer, messages: list[dict]) -> list[tuple]:
+    """Spans of every assistant turn, or none if the template is not prefix-preserving (then only trained spans cut)."""
+    try:
+        return assistant_spans(tokenizer, messages, "assistant")[1]
+    except ConfigError:
+        return []
+
+
+def _tokenize(tokenizer, text: str, turns: list[tuple], trained: list[tuple]) -> tuple[list[int], list[int]]:
+    """Tokenize `text` in pieces cut at both ends of every assistant turn; labels on the pieces inside `trained`.
+
+    Tokenizing the whole text at once lets a token straddle a turn's start (e.g. the generation prompt's "\n" merged
+    with a reply's leading whitespace): that token would be half prompt, half reply, and the prompt tokens would differ
+    from render_prompt's at inference. Cutting the same way here and in render_prompt keeps them identical.
+    """
+    cuts = sorted({0, len(text), *(bound for span in (*turns, *trained) for bound in span)})
+    ids, labels = [], []
+    for lo, hi in zip(cuts, cuts[1:]):
+        piece = tokenizer(text[lo:hi], add_special_tokens=False)["input_ids"]
+        ids += piece
+        labels += piece if any(start <= lo and hi <= end for start, end in trained) else [IGNORE_INDEX] * len(piece)
+    return ids, labels
 
 
 @dataclass

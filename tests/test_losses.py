@@ -1,0 +1,155 @@
+"""The packed SFT loss equals the naive one: each example alone through the full model, HF's own loss.
+
+Tiny random Llama / Qwen2 models with the real bundled tokenizer. Equality of the loss and of every gradient shows
+that running the LM head only on supervised positions and attending per example inside one packed row are exact.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lmforge.attention import register
+from lmforge.batching import pack
+from lmforge.config import MethodConfig
+from lmforge.conversation import Conversation
+from lmforge.losses import sft_loss_sum
+from lmforge.methods import apply_method
+from lmforge.models import load_model, load_tokenizer
+from lmforge.render import IGNORE_INDEX, Example, render_example
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"}],
+    [{"role": "system", "content": "Answer in Chinese."}, {"role": "user", "content": "Say hello"},
+     {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "And goodbye?"},
+     {"role": "assistant", "content": "再见。祝你今天过得愉快。"}],
+    [{"role": "user", "content": "Count to five, please, one number per line."},
+     {"role": "assistant", "content": "1\n2\n3\n4\n5"}],
+]
+
+
+@pytest.fixture(params=["tiny_llama", "tiny_qwen2"])
+def model_dir(request) -> str:
+    return request.getfixturevalue(request.param)
+
+
+def packed_model(path: str):
+    model = load_model(path, torch.float32)
+    model.set_attn_implementation(register())
+    return model
+
+
+def reference_model(path: str):
+    """The same weights with transformers' own eager attention: nothing of lmforge in the forward pass."""
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+
+
+def examples_for(path: str):
+    tokenizer = load_tokenizer(path)
+    examples = [render_example(tokenizer, Conversation.from_dicts(m)) for m in CONVERSATIONS]
+    assert len({len(e.input_ids) for e in examples}) == 3, "examples should have different lengths"
+    return examples
+
+
+def naive_loss(model, examples) -> torch.Tensor:
+    """Σ over examples of HF's mean loss × its count of supervised next tokens, ÷ the total count."""
+    total, count = 0.0, 0
+    for example in examples:
+        n = sum(label != IGNORE_INDEX for label in example.labels[1:])
+        out = model(input_ids=torch.tensor([example.input_ids]), labels=torch.tensor([example.labels]))
+        total = total + out.loss * n
+        count += n
+    return total / count
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_grads_equal(actual: dict, expected: dict, rtol: float = 1e-5):
+    assert actual.keys() == expected.keys()
+    for name, g in expected.items():
+        assert g.norm() > 0, f"{name}: no gradient"
+        error = (actual[name] - g).norm() / g.norm()
+        assert error < rtol, f"{name}: relative gradient error {error:.2e}"
+
+
+def test_packed_loss_and_gradients_equal_the_naive_per_example_computation(model_dir):
+    examples = examples_for(model_dir)
+    batch = pack(examples)
+    model, reference = packed_model(model_dir), reference_model(model_dir)
+
+    loss = sft_loss_sum(model, batch) / batch.num_supervised
+    expected = naive_loss(reference, examples)
+    assert batch.num_supervised == sum(e.num_supervised for e in examples)
+    assert abs(loss.item() - expected.item()) < 1e-5
+    assert loss.item() > 1.0  # random weights: a real loss, not a degenerate zero
+
+    loss.backward()
+    expected.backward()
+    assert_grads_equal(grads(model), grads(reference))
+
+
+def test_each_packed_example_sees_only_itself(model_dir):
+    examples = examples_for(model_dir)
+    model = packed_model(model_dir)
+    decoder = model.get_decoder()
+
+    def packed_hidden(exs):
+        batch = pack(exs)
+        with torch.no_grad():
+            hidden = decoder(**batch.model_kwargs(), use_cache=False).last_hidden_state[0]
+        bounds = batch.cu_seq_lens.tolist()
+        return [hidden[s:e] for s, e in zip(bounds[:-1], bounds[1:])]
+
+    packed = packed_hidden(examples)
+    for example, inside in zip(examples, packed):
+        with torch.no_grad():
+            alone = decoder(input_ids=torch.tensor([example.input_ids]), use_cache=False).last_hidden_state[0]
+        torch.testing.assert_close(inside, alone, rtol=1e-5, atol=1e-5)
+
+    # Change every token of the first example (same length): the others' hidden states do not move at all.
+    changed = [Example([(t + 7) % 1000 + 100 for t in examples[0].input_ids], examples[0].labels)]
+    after = packed_hidden(changed + examples[1:])
+    assert not torch.allclose(after[0], packed[0], atol=1e-3)
+    for before_i, after_i in zip(packed[1:], after[1:]):
+        torch.testing.assert_close(after_i, before_i, rtol=0, atol=1e-6)
+
+
+def test_lm_head_runs_only_on_supervised_positions(tiny_llama):
+    batch = pack(examples_for(tiny_llama))
+    model = packed_model(tiny_llama)
+    rows = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda mod, args, out: rows.append(args[0].shape))
+    try:
+        sft_loss_sum(model, batch)
+    finally:
+        handle.remove()
+    assert len(rows) == 1
+    assert rows[0][0] == batch.num_supervised < batch.num_tokens
+
+
+def test_loss_through_a_lora_model(tiny_llama):
+    examples = examples_for(tiny_llama)
+    batch = pack(examples)
+    model = apply_method(packed_model(tiny_llama), MethodConfig(type="lora", lora_target="all"))
+    torch.manual_seed(0)
+    with torch.no_grad():  # LoRA B starts at zero; make the adapter change the output so the test can tell
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)
+
+    loss = sft_loss_sum(model, batch) / batch.num_supervised
+    with model.disable_adapter(), torch.no_grad():
+        base_loss = sft_loss_sum(model, batch) / batch.num_supervised
+    assert abs(loss.item() - base_loss.item()) > 1e-3, "the adapter must be part of the packed loss"
+
+    loss.backward()
+    packed_grads = grads(model)
+    assert packed_grads and all("lora_" in name for name in packed_grads)
+    model.zero_grad()
+    expected = naive_loss(model, examples)  # through PeftModel.forward, HF's loss
+    assert abs(loss.item() - expected.item()) < 1e-5
+    expected.backward()
+    assert_grads_equal(packed_grads, grads(model))
