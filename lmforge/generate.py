@@ -71,24 +71,41 @@ def _next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.G
 
 
 @torch.inference_mode()
-def stream_tokens(model, prompt_ids: list[int], stop_ids: list[int], params: SamplingParams) -> Iterator[int]:
+def generate_tokens(model, prompts: list[list[int]], stop_ids: list[int], params: SamplingParams
+                    ) -> Iterator[list[int | None]]:
+    """Decode a batch of prompts together (left-padded, one KV cache); yield each step's new token per prompt,
+    None for prompts that have already stopped. Ends when all have stopped or max_new_tokens is reached."""
     generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+    longest = max(len(p) for p in prompts)
+    pad = stop_ids[0] if stop_ids else 0
+    inputs = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
-    inputs = torch.tensor([prompt_ids])
+    running = [True] * len(prompts)
     for _ in range(params.max_new_tokens):
-        logits = model(input_ids=inputs, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
-        token = _next_token(logits, params, generator)
-        if token in stop_ids:
+        logits = model(input_ids=inputs, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]
+        step: list[int | None] = []
+        for i, row in enumerate(logits):
+            token = _next_token(row, params, generator) if running[i] else None
+            if token is not None and token in stop_ids:
+                running[i], token = False, None
+            step.append(token)
+        if not any(running):
             return
-        yield token
-        inputs = torch.tensor([[token]])
+        yield step
+        inputs = torch.tensor([[t if t is not None else pad] for t in step])
+        mask = torch.cat([mask, torch.tensor([[int(r) for r in running]])], dim=1)
+        positions = positions[:, -1:] + 1
 
 
 def stream_reply(model, tokenizer, messages: list[dict], params: SamplingParams = SamplingParams()) -> Iterator[str]:
     """Yield the assistant's reply to `messages` as text pieces."""
     ids: list[int] = []
     shown = ""
-    for token in stream_tokens(model, render_prompt(tokenizer, messages), end_of_turn_ids(tokenizer), params):
+    prompt = render_prompt(tokenizer, messages)
+    for (token,) in generate_tokens(model, [prompt], end_of_turn_ids(tokenizer), params):
         ids.append(token)
         text = tokenizer.decode(ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
@@ -99,3 +116,20 @@ def stream_reply(model, tokenizer, messages: list[dict], params: SamplingParams 
 
 def reply(model, tokenizer, messages: list[dict], params: SamplingParams = SamplingParams()) -> str:
     return "".join(stream_reply(model, tokenizer, messages, params))
+
+
+def replies(model, tokenizer, conversations: list[list[dict]], params: SamplingParams = SamplingParams(),
+            batch_size: int = 16) -> list[str]:
+    """Replies to many conversations, decoded `batch_size` at a time with the same decoding as reply()."""
+    stop_ids = end_of_turn_ids(tokenizer)
+    out: list[str] = []
+    for start in range(0, len(conversations), batch_size):
+        chunk = conversations[start:start + batch_size]
+        generated: list[list[int]] = [[] for _ in chunk]
+        prompts = [render_prompt(tokenizer, messages) for messages in chunk]
+        for step in generate_tokens(model, prompts, stop_ids, params):
+            for ids, token in zip(generated, step):
+                if token is not None:
+                    ids.append(token)
+        out += [tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
+    return out

@@ -350,7 +350,9 @@ def load_tokenizer(path: str):
 def load_model(path: str, dtype: torch.dtype):
     """The causal LM of a directory or hub id returned by `resolve_model`, on CPU; the caller places it."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar on every load is noise
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     except LOAD_ERRORS as err:

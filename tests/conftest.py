@@ -1,0 +1,109 @@
+"""Shared fixtures: the bundled tokenizer and tiny random Llama- / Qwen2-style models built from a config.
+
+Tiny models use the real bundled tokenizer (SmolLM2's, converted once into the lmforge cache), so rendering and
+chat templates are real; only the weights are small and random.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+LLAMA3_TEMPLATE = (
+    "{{- bos_token }}{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{%- endif %}"
+)
+QWEN_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    "<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if message['role'] != 'system' %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def bundled_model_dir() -> str:
+    from lmforge.models import DEFAULT_MODEL, resolve_model
+
+    return resolve_model(DEFAULT_MODEL)
+
+
+@pytest.fixture
+def tokenizer(bundled_model_dir):
+    """A fresh copy of the bundled (SmolLM2) tokenizer, safe to modify."""
+    from lmforge.models import load_tokenizer
+
+    return load_tokenizer(bundled_model_dir)
+
+
+def llama3_tokenizer(base_dir: str):
+    from lmforge.models import load_tokenizer
+
+    tok = load_tokenizer(base_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
+    tok.chat_template = LLAMA3_TEMPLATE
+    tok.eos_token = "<|eot_id|>"
+    return tok
+
+
+def qwen_tokenizer(base_dir: str):
+    from lmforge.models import load_tokenizer
+
+    tok = load_tokenizer(base_dir)
+    tok.chat_template = QWEN_TEMPLATE
+    return tok
+
+
+def make_tiny_model(kind: str, tokenizer, out_dir: Path, seed: int = 0) -> str:
+    """Build a tiny random model of `kind` ("llama" or "qwen2") for `tokenizer`, save both, return the dir."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                  tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        raise ValueError(kind)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+@pytest.fixture
+def tiny_llama(tmp_path, tokenizer) -> str:
+    return make_tiny_model("llama", tokenizer, tmp_path / "tiny-llama")
+
+
+@pytest.fixture
+def tiny_qwen2(tmp_path, bundled_model_dir) -> str:
+    return make_tiny_model("qwen2", qwen_tokenizer(bundled_model_dir), tmp_path / "tiny-qwen2")
+
+
+@pytest.fixture
+def write_jsonl(tmp_path):
+    """write_jsonl(name, records) → path of a JSONL file in tmp_path."""
+    import json
+
+    def write(name: str, records: list[dict]) -> Path:
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+        return path
+    return write
