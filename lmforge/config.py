@@ -155,12 +155,15 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     for item in overrides:
         _apply_override(raw, item, problems)
     problems += _unknown_keys(raw, source)
-    if problems:
-        raise ConfigError(_format_problems(source, problems))
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_problems(source, [_describe_error(e) for e in exc.errors()])) from None
+        # Unknown keys and non-mapping sections are already listed above (with a "did you mean"); add the rest.
+        listed = {key for key, value in raw.items() if key in SECTIONS and not isinstance(value, dict)}
+        problems += [_describe_error(e) for e in exc.errors()
+                     if e["type"] != "extra_forbidden" and (e["loc"] or ("",))[0] not in listed]
+    if problems:
+        raise ConfigError(_format_problems(source, problems)) from None
     for note in notes:
         print(f"note: {note}")
     return config
@@ -232,7 +235,8 @@ def _unknown_keys(raw: dict, source: str) -> list[str]:
 def _unknown_message(key: str) -> str:
     from .compat import FLAT_KEYS
 
-    candidates = known_paths() + list(FLAT_KEYS)
+    # A flat LLaMA-Factory name is only valid at the top level; inside a section it would be unknown again.
+    candidates = known_paths() + ([] if "." in key else list(FLAT_KEYS))
     leaf_matches = [p for p in known_paths() if p.split(".")[-1] == key.split(".")[-1]]
     close = leaf_matches or difflib.get_close_matches(key, candidates, n=3, cutoff=0.6)
     hint = f" — did you mean {' or '.join(close)}?" if close else ""
