@@ -25,6 +25,7 @@ STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete
 class RunDir:
     def __init__(self, root: Path):
         self.root = Path(root)
+        self.finished = False  # set by train() when every step ran and the artifact was written
 
     config = property(lambda self: self.root / "config.yaml")
     metrics = property(lambda self: self.root / "metrics.jsonl")
@@ -47,6 +48,7 @@ class RunDir:
             for path in (self.metrics, self.loss_plot, self.data_report):
                 path.unlink(missing_ok=True)
         self.root.mkdir(parents=True, exist_ok=True)
+        _prune(self, keep=None)
 
     def artifact(self) -> Path:
         """The trained result: adapter/ or model/."""
@@ -103,6 +105,7 @@ def save_checkpoint(run: RunDir, step: int, model, optimizer, scheduler, state: 
 
 
 def _prune(run: RunDir, keep: int | None) -> None:
+    """Remove what an interrupted save left behind, and checkpoints beyond the newest `keep`."""
     for stale in run.checkpoints.glob(".tmp-step-*"):
         shutil.rmtree(stale, ignore_errors=True)
     if keep:

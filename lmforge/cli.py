@@ -20,8 +20,8 @@ def cmd_train(args) -> int:
     from .train import train
 
     config = load_config(args.config, args.overrides)
-    train(config)
-    return 0
+    run = train(config)
+    return 0 if run.finished else 130  # stopped early (Ctrl-C): a checkpoint was saved, not the final artifact
 
 
 def cmd_chat(args) -> int:

@@ -194,6 +194,7 @@ def train(config: Config, callback: Callable[[dict], bool | None] | None = None)
               f"train.resume_from_checkpoint=latest")
         return run
     path = save_artifact(run, model, tokenizer, config.method.type)
+    run.finished = True
     print(f"done: {path}  ·  chat with it: lmforge chat {run.root}")
     return run
 
