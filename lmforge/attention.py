@@ -21,15 +21,12 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout=
     if cu_seq_lens is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    # query: [1, heads, T, dim]; key/value: [1, kv_heads, T, dim]
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
+    # query: [1, heads, T, dim]; key/value: [1, kv_heads, T, dim]; enable_gqa shares kv heads without copying them
     bounds = cu_seq_lens.tolist()
     outputs = [
         F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
-                                       dropout_p=dropout if module.training else 0.0, scale=scaling)
+                                       dropout_p=dropout if module.training else 0.0, scale=scaling,
+                                       enable_gqa=query.shape[1] != key.shape[1])
         for s, e in zip(bounds[:-1], bounds[1:])
     ]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
