@@ -1,7 +1,9 @@
 """Losses. SFT: cross-entropy on supervised positions only, summed (the loop divides by supervised tokens).
 
 The LM head runs only on the hidden states whose next token carries loss: full-vocabulary logits for prompt tokens
-are never built. Must not step optimizers or know about data files.
+are never built. Those logits are also never held all at once: `ChunkedLinearCrossEntropy` computes loss and
+gradients chunk by chunk in the forward pass (as Liger's fused linear cross-entropy does), so the LM head costs one
+chunk of logits in memory instead of three full copies. Must not step optimizers or know about data files.
 """
 
 from __future__ import annotations
@@ -12,23 +14,62 @@ import torch.nn.functional as F
 from .batching import Batch
 from .render import IGNORE_INDEX
 
+CHUNK_ROWS = 1024
+
 
 def _base_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def supervised_logits(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits at the positions whose next token is supervised, and those next tokens."""
-    base = _base_model(model)
-    hidden = base.get_decoder()(**batch.model_kwargs(), use_cache=False).last_hidden_state[0]  # [T, H]
+def supervised_hidden(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final hidden states at the positions whose next token is supervised, and those next tokens."""
+    hidden = _base_model(model).get_decoder()(**batch.model_kwargs(), use_cache=False).last_hidden_state[0]
     keep = batch.targets != IGNORE_INDEX
-    logits = base.get_output_embeddings()(hidden[keep]).float()
-    softcap = getattr(base.config, "final_logit_softcapping", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits, batch.targets[keep]
+    return hidden[keep], batch.targets[keep]
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(softcap(h_i · Wᵀ), y_i), with d/dh (and d/dW when W trains) computed during the forward pass."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, softcap):
+        grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
+        grad_weight = torch.zeros_like(weight) if weight.requires_grad else None
+        compute = torch.promote_types(weight.dtype, torch.float32)  # half-precision logits are summed in fp32
+        total = hidden.new_zeros((), dtype=compute)
+        for start in range(0, hidden.shape[0], CHUNK_ROWS):
+            h, y = hidden[start:start + CHUNK_ROWS], targets[start:start + CHUNK_ROWS]
+            raw = (h @ weight.t()).to(compute)
+            logits = torch.tanh(raw / softcap) * softcap if softcap else raw
+            log_probs = logits.log_softmax(-1)
+            total -= log_probs.gather(1, y[:, None]).sum()
+            if grad_hidden is None and grad_weight is None:
+                continue
+            grad_logits = log_probs.exp_()
+            grad_logits[torch.arange(len(y)), y] -= 1.0
+            if softcap:
+                grad_logits *= 1.0 - (logits / softcap) ** 2
+            grad_logits = grad_logits.to(weight.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:start + CHUNK_ROWS] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight += grad_logits.t() @ h
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_output.to(grad_hidden.dtype if grad_hidden is not None else grad_weight.dtype)
+        return (grad_hidden * scale if grad_hidden is not None else None,
+                grad_weight * scale if grad_weight is not None else None, None, None)
 
 
 def sft_loss_sum(model, batch: Batch) -> torch.Tensor:
-    logits, targets = supervised_logits(model, batch)
-    return F.cross_entropy(logits, targets, reduction="sum")
+    hidden, targets = supervised_hidden(model, batch)
+    base = _base_model(model)
+    head = base.get_output_embeddings()
+    if head.bias is not None or not isinstance(head, torch.nn.Linear):  # unusual heads: the plain computation
+        return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    return ChunkedLinearCrossEntropy.apply(hidden, head.weight, targets, softcap)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from . import attention
-from .batching import DataOrder, eval_batches, pack
+from .batching import Batch, DataOrder, eval_batches, pack
 from .checkpoint import (RunDir, load_checkpoint, resolve_resume, save_artifact, save_checkpoint)
 from .config import Config
 from .conversation import Conversation
@@ -77,6 +77,31 @@ def total_steps(config: Config, order: DataOrder) -> int:
     if config.train.max_steps > 0:
         return config.train.max_steps
     return max(1, math.ceil(order.steps_per_epoch * config.train.num_train_epochs))
+
+
+@dataclass
+class StepResult:
+    loss_sum: float  # summed over the step's supervised tokens
+    supervised: int
+    tokens: int
+    grad_norm: float
+
+
+def train_step(model, micro_batches: list[Batch], parameters, optimizer, scheduler, max_grad_norm: float
+               ) -> StepResult:
+    """One optimizer step over packed micro-batches; each micro-batch's summed loss is divided by the supervised
+    tokens of the whole step, so accumulating micro-batches equals one large batch."""
+    supervised = sum(b.num_supervised for b in micro_batches)
+    loss_sum = 0.0
+    for batch in micro_batches:
+        batch_loss = sft_loss_sum(model, batch)
+        (batch_loss / supervised).backward()
+        loss_sum += batch_loss.item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss_sum, supervised, sum(b.num_tokens for b in micro_batches), float(grad_norm))
 
 
 @torch.no_grad()
@@ -156,23 +181,16 @@ def train(config: Config, callback: Callable[[dict], bool | None] | None = None)
     with _StopRequest() as stop:
         while step < steps and not stop.requested:
             micro_batches = [pack([data.train[i] for i in indices]) for indices in order.step(step)]
-            supervised = sum(b.num_supervised for b in micro_batches)
-            for batch in micro_batches:
-                loss_sum = sft_loss_sum(model, batch)
-                (loss_sum / supervised).backward()
-                window["loss_sum"] += loss_sum.item()
-            window["supervised"] += supervised
-            window["tokens"] += sum(b.num_tokens for b in micro_batches)
-            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            result = train_step(model, micro_batches, parameters, optimizer, scheduler, cfg.max_grad_norm)
+            window["loss_sum"] += result.loss_sum
+            window["supervised"] += result.supervised
+            window["tokens"] += result.tokens
             step += 1
             progress.update(1)
 
             record = None
             if step % cfg.logging_steps == 0 or step == steps:
-                record = _train_record(step, steps, order, window, float(grad_norm), scheduler.get_last_lr()[0])
+                record = _train_record(step, steps, order, window, result.grad_norm, scheduler.get_last_lr()[0])
             if data.val and cfg.eval_steps and (step % cfg.eval_steps == 0 or step == steps):
                 record = (record or {"step": step}) | {"eval_loss": round(evaluate_loss(model, data.val,
                                                                                         cfg.eval_batch_size), 4)}

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from lmforge.attention import register
 from lmforge.batching import pack
 from lmforge.config import MethodConfig
 from lmforge.conversation import Conversation
-from lmforge.losses import sft_loss_sum
+from lmforge import losses
+from lmforge.losses import sft_loss_sum, supervised_hidden
 from lmforge.methods import apply_method
 from lmforge.models import load_model, load_tokenizer
 from lmforge.render import IGNORE_INDEX, Example, render_example
@@ -117,17 +119,47 @@ def test_each_packed_example_sees_only_itself(model_dir):
         torch.testing.assert_close(after_i, before_i, rtol=0, atol=1e-6)
 
 
-def test_lm_head_runs_only_on_supervised_positions(tiny_llama):
+def test_lm_head_runs_only_on_supervised_positions(tiny_llama, monkeypatch):
+    """The head's matmul sees one row per supervised target, in chunks, never a full [tokens, vocab] logits tensor."""
     batch = pack(examples_for(tiny_llama))
     model = packed_model(tiny_llama)
-    rows = []
-    handle = model.get_output_embeddings().register_forward_hook(lambda mod, args, out: rows.append(args[0].shape))
-    try:
-        sft_loss_sum(model, batch)
-    finally:
-        handle.remove()
-    assert len(rows) == 1
-    assert rows[0][0] == batch.num_supervised < batch.num_tokens
+    hidden, targets = supervised_hidden(model, batch)
+    assert hidden.shape[0] == targets.shape[0] == batch.num_supervised < batch.num_tokens
+
+    monkeypatch.setattr(losses, "CHUNK_ROWS", 7)
+    shapes = []
+    real_matmul = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: shapes.append(tuple(a.shape) + tuple(b.shape))
+                        or real_matmul(a, b))
+    sft_loss_sum(model, batch)
+    head_rows = [s[0] for s in shapes if s[-1] == model.config.vocab_size]
+    assert sum(head_rows) == batch.num_supervised and max(head_rows) <= 7
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("weight_trains", [False, True])
+def test_chunked_linear_cross_entropy_equals_plain_computation(softcap, weight_trains, monkeypatch):
+    monkeypatch.setattr(losses, "CHUNK_ROWS", 5)  # 13 rows → chunks of 5, 5, 3
+    torch.manual_seed(0)
+    hidden = torch.randn(13, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(40, 16, dtype=torch.float64, requires_grad=weight_trains)
+    targets = torch.randint(0, 40, (13,))
+
+    fused = losses.ChunkedLinearCrossEntropy.apply(hidden, weight, targets, softcap) * 0.25
+    fused.backward()
+    fused_grads = (hidden.grad.clone(), weight.grad.clone() if weight_trains else None)
+    hidden.grad = None
+    weight.grad = None
+
+    logits = hidden @ weight.t()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    plain = F.cross_entropy(logits, targets, reduction="sum") * 0.25
+    plain.backward()
+    torch.testing.assert_close(fused, plain)
+    torch.testing.assert_close(fused_grads[0], hidden.grad)
+    if weight_trains:
+        torch.testing.assert_close(fused_grads[1], weight.grad)
 
 
 def test_loss_through_a_lora_model(tiny_llama):

@@ -1,0 +1,473 @@
+"""LoRA SFT training speed: lmforge's packed training step vs transformers Trainer + PEFT with a padding collator.
+
+The peer is what LLaMA-Factory runs underneath: `Trainer` + `DataCollatorForSeq2Seq` (right padding, padded to a
+multiple of 8). Both systems get the same model, LoRA init seed and the SAME batches in the same order; each runs in
+its own child process so peak memory is its own. The parent prepares the batches, runs the children one after the
+other and prints the comparison plus a Markdown table for benchmarks/RESULTS.md. Measures; changes nothing.
+
+    python benchmarks/train_speed.py                       # 30 timed steps after 3 warm-up steps, both systems
+    python benchmarks/train_speed.py --steps 5 --warmup 1  # quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA_DIR = REPO.parent / "shared" / "datasets" / "llamafactory"
+DEFAULT_DATA = [DEFAULT_DATA_DIR / "alpaca_en_demo.json", DEFAULT_DATA_DIR / "alpaca_zh_demo.json"]
+IGNORE_INDEX = -100
+LORA_TARGETS = ["q_proj", "v_proj"]
+SYSTEMS = ("lmforge", "peer")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps (default 30)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps before them (default 3)")
+    parser.add_argument("--data", nargs="+", type=Path, default=None,
+                        help="dataset files read with lmforge's readers, interleaved (default: LLaMA-Factory's "
+                             f"alpaca_en_demo.json + alpaca_zh_demo.json in {DEFAULT_DATA_DIR})")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="lmforge model name (default: bundled)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--cutoff", type=int, default=512, help="cutoff_len in tokens")
+    parser.add_argument("--lr", type=float, default=1e-4, help="constant learning rate, no warm-up")
+    parser.add_argument("--seed", type=int, default=42, help="data shuffle and LoRA init seed")
+    parser.add_argument("--pad-to-multiple-of", type=int, default=8,
+                        help="peer collator padding multiple (LLaMA-Factory uses 8 when training; 0 = none)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each child")
+    parser.add_argument("--system", choices=("both",) + SYSTEMS, default="both",
+                        help="both = parent that runs one child per system and compares them")
+    parser.add_argument("--json", type=Path, default=None, help="also write all results (per-step data) here")
+    parser.add_argument("--batches", type=Path, default=None, help=argparse.SUPPRESS)  # child: prepared batches
+    parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)      # child: result file
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be ≥ 1 and --warmup ≥ 0")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- data (parent)
+
+
+def interleave(lists: list[list]) -> list:
+    out = []
+    for i in range(max(map(len, lists))):
+        out += [items[i] for items in lists if i < len(items)]
+    return out
+
+
+def prepare_batches(args) -> tuple[list[list[dict]], dict]:
+    """Read → render (chat template, loss on the reply) → truncate/drop at cutoff → seeded shuffle → batches."""
+    from lmforge.batching import DataOrder
+    from lmforge.data.datasets import load_conversations, resolve_dataset
+    from lmforge.models import load_tokenizer, resolve_model
+    from lmforge.render import ensure_chat_template, render_dataset
+
+    files = args.data or DEFAULT_DATA
+    missing = [str(f) for f in files if not Path(f).is_file()]
+    if missing:
+        sys.exit(f"data file(s) not found: {', '.join(missing)}; pass your own with --data FILE ...")
+    per_file = [load_conversations(resolve_dataset(str(f))) for f in files]
+    tokenizer = load_tokenizer(resolve_model(args.model))
+    ensure_chat_template(tokenizer, None)
+    examples, stats = render_dataset(tokenizer, interleave(per_file), "assistant", args.cutoff)
+
+    order = DataOrder(len(examples), args.batch_size, 1, args.seed)  # lmforge's own per-epoch seeded shuffle
+    needed = args.warmup + args.steps
+    batches = []
+    for step in range(needed):
+        indices = order.step(step)[0]
+        if len(indices) < args.batch_size:  # the last, short batch of an epoch: keep every batch full
+            indices += order.epoch_order(step // order.steps_per_epoch + 1)[:args.batch_size - len(indices)]
+        batches.append([{"input_ids": examples[i].input_ids, "labels": examples[i].labels} for i in indices])
+    lengths = [len(e["input_ids"]) for b in batches for e in b]
+    info = {"files": {str(f): len(c) for f, c in zip(files, per_file)}, "render": stats.summary(),
+            "examples": len(examples), "batches": len(batches),
+            "epochs_used": round(needed / order.steps_per_epoch, 3),
+            "length_mean": round(statistics.mean(lengths), 1), "length_min": min(lengths),
+            "length_max": max(lengths)}
+    return batches, info
+
+
+def batch_counts(batch: list[dict]) -> tuple[int, int]:
+    """(real tokens, supervised targets); a target is a label at position ≥ 1 of its example (both losses shift)."""
+    return (sum(len(e["input_ids"]) for e in batch),
+            sum(sum(label != IGNORE_INDEX for label in e["labels"][1:]) for e in batch))
+
+
+# ---------------------------------------------------------------------------------------------- memory (child)
+
+
+def proc_status_kb(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class Memory:
+    """Peak RSS of the whole child (imports + model load + training), and of the training steps alone: writing 5 to
+    /proc/self/clear_refs resets VmHWM to the current RSS just before the first step."""
+
+    def mark_training_start(self) -> None:
+        self.setup_peak_kb = max(proc_status_kb("VmHWM") or 0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        self.baseline_kb = proc_status_kb("VmRSS")
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.reset = True
+        except OSError:
+            self.reset = False
+
+    def result(self) -> dict:
+        end_peak = max(proc_status_kb("VmHWM") or 0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+        def mib(kb):
+            return round(kb / 1024, 1) if kb is not None else None
+
+        return {"peak_rss_mib": mib(max(self.setup_peak_kb, end_peak)),
+                "rss_before_training_mib": mib(self.baseline_kb),
+                "peak_rss_training_mib": mib(end_peak) if self.reset else None}
+
+
+# ---------------------------------------------------------------------------------------------- lmforge (child)
+
+
+def run_lmforge(batches: list[list[dict]], args) -> dict:
+    """lmforge/train.py's own train_step (one micro-batch per step: no accumulation)."""
+    import torch
+    from transformers import get_scheduler
+
+    from lmforge import attention
+    from lmforge.batching import pack
+    from lmforge.config import MethodConfig
+    from lmforge.methods import apply_method
+    from lmforge.models import load_model, resolve_model
+    from lmforge.render import Example
+    from lmforge.train import train_step
+
+    examples = [[Example(e["input_ids"], e["labels"]) for e in batch] for batch in batches]
+    model = load_model(resolve_model(args.model), torch.float32)
+    torch.manual_seed(args.seed)
+    model = apply_method(model, MethodConfig(type="lora", lora_rank=8, lora_alpha=16, lora_dropout=0.0,
+                                             lora_target=LORA_TARGETS))
+    model.set_attn_implementation(attention.register())
+    model.train()
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.0)
+    scheduler = get_scheduler("constant", optimizer, num_warmup_steps=0, num_training_steps=len(batches))
+
+    memory = Memory()
+    memory.mark_training_start()
+    counts = [batch_counts(batch) for batch in batches]
+    steps = []
+    previous_end, previous_cpu = time.perf_counter(), time.process_time()
+    for index, batch_examples in enumerate(examples):
+        batch = pack(batch_examples)
+        start = time.perf_counter()
+        result = train_step(model, [batch], parameters, optimizer, scheduler, 1.0)
+        supervised, loss = result.supervised, result.loss_sum / result.supervised
+        end, cpu = time.perf_counter(), time.process_time()
+        steps.append({"loss": loss, "wall_s": end - previous_end, "compute_s": end - start, "cpu_s": cpu - previous_cpu,
+                      "tokens": counts[index][0], "supervised": supervised, "computed_tokens": batch.num_tokens})
+        print(f"[lmforge] step {index + 1}/{len(examples)}  loss {loss:.6f}  {end - previous_end:.3f} s",
+              file=sys.stderr, flush=True)
+        previous_end, previous_cpu = time.perf_counter(), time.process_time()  # our printing is not part of a step
+    return {"steps": steps, "memory": memory.result()}
+
+
+# ---------------------------------------------------------------------------------------------- peer (child)
+
+
+def run_peer(batches: list[list[dict]], args) -> dict:
+    """transformers Trainer + PEFT LoRA + DataCollatorForSeq2Seq; the batches arrive in order, unshuffled."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch.utils.data import SequentialSampler
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, PrinterCallback,
+                              Trainer, TrainerCallback, TrainingArguments)
+
+    from lmforge.models import resolve_model
+
+    class InOrderTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+    padded = []  # (all tokens, pad tokens) of every padded batch the collator built
+
+    class CountingCollator(DataCollatorForSeq2Seq):
+        def __call__(self, features, return_tensors=None):
+            out = super().__call__(features, return_tensors)
+            padded.append((out["attention_mask"].numel(), int((out["attention_mask"] == 0).sum())))
+            return out
+
+    memory = Memory()
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.begins, self.ends, self.cpu_ends = [], [], []
+
+        def on_train_begin(self, args_, state, control, **kwargs):
+            memory.mark_training_start()
+            self.train_begin, self.cpu_begin = time.perf_counter(), time.process_time()
+
+        def on_step_begin(self, args_, state, control, **kwargs):
+            self.begins.append(time.perf_counter())
+
+        def on_step_end(self, args_, state, control, **kwargs):
+            self.ends.append(time.perf_counter())
+            self.cpu_ends.append(time.process_time())
+
+        def on_log(self, args_, state, control, logs=None, **kwargs):  # progress only; not timed
+            if logs and "loss" in logs and len(self.ends) <= len(batches):
+                previous = self.ends[-2] if len(self.ends) > 1 else self.train_begin
+                print(f"[peer] step {len(self.ends)}/{len(batches)}  loss {logs['loss']:.6f}  "
+                      f"{self.ends[-1] - previous:.3f} s", file=sys.stderr, flush=True)
+
+    path = resolve_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "right"  # LLaMA-Factory pads on the right for training
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    torch.manual_seed(args.seed)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                                             task_type="CAUSAL_LM"))
+    dataset = [{"input_ids": e["input_ids"], "attention_mask": [1] * len(e["input_ids"]), "labels": e["labels"]}
+               for batch in batches for e in batch]
+    collator = CountingCollator(tokenizer=tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX,
+                                pad_to_multiple_of=args.pad_to_multiple_of or None, return_tensors="pt")
+    with tempfile.TemporaryDirectory(prefix="train_speed_peer_") as output_dir:
+        training_args = TrainingArguments(
+            output_dir=output_dir, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
+            max_steps=len(batches), learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
+            weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", train_sampling_strategy="sequential",
+            dataloader_num_workers=0, dataloader_drop_last=False, activation_checkpointing=False, bf16=False,
+            fp16=False, use_cpu=True, logging_strategy="steps", logging_steps=1, save_strategy="no",
+            eval_strategy="no", report_to="none", disable_tqdm=True, seed=args.seed)
+        timer = StepTimer()
+        trainer = InOrderTrainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator,
+                                 processing_class=tokenizer, callbacks=[timer])
+        trainer.remove_callback(PrinterCallback)  # we print our own per-step line
+        trainer.train()
+    losses = [record["loss"] for record in trainer.state.log_history if "loss" in record and "step" in record
+              and "train_loss" not in record]
+    if not (len(losses) == len(timer.ends) == len(timer.begins) == len(batches) == len(padded)):
+        raise RuntimeError(f"peer bookkeeping mismatch: {len(losses)} losses, {len(timer.begins)} step begins, "
+                           f"{len(timer.ends)} step ends, {len(padded)} collated batches, {len(batches)} batches")
+    steps = []
+    previous_end, previous_cpu = timer.train_begin, timer.cpu_begin
+    for index, batch in enumerate(batches):
+        tokens, supervised = batch_counts(batch)
+        all_tokens, pad_tokens = padded[index]
+        steps.append({"loss": losses[index], "wall_s": timer.ends[index] - previous_end,
+                      "compute_s": timer.ends[index] - timer.begins[index],
+                      "cpu_s": timer.cpu_ends[index] - previous_cpu, "tokens": tokens,
+                      "supervised": supervised, "computed_tokens": all_tokens, "pad_tokens": pad_tokens})
+        previous_end, previous_cpu = timer.ends[index], timer.cpu_ends[index]
+    return {"steps": steps, "memory": memory.result()}
+
+
+def child_main(args) -> None:
+    import peft
+    import torch
+    import transformers
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batches = json.loads(args.batches.read_text()) if args.batches else prepare_batches(args)[0]
+    result = (run_lmforge if args.system == "lmforge" else run_peer)(batches, args)
+    result.update(system=args.system, warmup=args.warmup, threads=torch.get_num_threads(),
+                  versions={"torch": torch.__version__, "transformers": transformers.__version__,
+                            "peft": peft.__version__, "python": platform.python_version()})
+    text = json.dumps(result)
+    if args.out:
+        args.out.write_text(text)
+    else:
+        print(text)
+
+
+# ---------------------------------------------------------------------------------------------- parent: compare
+
+
+def summarize(result: dict) -> dict:
+    timed = result["steps"][result["warmup"]:]
+    wall = [s["wall_s"] for s in timed]
+    compute = [s["compute_s"] for s in timed]
+    computed = sum(s["computed_tokens"] for s in timed)
+    pad = sum(s.get("pad_tokens", 0) for s in timed)
+    return {"tokens_per_s": sum(s["tokens"] for s in timed) / sum(wall),
+            "supervised_per_s": sum(s["supervised"] for s in timed) / sum(wall),
+            "compute_tokens_per_s": sum(s["tokens"] for s in timed) / sum(compute),
+            "s_per_step_mean": statistics.mean(wall), "s_per_step_median": statistics.median(wall),
+            "compute_s_per_step_median": statistics.median(compute),
+            "cpu_s_per_step_median": statistics.median(s["cpu_s"] for s in timed),
+            "padding_fraction": pad / computed if computed else 0.0, **result["memory"]}
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "usable_cpus": usable, "os": platform.platform(),
+            "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+
+
+def run_child(system: str, args, batches_file: Path, out_file: Path, argv: list[str]) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), *argv, "--system", system,
+               "--batches", str(batches_file), "--out", str(out_file)]
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    print(f"running {system} in a child process …", file=sys.stderr, flush=True)
+    if subprocess.run(command, env=env).returncode != 0:
+        sys.exit(f"the {system} child failed (see its output above)")
+    return json.loads(out_file.read_text())
+
+
+def strip_child_only(argv: list[str]) -> list[str]:
+    """The parent's own argv minus options it sets itself for each child."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        if item in ("--system", "--json", "--batches", "--out"):
+            skip = True
+            continue
+        if item.startswith(("--system=", "--json=", "--batches=", "--out=")):
+            continue
+        out.append(item)
+    return out
+
+
+def fmt(value, digits=1) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def report(args, info: dict, results: dict, summaries: dict, machine: dict, command: str, date: str) -> str:
+    lm, peer = summaries["lmforge"], summaries["peer"]
+    lm_losses = [s["loss"] for s in results["lmforge"]["steps"]]
+    peer_losses = [s["loss"] for s in results["peer"]["steps"]]
+    diffs = [abs(a - b) for a, b in zip(lm_losses, peer_losses)]
+    worst = max(range(len(diffs)), key=diffs.__getitem__)
+    versions, threads = results["lmforge"]["versions"], results["lmforge"]["threads"]
+
+    def ratio(key):
+        return lm[key] / peer[key] if lm.get(key) and peer.get(key) else None
+
+    lines = [
+        f"data: {info['render']}; {info['batches']} batches of {args.batch_size} "
+        f"(examples {info['length_min']}–{info['length_max']} tokens, mean {info['length_mean']}; "
+        f"{info['epochs_used']} epochs of the shuffled data)",
+        "",
+        "loss per step (lmforge | peer | abs diff):",
+        *[f"  {i + 1:3d}{'*' if i < args.warmup else ' '} {a:.6f} | {b:.6f} | {abs(a - b):.2e}"
+          for i, (a, b) in enumerate(zip(lm_losses, peer_losses))],
+        "  (* = warm-up step, not timed)",
+        f"step-1 loss: lmforge {lm_losses[0]:.6f}  peer {peer_losses[0]:.6f}  (diff {diffs[0]:.2e})",
+        f"max abs loss difference over {len(diffs)} steps: {diffs[worst]:.2e} (step {worst + 1})",
+        "",
+        f"ratios lmforge/peer: tokens/s {fmt(ratio('tokens_per_s'), 2)}x · "
+        f"supervised tokens/s {fmt(ratio('supervised_per_s'), 2)}x · "
+        f"CPU s/step {fmt(ratio('cpu_s_per_step_median'), 2)}x · peak RSS {fmt(ratio('peak_rss_mib'), 2)}x · "
+        f"training-phase peak RSS {fmt(ratio('peak_rss_training_mib'), 2)}x",
+        "",
+        "---- Markdown for benchmarks/RESULTS.md ----",
+        "",
+        f"### LoRA SFT step speed, {machine['cpu']}, {date}",
+        "",
+        f"`{command}`",
+        "",
+        f"`{args.model}` fp32 on CPU · LoRA r=8 α=16 dropout 0 on q_proj,v_proj · batch {args.batch_size}, "
+        f"no accumulation · cutoff {args.cutoff} · lr {args.lr:g} constant · AdamW · clip 1.0 · {args.steps} timed "
+        f"steps after {args.warmup} warm-up · same batches in the same order for both · data: "
+        f"{', '.join(Path(f).name for f in info['files'])} interleaved ({info['render']}; batch examples "
+        f"{info['length_min']}–{info['length_max']} tokens, mean {info['length_mean']}). Peer = transformers "
+        f"`Trainer` + PEFT + `DataCollatorForSeq2Seq` (right padding, pad_to_multiple_of="
+        f"{args.pad_to_multiple_of or 'none'}), as in LLaMA-Factory.",
+        "",
+        "| | lmforge (packed, no padding) | transformers Trainer + PEFT (padded) | lmforge / peer |",
+        "|---|---:|---:|---:|",
+        f"| real tokens/s | {fmt(lm['tokens_per_s'])} | {fmt(peer['tokens_per_s'])} | "
+        f"{fmt(ratio('tokens_per_s'), 2)}x |",
+        f"| supervised tokens/s | {fmt(lm['supervised_per_s'])} | {fmt(peer['supervised_per_s'])} | "
+        f"{fmt(ratio('supervised_per_s'), 2)}x |",
+        f"| s/step mean | {fmt(lm['s_per_step_mean'], 3)} | {fmt(peer['s_per_step_mean'], 3)} | |",
+        f"| s/step median | {fmt(lm['s_per_step_median'], 3)} | {fmt(peer['s_per_step_median'], 3)} | |",
+        f"| s/step median, compute only¹ | {fmt(lm['compute_s_per_step_median'], 3)} | "
+        f"{fmt(peer['compute_s_per_step_median'], 3)} | |",
+        f"| CPU s/step median (all threads)³ | {fmt(lm['cpu_s_per_step_median'], 3)} | "
+        f"{fmt(peer['cpu_s_per_step_median'], 3)} | |",
+        f"| padding fraction | {lm['padding_fraction']:.1%} | {peer['padding_fraction']:.1%} | |",
+        f"| peak RSS (MiB) | {fmt(lm['peak_rss_mib'], 0)} | {fmt(peer['peak_rss_mib'], 0)} | "
+        f"{fmt(ratio('peak_rss_mib'), 2)}x |",
+        f"| peak RSS during training steps (MiB)² | {fmt(lm['peak_rss_training_mib'], 0)} | "
+        f"{fmt(peer['peak_rss_training_mib'], 0)} | {fmt(ratio('peak_rss_training_mib'), 2)}x |",
+        f"| RSS before first step (MiB) | {fmt(lm['rss_before_training_mib'], 0)} | "
+        f"{fmt(peer['rss_before_training_mib'], 0)} | |",
+        f"| step-1 loss | {lm_losses[0]:.6f} | {peer_losses[0]:.6f} | max abs diff over {len(diffs)} steps: "
+        f"{diffs[worst]:.1e} |",
+        "",
+        "Seconds/step and tokens/s are wall time from the end of one optimizer step to the end of the next (batch "
+        "building/collation included). ¹ Forward + backward + clip + optimizer step only (peer: Trainer's "
+        "on_step_begin → on_step_end). ² VmHWM reset (/proc/self/clear_refs) just before the first step; each "
+        "system runs in its own process. The weights are memory-mapped, so they count towards RSS only once the "
+        "first forward pass touches them. ³ Process CPU time over the same interval; a wall time much larger than "
+        "CPU time / threads means the run was waiting for a CPU (busy machine): rerun when it is quiet.",
+        "",
+        f"Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs ({machine['usable_cpus']} usable), "
+        f"torch.get_num_threads()={threads}, load average (1/5/15 min) at start {machine['load_average']}, "
+        f"at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
+        f"Python {versions['python']}, torch {versions['torch']}, transformers {versions['transformers']}, "
+        f"peft {versions['peft']}; {machine['os']}; {date}.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.system != "both":
+        child_main(args)
+        return
+    machine, date = machine_info(), datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    command = "python benchmarks/train_speed.py" + "".join(" " + shlex.quote(a) for a in argv)
+    started = time.perf_counter()
+    batches, info = prepare_batches(args)
+    print(f"prepared {len(batches)} batches in {time.perf_counter() - started:.1f} s: {info['render']}",
+          file=sys.stderr, flush=True)
+    child_argv = strip_child_only(argv)
+    with tempfile.TemporaryDirectory(prefix="train_speed_") as tmp:
+        batches_file = Path(tmp) / "batches.json"
+        batches_file.write_text(json.dumps(batches))
+        results = {s: run_child(s, args, batches_file, Path(tmp) / f"{s}.json", child_argv) for s in SYSTEMS}
+    summaries = {s: summarize(r) for s, r in results.items()}
+    print(report(args, info, results, summaries, machine, command, date))
+    if args.json:
+        args.json.write_text(json.dumps({"command": command, "date": date, "machine": machine, "data": info,
+                                         "summary": summaries, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
