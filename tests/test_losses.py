@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from lmforge.attention import register
 from lmforge.batching import pack
+from lmforge.fused_mlp import use_lean_mlp
 from lmforge.config import MethodConfig
 from lmforge.conversation import Conversation
 from lmforge import losses
@@ -37,8 +38,10 @@ def model_dir(request) -> str:
 
 
 def packed_model(path: str):
+    """The model as lmforge trains it: packed attention and the lean gated MLP."""
     model = load_model(path, torch.float32)
     model.set_attn_implementation(register())
+    assert use_lean_mlp(model) == model.config.num_hidden_layers
     return model
 
 
