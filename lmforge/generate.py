@@ -96,7 +96,7 @@ def generate_tokens(model, prompts: list[list[int]], stop_ids: list[int], params
             return
         yield step
         inputs = torch.tensor([[t if t is not None else pad] for t in step])
-        mask = torch.cat([mask, torch.tensor([[int(r) for r in running]])], dim=1)
+        mask = torch.cat([mask, torch.tensor([[int(r)] for r in running])], dim=1)
         positions = positions[:, -1:] + 1
 
 

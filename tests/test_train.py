@@ -22,7 +22,7 @@ from lmforge.checkpoint import STATE_FILE, RunDir, complete_checkpoints, resolve
 from lmforge.config import Config, load_config
 from lmforge.conversation import Conversation
 from lmforge.errors import ConfigError
-from lmforge.generate import SamplingParams, load_for_inference, reply
+from lmforge.generate import SamplingParams, load_for_inference, replies, reply
 from lmforge.models import load_model, load_tokenizer
 from lmforge.render import end_of_turn_ids, render_example, render_prompt
 from lmforge.train import train
@@ -440,3 +440,15 @@ def test_seeded_sampling_is_reproducible(base_model):
     model, tokenizer = base_model
     params = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=7)
     assert reply(model, tokenizer, PROMPT, params) == reply(model, tokenizer, PROMPT, params)
+
+
+def test_batched_replies_equal_one_by_one(tmp_path, tokenizer):
+    """replies() decodes several prompts of different lengths together (left padding, prompts stopping at different
+    steps) and gives each the same text as reply() alone."""
+    path = make_tiny_model("llama", tokenizer, tmp_path / "tiny")
+    model, tok = load_for_inference(model=path)
+    conversations = [[{"role": "user", "content": text}] for text in
+                     ("Hi", "Tell me a long story about a dragon and a knight", "2+2?", "你好，请介绍一下你自己")]
+    params = SamplingParams(max_new_tokens=9)
+    one_by_one = [reply(model, tok, c, params) for c in conversations]
+    assert replies(model, tok, conversations, params, batch_size=3) == one_by_one
