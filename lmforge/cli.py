@@ -1,4 +1,4 @@
-"""Command line: one verb → one function. `lmforge train|chat|models`.
+"""Command line: one verb → one function. `lmforge train|chat|data|models`.
 
 A UserError becomes its message on stderr and exit code 2 (no traceback); Ctrl-C exits 130. Any other exception is
 a bug and keeps its traceback. Heavy imports happen inside the verbs so `lmforge --help` is instant.
@@ -30,6 +30,45 @@ def cmd_chat(args) -> int:
     return main(args)
 
 
+def cmd_data_convert(args) -> int:
+    from .data.convert import convert_file, parse_mapping
+
+    report = convert_file(args.input, args.output, to=args.to, mapping=parse_mapping(args.map), where=args.where,
+                          system=args.system, system_column=args.system_column, group_by=args.group_by,
+                          order_by=args.order_by, encoding=args.encoding, strict=args.strict)
+    print(report.summary())
+    return 0
+
+
+def add_data_convert(data_verbs) -> None:
+    convert = data_verbs.add_parser(
+        "convert", help="CSV/TSV/XLSX/Parquet/JSON/JSONL → one conversation per JSONL line",
+        description="Convert a table or a dataset file into JSONL conversations. Rows that cannot be converted go "
+                    "to OUT.rejects.jsonl with their line and the reason; counts go to OUT.report.json.",
+        epilog="example: lmforge data convert qa.csv -o train.jsonl --map user=title --map assistant=reply "
+               "--where \"is_best == 1\"")
+    convert.add_argument("input", metavar="IN", help=".csv, .tsv, .xlsx, .parquet, .json or .jsonl")
+    convert.add_argument("-o", "--output", required=True, metavar="OUT", help="output .jsonl")
+    convert.add_argument("--to", default="messages", choices=("messages", "conversations", "alpaca", "sharegpt"),
+                         help="output shape (default: messages, lmforge's own)")
+    convert.add_argument("--map", action="append", metavar="ROLE=COLUMN",
+                         help="the column holding a role's text: user, assistant or system (repeat the option)")
+    convert.add_argument("--where", metavar="EXPR", help="keep only rows where EXPR holds, e.g. \"is_best == 1\"")
+    system = convert.add_mutually_exclusive_group()
+    system.add_argument("--system", metavar="TEXT", help="a system prompt for every conversation")
+    system.add_argument("--system-column", metavar="COLUMN", help="the column holding the system prompt")
+    convert.add_argument("--group-by", metavar="COLUMN",
+                         help="rows with the same value form one multi-turn conversation (one turn pair per row)")
+    convert.add_argument("--order-by", metavar="COLUMN", help="the turn order inside a --group-by conversation")
+    convert.add_argument("--encoding", metavar="ENC", help="CSV/TSV text encoding (default: detect UTF-8 / GB18030)")
+    convert.add_argument("--strict", action="store_true", help="stop at the first row that cannot be converted")
+    convert.set_defaults(func=cmd_data_convert)
+
+
+# `lmforge data SUBCOMMAND`: each entry adds one subcommand parser (and its set_defaults(func=...)).
+DATA_SUBCOMMANDS = [add_data_convert]
+
+
 def cmd_models(args) -> int:
     from .models import format_models_table, list_models
 
@@ -59,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-p", type=float, default=1.0)
     chat.add_argument("--seed", type=int, default=None)
     chat.set_defaults(func=cmd_chat)
+
+    data = verbs.add_parser("data", help="prepare datasets: convert tables and files into conversations")
+    data_verbs = data.add_subparsers(dest="data_verb", metavar="SUBCOMMAND", required=True)
+    for add_subcommand in DATA_SUBCOMMANDS:
+        add_subcommand(data_verbs)
 
     models = verbs.add_parser("models", help="list builtin model aliases and what is cached")
     models.set_defaults(func=cmd_models)

@@ -14,6 +14,7 @@ from ..errors import DataError
 
 FILE_FORMATS = ("json", "jsonl")
 UNSUPPORTED_SUFFIXES = (".txt", ".csv", ".tsv", ".parquet", ".arrow", ".xlsx", ".xls")
+TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".xlsx")  # what `lmforge data convert` reads
 _DECODER = json.JSONDecoder()
 _WHITESPACE = " \t\n\r"
 
@@ -74,8 +75,11 @@ def read_text(path: Path) -> str:
 
 def reject_unsupported_suffix(path: Path) -> None:
     if path.suffix.lower() in UNSUPPORTED_SUFFIXES:
-        raise DataError(f"{path}: {path.suffix} files are not supported yet; lmforge reads JSON arrays and JSONL "
-                        f"(one JSON object per line). Convert the file to .jsonl with one record per line")
+        hint = (f"convert it first: lmforge data convert {path} -o {path.with_suffix('.jsonl')} "
+                f"--map user=COLUMN --map assistant=COLUMN" if path.suffix.lower() in TABLE_SUFFIXES
+                else "convert it to .jsonl with one record per line")
+        raise DataError(f"{path}: training reads JSON arrays and JSONL (one conversation per record), not "
+                        f"{path.suffix} files; {hint}")
 
 
 def detect_file_format(text: str, start: int, path: Path) -> str:
