@@ -87,6 +87,24 @@ def make_tiny_model(kind: str, tokenizer, out_dir: Path, seed: int = 0) -> str:
     return str(out_dir)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy 2-CPU machine oversubscribed threads cost ~10x.
+    Opt in per module with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory, bundled_model_dir) -> str:
+    """A tiny Llama built once per module (training never writes into the base model dir)."""
+    from lmforge.models import load_tokenizer
+
+    return make_tiny_model("llama", load_tokenizer(bundled_model_dir), tmp_path_factory.mktemp("base") / "tiny-llama")
+
+
 @pytest.fixture
 def tiny_llama(tmp_path, tokenizer) -> str:
     return make_tiny_model("llama", tokenizer, tmp_path / "tiny-llama")

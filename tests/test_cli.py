@@ -9,31 +9,19 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
-from conftest import make_tiny_model
 from lmforge import cli
 from lmforge.config import Config
 from lmforge.generate import SamplingParams, load_for_inference, reply
-from lmforge.models import BUILTIN_MODELS, load_tokenizer
+from lmforge.models import BUILTIN_MODELS
 from lmforge.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models gain nothing from intra-op threads; oversubscribed threads on a busy machine cost ~10x.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory, bundled_model_dir) -> str:
-    return make_tiny_model("llama", load_tokenizer(bundled_model_dir), tmp_path_factory.mktemp("base") / "tiny-llama")
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

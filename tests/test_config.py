@@ -18,13 +18,7 @@ from lmforge.errors import ConfigError
 from lmforge.models import load_tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models gain nothing from intra-op threads; oversubscribed threads on a busy machine cost ~10x.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_yaml(path: Path, data: dict) -> Path:

@@ -30,20 +30,8 @@ from lmforge.train import train
 PROMPT = [{"role": "user", "content": "What is 3 plus 3?"}]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These models are far too small to gain from intra-op threads, and on a busy 2-CPU machine oversubscribed
-    # threads make every step ~10x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory, bundled_model_dir) -> str:
-    """tiny_llama, built once for the module (training never writes into the base model dir)."""
-    return make_tiny_model("llama", load_tokenizer(bundled_model_dir), tmp_path_factory.mktemp("base") / "tiny-llama")
 
 
 def conversations(n: int) -> list[dict]:
