@@ -29,6 +29,7 @@ from .conversation import Conversation
 from .data.datasets import load_many
 from .errors import DataError
 from .fused_mlp import use_lean_mlp
+from .heap import trim_heap_between_layers
 from .losses import sft_loss_sum
 from .methods import apply_method, trainable_summary
 from .models import load_model, load_tokenizer, pick_dtype, resolve_model
@@ -163,6 +164,7 @@ def train(config: Config, callback: Callable[[dict], bool | None] | None = None)
     model = apply_method(load_model(model_path, pick_dtype(config.model.dtype)), config.method)
     model.set_attn_implementation(attention.register())
     use_lean_mlp(model)
+    trim_heap_between_layers(model)
     model.train()
     print(trainable_summary(model))
 

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from lmforge.attention import register
 from lmforge.batching import pack
 from lmforge.fused_mlp import use_lean_mlp
+from lmforge.heap import trim_heap_between_layers
 from lmforge.config import MethodConfig
 from lmforge.conversation import Conversation
 from lmforge import losses
@@ -38,10 +39,11 @@ def model_dir(request) -> str:
 
 
 def packed_model(path: str):
-    """The model as lmforge trains it: packed attention and the lean gated MLP."""
+    """The model as lmforge trains it: packed attention, the lean gated MLP, heap trims between layers."""
     model = load_model(path, torch.float32)
     model.set_attn_implementation(register())
     assert use_lean_mlp(model) == model.config.num_hidden_layers
+    assert trim_heap_between_layers(model)
     return model
 
 
