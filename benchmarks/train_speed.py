@@ -154,21 +154,19 @@ def run_lmforge(batches: list[list[dict]], args) -> dict:
     import torch
     from transformers import get_scheduler
 
-    from lmforge import attention
     from lmforge.batching import pack
     from lmforge.config import MethodConfig
     from lmforge.methods import apply_method
     from lmforge.models import load_model, resolve_model
     from lmforge.render import Example
-    from lmforge.train import train_step
+    from lmforge.train import prepare_for_training, train_step
 
     examples = [[Example(e["input_ids"], e["labels"]) for e in batch] for batch in batches]
     model = load_model(resolve_model(args.model), torch.float32)
     torch.manual_seed(args.seed)
     model = apply_method(model, MethodConfig(type="lora", lora_rank=8, lora_alpha=16, lora_dropout=0.0,
                                              lora_target=LORA_TARGETS))
-    model.set_attn_implementation(attention.register())
-    model.train()
+    model = prepare_for_training(model)  # exactly what lmforge train does after applying the method
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.0)
     scheduler = get_scheduler("constant", optimizer, num_warmup_steps=0, num_training_steps=len(batches))

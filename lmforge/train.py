@@ -82,6 +82,14 @@ def total_steps(config: Config, order: DataOrder) -> int:
     return max(1, math.ceil(order.steps_per_epoch * config.train.num_train_epochs))
 
 
+def prepare_for_training(model):
+    """Packed per-example attention, the lean gated MLP and heap trims between layers; training mode."""
+    model.set_attn_implementation(attention.register())
+    use_lean_mlp(model)
+    trim_heap_between_layers(model)
+    return model.train()
+
+
 @dataclass
 class StepResult:
     loss_sum: float  # summed over the step's supervised tokens
@@ -161,11 +169,7 @@ def train(config: Config, callback: Callable[[dict], bool | None] | None = None)
     run.config.write_text(config.to_yaml(), encoding="utf-8")
     run.data_report.write_text(json.dumps(data.report, indent=2, ensure_ascii=False), encoding="utf-8")
 
-    model = apply_method(load_model(model_path, pick_dtype(config.model.dtype)), config.method)
-    model.set_attn_implementation(attention.register())
-    use_lean_mlp(model)
-    trim_heap_between_layers(model)
-    model.train()
+    model = prepare_for_training(apply_method(load_model(model_path, pick_dtype(config.model.dtype)), config.method))
     print(trainable_summary(model))
 
     parameters = [p for p in model.parameters() if p.requires_grad]
