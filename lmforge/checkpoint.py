@@ -38,10 +38,14 @@ class RunDir:
     def has_results(self) -> bool:
         return any(p.exists() for p in (self.adapter, self.model, self.checkpoints, self.metrics))
 
-    def prepare(self, overwrite: bool, resuming: bool) -> None:
+    def check_free(self, overwrite: bool, resuming: bool) -> None:
+        """Refuse to start over a previous run unless told to replace or continue it."""
         if self.has_results() and not (overwrite or resuming):
             raise ConfigError(f"output dir {self.root} already holds a run: set train.overwrite_output_dir=true to "
                               f"replace it, train.resume_from_checkpoint=latest to continue it, or pick another name")
+
+    def prepare(self, overwrite: bool, resuming: bool) -> None:
+        self.check_free(overwrite, resuming)
         if overwrite and not resuming:
             for path in (self.adapter, self.model, self.checkpoints):
                 shutil.rmtree(path, ignore_errors=True)

@@ -13,6 +13,8 @@ import ctypes
 import ctypes.util
 from functools import lru_cache
 
+from .methods import unwrap
+
 EVERY_N_LAYERS = 4  # trimming costs page faults when the memory is reused: often enough to cap the peak, no more
 
 
@@ -33,7 +35,6 @@ def trim_heap_between_layers(model) -> bool:
     """Trim after every EVERY_N_LAYERS-th decoder layer's forward; False where the C library has no malloc_trim."""
     if _malloc_trim() is None:
         return False
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for layer in base.get_decoder().layers[::EVERY_N_LAYERS]:
+    for layer in unwrap(model).get_decoder().layers[::EVERY_N_LAYERS]:
         layer.register_forward_hook(_trim)
     return True

@@ -12,18 +12,15 @@ import torch
 import torch.nn.functional as F
 
 from .batching import Batch
+from .methods import unwrap
 from .render import IGNORE_INDEX
 
 CHUNK_ROWS = 256  # rows of logits alive at once: 256 × 49 152 × 4 B ≈ 50 MB for SmolLM2
 
 
-def _base_model(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def supervised_hidden(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Final hidden states at the positions whose next token is supervised, and those next tokens."""
-    hidden = _base_model(model).get_decoder()(**batch.model_kwargs(), use_cache=False).last_hidden_state[0]
+    hidden = unwrap(model).get_decoder()(**batch.model_kwargs(), use_cache=False).last_hidden_state[0]
     keep = batch.targets != IGNORE_INDEX
     return hidden[keep], batch.targets[keep]
 
@@ -67,7 +64,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 def sft_loss_sum(model, batch: Batch) -> torch.Tensor:
     hidden, targets = supervised_hidden(model, batch)
-    base = _base_model(model)
+    base = unwrap(model)
     head = base.get_output_embeddings()
     if head.bias is not None or not isinstance(head, torch.nn.Linear):  # unusual heads: the plain computation
         return F.cross_entropy(head(hidden).float(), targets, reduction="sum")

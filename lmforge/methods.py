@@ -14,6 +14,11 @@ from .config import MethodConfig
 from .errors import ConfigError
 
 
+def unwrap(model):
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def linear_module_names(model) -> list[str]:
     """Short names of the linear layers inside the decoder blocks (q_proj, v_proj, …), as LoRA targets them."""
     names = set()

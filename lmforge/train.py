@@ -153,6 +153,7 @@ def train(config: Config, callback: Callable[[dict], bool | None] | None = None)
     cfg = config.train
     run = RunDir(config.output_dir)
     resume_from = resolve_resume(run, cfg.resume_from_checkpoint)
+    run.check_free(cfg.overwrite_output_dir, resuming=resume_from is not None)  # before any data or model work
     torch.manual_seed(cfg.seed)
 
     model_path = resolve_model(config.model.name_or_path)
