@@ -35,7 +35,7 @@ def cmd_data_convert(args) -> int:
 
     report = convert_file(args.input, args.output, to=args.to, mapping=parse_mapping(args.map), where=args.where,
                           system=args.system, system_column=args.system_column, group_by=args.group_by,
-                          order_by=args.order_by, encoding=args.encoding, strict=args.strict)
+                          order_by=args.order_by, encoding=args.encoding, strict=args.strict, keep=args.keep)
     print(report.summary())
     return 0
 
@@ -60,13 +60,46 @@ def add_data_convert(data_verbs) -> None:
     convert.add_argument("--group-by", metavar="COLUMN",
                          help="rows with the same value form one multi-turn conversation (one turn pair per row)")
     convert.add_argument("--order-by", metavar="COLUMN", help="the turn order inside a --group-by conversation")
+    convert.add_argument("--keep", action="append", metavar="COLUMN",
+                         help="copy this column into each record as metadata, e.g. --keep votes --keep is_best "
+                              "(for `data clean` filters and dedup keeper rules)")
     convert.add_argument("--encoding", metavar="ENC", help="CSV/TSV text encoding (default: detect UTF-8 / GB18030)")
     convert.add_argument("--strict", action="store_true", help="stop at the first row that cannot be converted")
     convert.set_defaults(func=cmd_data_convert)
 
 
+def cmd_data_clean(args) -> int:
+    from .data.clean import clean_file
+
+    report = clean_file(args.input, args.output, recipe=args.recipe, to=args.to, num_proc=args.num_proc,
+                        strict=args.strict, html=not args.no_html)
+    print(report.summary())
+    return 0
+
+
+def add_data_clean(data_verbs) -> None:
+    clean = data_verbs.add_parser(
+        "clean", help="normalize, filter, mask personal information and de-duplicate conversations",
+        description="Run a cleaning recipe over a JSON/JSONL dataset (any shape lmforge reads; metadata columns are "
+                    "kept). Dropped records go to OUT.rejects.jsonl with their line, step and reason; counts, length "
+                    "histograms, language mix, PII counts and duplicate samples go to OUT.report.json and "
+                    "OUT.report.html. Without --recipe: normalize, filter (empty turns, AI boilerplate markers, "
+                    "repetition, blocklists), mask PII, exact and near-duplicate removal.",
+        epilog="example: lmforge data clean data/qa.jsonl -o data/qa.clean.jsonl --recipe recipe.yaml")
+    clean.add_argument("input", metavar="IN", help=".jsonl or .json records (convert tables first: data convert)")
+    clean.add_argument("-o", "--output", required=True, metavar="OUT", help="output .jsonl")
+    clean.add_argument("--recipe", metavar="YAML", help="the steps to run, in order (default: the built-in recipe)")
+    clean.add_argument("--to", default="messages", choices=("messages", "conversations", "alpaca", "sharegpt"),
+                       help="output shape (default: messages)")
+    clean.add_argument("--num-proc", type=int, default=1, metavar="N",
+                       help="worker processes for the per-record steps (default 1)")
+    clean.add_argument("--strict", action="store_true", help="stop at the first line that is not a valid record")
+    clean.add_argument("--no-html", action="store_true", help="skip OUT.report.html")
+    clean.set_defaults(func=cmd_data_clean)
+
+
 # `lmforge data SUBCOMMAND`: each entry adds one subcommand parser (and its set_defaults(func=...)).
-DATA_SUBCOMMANDS = [add_data_convert]
+DATA_SUBCOMMANDS = [add_data_convert, add_data_clean]
 
 
 def cmd_models(args) -> int:

@@ -11,10 +11,6 @@ from __future__ import annotations
 import codecs
 import difflib
 import json
-import operator
-import os
-import re
-import secrets
 import sqlite3
 import tempfile
 from collections.abc import Callable, Iterator
@@ -24,8 +20,10 @@ from pathlib import Path
 
 from ..conversation import Conversation, validate
 from ..errors import DataError, UserError
+from .expressions import as_number
 from .formats import FormatSpec, detect_format
 from .formats import convert as convert_record
+from .outputs import OutputFiles, reason_kind, sibling_path
 from .sources import read_records
 from .tabular import TABLE_SUFFIXES, Rejected, open_table
 
@@ -33,7 +31,6 @@ OUTPUT_SHAPES = ("messages", "conversations", "alpaca", "sharegpt")
 MAP_ROLES = ("system", "user", "assistant")
 RECORD_SUFFIXES = (".json", ".jsonl")
 RECORD_COLUMNS = ("messages", "conversations", "instruction")  # a table with these columns holds records as is
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 @dataclass
@@ -70,7 +67,7 @@ class _Problem(Exception):
 
     def __init__(self, reason: str, kind: str | None = None):
         super().__init__(reason)
-        self.kind = kind or _reason_kind(reason)
+        self.kind = kind or reason_kind(reason)
 
 
 def parse_mapping(items: list[str] | None) -> dict[str, str]:
@@ -90,7 +87,8 @@ def parse_mapping(items: list[str] | None) -> dict[str, str]:
 def convert_file(in_path: str | Path, out_path: str | Path, *, to: str = "messages",
                  mapping: dict[str, str] | None = None, where: str | None = None, system: str | None = None,
                  system_column: str | None = None, group_by: str | None = None, order_by: str | None = None,
-                 encoding: str | None = None, strict: bool = False) -> ConvertReport:
+                 encoding: str | None = None, strict: bool = False, keep: list[str] | None = None
+                 ) -> ConvertReport:
     """Convert one file into JSONL conversations in the `to` shape, with rejects and a report beside it.
 
     mapping: role → column ({"user": "title", "assistant": "reply"}, optionally "system"); without it, rows must
@@ -99,14 +97,16 @@ def convert_file(in_path: str | Path, out_path: str | Path, *, to: str = "messag
     prompt wins); system_column: a column holding it. group_by/order_by: rows with the same group_by value become
     one multi-turn conversation, each row one user/assistant pair, in order_by order (file order when unset); rows
     of a conversation need not be adjacent. strict: the first row that cannot be written raises DataError.
+    keep: metadata columns copied into each output record beside the messages (numbers in text cells become
+    numbers), so `data clean` can filter on them (`where: "votes >= 3"`) and dedup can keep the best record.
     Output files are written under temporary names and renamed at the end, so a failed run leaves none behind.
     """
     in_path, out_path = Path(in_path), Path(out_path)
     roles = _check_options(in_path, out_path, to, dict(mapping or {}), system, system_column, group_by, order_by)
     condition = _compile_where(where)
     report = ConvertReport(input=str(in_path), output=str(out_path), to=to)
-    rejects_path, report_path = _sibling(out_path, "rejects.jsonl"), _sibling(out_path, "report.json")
-    with _Source(in_path, encoding, strict) as source, _Outputs(out_path, rejects_path) as outputs:
+    rejects_path, report_path = sibling_path(out_path, "rejects.jsonl"), sibling_path(out_path, "report.json")
+    with _Source(in_path, encoding, strict) as source, OutputFiles(out_path, rejects_path) as outputs:
         columns, rows = source.columns_and_rows()
         if condition is not None and not source.is_records:  # records may leave optional fields out
             _check_where_columns(condition, columns, in_path)
@@ -114,6 +114,8 @@ def convert_file(in_path: str | Path, out_path: str | Path, *, to: str = "messag
             _check_columns(columns, roles, group_by, order_by, in_path)
         elif not source.is_records and not any(c in columns for c in RECORD_COLUMNS):
             raise UserError(_needs_mapping_message(in_path, columns))
+        if keep and not source.is_records:
+            _check_kept_columns(columns, keep, in_path)
         build = _mapped_builder(roles, system) if roles else _record_builder(system)
 
         def reject(row_where: str, reason: str, row: object, kind: str | None = None) -> None:
@@ -121,11 +123,14 @@ def convert_file(in_path: str | Path, out_path: str | Path, *, to: str = "messag
                 raise DataError(f"{row_where}: {reason} (without --strict such rows go to {rejects_path.name})")
             outputs.reject({"line": row_where, "reason": reason, "row": row})
             report.rows_rejected += 1
-            kind = kind or _reason_kind(reason)
+            kind = kind or reason_kind(reason)
             report.reject_reasons[kind] = report.reject_reasons.get(kind, 0) + 1
 
-        def write(conversation: Conversation, n_rows: int) -> None:
-            outputs.write(shape(conversation, to))
+        def write(conversation: Conversation, n_rows: int, row: dict) -> None:
+            record = shape(conversation, to)
+            if keep:
+                record.update({column: _metadata_value(row.get(column)) for column in keep})
+            outputs.write(record)
             report.rows_written += n_rows
             report.conversations_written += 1
 
@@ -135,7 +140,7 @@ def convert_file(in_path: str | Path, out_path: str | Path, *, to: str = "messag
         else:
             for row, row_where in kept:
                 try:
-                    write(build(row, row_where), 1)
+                    write(build(row, row_where), 1, row)
                 except _Problem as problem:
                     reject(row_where, str(problem), row, problem.kind)
         report.encoding = source.encoding
@@ -219,6 +224,17 @@ _ROLE_HINTS = {"user": ("question", "title", "prompt", "query", "instruction", "
                "assistant": ("answer", "reply", "response", "output", "assistant", "回答", "答案", "回复")}
 
 
+def _check_kept_columns(columns: list[str], keep: list[str], path: Path) -> None:
+    missing = [c for c in keep if c not in columns]
+    if missing:
+        raise UserError(f"{path}: --keep column(s) {', '.join(map(repr, missing))} not found"
+                        f"{_did_you_mean(missing[0], columns)}; the columns are: {', '.join(columns)}")
+
+
+def _metadata_value(value: object) -> object:
+    return as_number(value) if isinstance(value, str) else value
+
+
 def _needs_mapping_message(path: Path, columns: list[str]) -> str:
     def guess(role: str) -> str:
         return next((c for hint in _ROLE_HINTS[role] for c in columns if hint in c.lower()), "COLUMN")
@@ -244,60 +260,6 @@ def _check_where_columns(condition, columns: list[str], path: Path) -> None:
         lines = [f"  no column {c!r}{_did_you_mean(c, columns)}" for c in missing]
         raise UserError(f"--where {condition.text!r}: {path}:\n" + "\n".join(lines)
                         + f"\n  the columns are: {', '.join(columns) or 'none'}")
-
-
-class _Cell(str):
-    """A text cell (CSV/TSV cells are all text) as --where sees it: compared with a number, it compares by its
-    numeric value when it looks like one, so `is_best == 1` matches "1" and `votes >= 10` orders "9" below 10;
-    compared with text, it is text, so `is_best == "1"` matches too. Only the condition sees cells this way; the
-    content written is the text as read. Hashing stays the text's: `x in [1, 2]` works, a set `{1, 2}` does not."""
-
-    __hash__ = str.__hash__
-
-    def _compare(self, other: object, op) -> bool:
-        if isinstance(other, int | float):
-            number = _as_number(str(self))
-            if isinstance(number, str):
-                if op in (operator.eq, operator.ne):
-                    return op is operator.ne
-                raise TypeError(f"cannot compare the text {str(self)!r} with the number {other!r}")
-            return op(number, other)
-        return op(str(self), other)
-
-    def __eq__(self, other):
-        return self._compare(other, operator.eq)
-
-    def __ne__(self, other):
-        return self._compare(other, operator.ne)
-
-    def __lt__(self, other):
-        return self._compare(other, operator.lt)
-
-    def __le__(self, other):
-        return self._compare(other, operator.le)
-
-    def __gt__(self, other):
-        return self._compare(other, operator.gt)
-
-    def __ge__(self, other):
-        return self._compare(other, operator.ge)
-
-
-def _condition_row(row: dict, columns: tuple[str, ...]) -> dict:
-    """The row as --where sees it: the text cells the condition reads become _Cell."""
-    view = dict(row)
-    for column in columns:
-        if isinstance(view.get(column), str):
-            view[column] = _Cell(view[column])
-    return view
-
-
-def _as_number(text: str) -> object:
-    stripped = text.strip()
-    if not _NUMBER.fullmatch(stripped):
-        return text
-    number = float(stripped)
-    return int(stripped) if stripped.lstrip("+-").isdigit() else number
 
 
 # --- reading -----------------------------------------------------------------------------------------------------
@@ -355,7 +317,7 @@ def _filtered(rows, condition, report: ConvertReport, reject) -> Iterator[tuple[
             continue
         if condition is not None:
             try:
-                keep = condition(_condition_row(row, condition.columns))
+                keep = condition(row)
             except UserError as e:  # e.g. `votes >= 3` on a row whose votes is "n/a", or a record without votes
                 reject(where, f"--where cannot be evaluated on this row: {e}", row, "--where error")
                 continue
@@ -443,7 +405,7 @@ def _convert_groups(rows, roles: dict[str, str], group_by: str, order_by: str | 
                     reject(where, f"empty {group_by!r} (--group-by): the row belongs to no conversation", row,
                            "empty --group-by value")
                     continue
-                number = _as_number(order)
+                number = as_number(order)
                 db.execute("INSERT OR IGNORE INTO groups VALUES (?, ?)", (key, seq))
                 db.execute("INSERT INTO rows VALUES (?, ?, ?, ?, ?, ?)",
                            (seq, key, float(number) if isinstance(number, int | float) else None, order, where,
@@ -453,7 +415,7 @@ def _convert_groups(rows, roles: dict[str, str], group_by: str, order_by: str | 
                      "ORDER BY g.first_seq, r.ord_num IS NULL, r.ord_num, r.ord_text, r.seq")
             for key, members in _runs(db.execute(query)):
                 try:
-                    write(_group_conversation(members, roles, system), len(members))
+                    write(_group_conversation(members, roles, system), len(members), members[0][1])
                 except _Problem as problem:
                     reason = f"conversation {group_by}={key!r} ({len(members)} rows) rejected: {problem}"
                     for where, row in members:
@@ -492,71 +454,11 @@ def _group_conversation(members: list[tuple[str, dict]], roles: dict[str, str], 
 
 # --- writing -------------------------------------------------------------------------------------------------------
 
-class _Outputs:
-    """The output and rejects files, written under temporary names beside their targets and renamed on commit();
-    without commit() (an error, --strict, Ctrl-C) the temporary files are removed and older outputs stay as they
-    were."""
-
-    def __init__(self, out_path: Path, rejects_path: Path):
-        self.out_path, self.rejects_path = out_path, rejects_path
-        self.files: dict[Path, tuple] = {}
-        self.extra: list[tuple[Path, str]] = []
-
-    def __enter__(self) -> _Outputs:
-        return self
-
-    def write(self, record: dict) -> None:
-        self._file(self.out_path).write(json.dumps(record, ensure_ascii=False) + "\n")
-
-    def reject(self, entry: dict) -> None:
-        self._file(self.rejects_path).write(json.dumps(entry, ensure_ascii=False, default=str) + "\n")
-
-    def add(self, path: Path, text: str) -> None:
-        self._file(path).write(text)
-
-    def commit(self) -> None:
-        self._file(self.out_path)  # exists even when every row was filtered or rejected
-        for path, (handle, tmp) in self.files.items():
-            handle.close()
-            os.replace(tmp, path)
-        if self.rejects_path not in self.files:  # no rejects this time: a stale rejects file would mislead
-            self.rejects_path.unlink(missing_ok=True)
-        self.files = {}
-
-    def __exit__(self, *exc) -> None:
-        for handle, tmp in self.files.values():
-            handle.close()
-            tmp.unlink(missing_ok=True)
-
-    def _file(self, path: Path):
-        if path not in self.files:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # open(..., "x") rather than mkstemp: the file gets the usual permissions (umask), not 0600
-            tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-            self.files[path] = (tmp.open("x", encoding="utf-8", newline="\n"), tmp)
-        return self.files[path][0]
-
-
 def _is_utf8(encoding: str) -> bool:
     try:
         return codecs.lookup(encoding).name in ("utf-8", "utf-8-sig")
     except LookupError:
         return False
-
-
-def _sibling(out_path: Path, suffix: str) -> Path:
-    """train.jsonl → train.<suffix> (the output's name without .jsonl/.json)."""
-    name = out_path.name
-    for ext in (".jsonl", ".json"):
-        if name.lower().endswith(ext):
-            name = name[: -len(ext)]
-            break
-    return out_path.with_name(f"{name}.{suffix}")
-
-
-def _reason_kind(reason: str) -> str:
-    """A short label for counting reasons in the report: the reason up to its first ':' or '(' ."""
-    return re.split(r"[:(;]", reason, maxsplit=1)[0].strip()[:80]
 
 
 def _did_you_mean(word: str, options) -> str:

@@ -10,6 +10,7 @@ Not allowed: calls, attribute access, subscripts, arithmetic, comprehensions, la
 from __future__ import annotations
 
 import ast
+import operator
 import re
 
 from ..errors import DataError, UserError
@@ -35,6 +36,9 @@ class Condition:
         self._code = code
 
     def __call__(self, record: dict) -> bool:
+        texts = {c: TextCell(record[c]) for c in self.columns if isinstance(record.get(c), str)}
+        if texts:
+            record = {**record, **texts}
         try:
             # Safe: the tree was checked to hold only names, constants, comparisons and boolean operators, and
             # builtins are empty, so a name can only ever be looked up in the record.
@@ -136,3 +140,52 @@ def _column(node: ast.AST) -> int:
 
 def _pointer(source: str, column: int) -> str:
     return f"  {source}\n  {' ' * (column - 1)}^"
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+class TextCell(str):
+    """A text value as a condition sees it (CSV cells are all text; scraped JSON often has "12" for 12): compared
+    with a number, it compares by its numeric value when it looks like one, so `is_best == 1` matches "1" and
+    `votes >= 10` orders "9" below 10; compared with text, it is text, so `is_best == "1"` matches too. Only the
+    condition sees values this way; records are not changed. Hashing stays the text's: `x in [1, 2]` works, a set
+    `{1, 2}` does not."""
+
+    __hash__ = str.__hash__
+
+    def _compare(self, other: object, op) -> bool:
+        if isinstance(other, int | float):
+            number = as_number(str(self))
+            if isinstance(number, str):
+                if op in (operator.eq, operator.ne):
+                    return op is operator.ne
+                raise TypeError(f"cannot compare the text {str(self)!r} with the number {other!r}")
+            return op(number, other)
+        return op(str(self), other)
+
+    def __eq__(self, other):
+        return self._compare(other, operator.eq)
+
+    def __ne__(self, other):
+        return self._compare(other, operator.ne)
+
+    def __lt__(self, other):
+        return self._compare(other, operator.lt)
+
+    def __le__(self, other):
+        return self._compare(other, operator.le)
+
+    def __gt__(self, other):
+        return self._compare(other, operator.gt)
+
+    def __ge__(self, other):
+        return self._compare(other, operator.ge)
+
+
+def as_number(text: str) -> object:
+    stripped = text.strip()
+    if not _NUMBER.fullmatch(stripped):
+        return text
+    number = float(stripped)
+    return int(stripped) if stripped.lstrip("+-").isdigit() else number

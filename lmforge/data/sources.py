@@ -7,7 +7,7 @@ file:line:col error messages for malformed JSON. Must not interpret what a recor
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import DataError
@@ -17,32 +17,43 @@ UNSUPPORTED_SUFFIXES = (".txt", ".csv", ".tsv", ".parquet", ".arrow", ".xlsx", "
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".xlsx")  # what `lmforge data convert` reads
 _DECODER = json.JSONDecoder()
 _WHITESPACE = " \t\n\r"
+_HEAD_BYTES = 65536
 
 
-def read_records(path: str | Path, file_format: str | None = None) -> Iterator[tuple[dict, str]]:
+def read_records(path: str | Path, file_format: str | None = None,
+                 on_bad_line: Callable[[str, str, str], None] | None = None) -> Iterator[tuple[dict, str]]:
     """Yield (record, "path:line") for every record in a JSON-array or JSONL file.
 
     The format is detected from the first non-whitespace character ('[' → JSON array, '{' → JSONL), whatever the
-    file's suffix says; pass file_format="json" or "jsonl" to force one.
+    file's suffix says; pass file_format="json" or "jsonl" to force one. JSONL is streamed line by line (memory does
+    not grow with the file). on_bad_line(where, reason, raw_line): for JSONL, called for a line that is not valid
+    UTF-8, not valid JSON or not an object, instead of raising, so a large run can set such lines aside.
     """
     if file_format is not None and file_format not in FILE_FORMATS:
         raise DataError(f"unknown file_format {file_format!r}; expected one of {', '.join(FILE_FORMATS)} "
                         f"(or leave it unset to detect it from the file)")
     path = Path(path)
-    text = read_text(path)
+    head = _check_file(path)
     if file_format is None:
         reject_unsupported_suffix(path)
-    start = _skip_whitespace(text, 0)
-    if start == len(text):
+    start = _skip_whitespace(head, 0)
+    if start == len(head):
         raise DataError(f"{path}: the file is empty (no records); add records or remove it from the dataset list")
-    file_format = file_format or detect_file_format(text, start, path)
-    values = _json_values(text, start, path) if file_format == "json" else _jsonl_values(text, path)
-    for value, line in values:
+    file_format = file_format or detect_file_format(head, start, path)
+    if file_format == "jsonl":
+        yield from _jsonl_records(path, on_bad_line)
+        return
+    text = read_text(path)
+    for value, line in _json_values(text, _skip_whitespace(text, 0), path):
         where = f"{path}:{line}"
         if not isinstance(value, dict):
-            raise DataError(f"{where}: record is a JSON {_json_type(value)} {_preview(value)}, expected a JSON object "
-                            f"{{...}} with one example's fields")
+            raise DataError(_not_an_object(where, value))
         yield value, where
+
+
+def _not_an_object(where: str, value: object) -> str:
+    return (f"{where}: record is a JSON {_json_type(value)} {_preview(value)}, expected a JSON object {{...}} with "
+            f"one example's fields")
 
 
 def read_json_file(path: str | Path) -> object:
@@ -55,16 +66,26 @@ def read_json_file(path: str | Path) -> object:
         raise _invalid_json(path, e.lineno, e.colno, e.msg, "the file must be one valid JSON document") from None
 
 
-def read_text(path: Path) -> str:
-    """The file's text as UTF-8 (a BOM is dropped); clear errors for missing, non-file or non-UTF-8 paths."""
+def _check_file(path: Path) -> str:
+    """The first non-blank part of the file as text; clear errors for missing, non-file, UTF-16 or binary paths."""
     if not path.exists():
         raise DataError(f"file not found: {path} (relative paths are resolved from the current directory, "
                         f"{Path.cwd()})")
     if not path.is_file():
         raise DataError(f"{path}: is a directory, expected a dataset file (.json or .jsonl)")
+    with path.open("rb") as f:
+        head = f.read(_HEAD_BYTES)
+        if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+            raise DataError(f"{path}: the file is UTF-16 text; re-save it as UTF-8")
+        while head and not head.strip():  # skip a long run of blank lines without reading the whole file
+            head = f.read(_HEAD_BYTES)
+    return head.decode("utf-8-sig", errors="replace")
+
+
+def read_text(path: Path) -> str:
+    """The file's text as UTF-8 (a BOM is dropped); clear errors for missing, non-file or non-UTF-8 paths."""
+    _check_file(path)
     data = path.read_bytes()
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise DataError(f"{path}: the file is UTF-16 text; re-save it as UTF-8")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -138,23 +159,44 @@ def _json_document(text: str, path: Path) -> Iterator[tuple[object, int]]:
                     f"on its own")
 
 
-def _jsonl_values(text: str, path: Path) -> Iterator[tuple[object, int]]:
-    # split("\n") rather than splitlines(): splitlines also breaks on U+2028 etc., which would skew line numbers.
-    for line_number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise _invalid_json(path, line_number, e.colno, e.msg, _jsonl_hint(text, line)) from None
-        yield value, line_number
+def _jsonl_records(path: Path, on_bad_line: Callable[[str, str, str], None] | None
+                   ) -> Iterator[tuple[dict, str]]:
+    # Lines are split on b"\n" only (not U+2028 etc., which would skew line numbers), and decoded one at a time.
+    with path.open("rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            if line_number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            where = f"{path}:{line_number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                reason = f"not valid UTF-8 text (byte 0x{raw[e.start]:02x})"
+                if on_bad_line is None:
+                    raise DataError(f"{where}: {reason}; re-save the file as UTF-8") from None
+                on_bad_line(where, reason, raw.decode("utf-8", errors="replace"))
+                continue
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                if on_bad_line is None:
+                    raise _invalid_json(path, line_number, e.colno, e.msg, _jsonl_hint(path, line)) from None
+                on_bad_line(where, f"invalid JSON: {e.msg} (column {e.colno})", line.rstrip("\r\n"))
+                continue
+            if not isinstance(value, dict):
+                if on_bad_line is None:
+                    raise DataError(_not_an_object(where, value))
+                on_bad_line(where, f"not a JSON object but a {_json_type(value)}", line.rstrip("\r\n"))
+                continue
+            yield value, where
 
 
-def _jsonl_hint(text: str, line: str) -> str:
+def _jsonl_hint(path: Path, line: str) -> str:
     if line.strip().startswith("["):
         return "this line opens a JSON array; if the whole file is one array, use file_format='json' or leave it unset"
     try:
-        json.loads(text)
+        json.loads(read_text(path))
     except json.JSONDecodeError:
         return ("each line of a JSONL file must hold one complete JSON object; is this JSONL with a broken line "
                 "(a record split over lines, a missing quote or brace)?")
