@@ -67,6 +67,9 @@ class DataConfig(Section):
     """Which tokens carry loss: every assistant turn, only the last one, or every token."""
     max_samples: int | None = None
     """Use at most this many examples from each dataset."""
+    recipe: str | None = None
+    """Clean every dataset before training (as `lmforge data clean` does): a recipe YAML file, or "default" for the
+    built-in recipe. The cleaned data and its report are cached by content, so a second run does no work."""
 
     @field_validator("train", "val", mode="before")
     @classmethod

@@ -26,7 +26,9 @@ from .batching import Batch, DataOrder, eval_batches, pack
 from .checkpoint import (RunDir, load_checkpoint, resolve_resume, save_artifact, save_checkpoint)
 from .config import Config
 from .conversation import Conversation
-from .data.datasets import load_many
+from .data.datasets import load_specs, resolve_many
+from .data.recipe import load_recipe
+from .data_cache import cleaned_dataset, rendered_dataset
 from .errors import DataError
 from .fused_mlp import use_lean_mlp
 from .heap import trim_heap_between_layers
@@ -34,7 +36,7 @@ from .losses import sft_loss_sum
 from .methods import apply_method, trainable_summary
 from .models import load_model, load_tokenizer, pick_dtype, resolve_model
 from .plots import plot_losses
-from .render import Example, RenderStats, ensure_chat_template, render_dataset
+from .render import Example, RenderStats, ensure_chat_template
 
 
 @dataclass
@@ -45,22 +47,38 @@ class PreparedData:
 
 
 def prepare_data(config: Config, tokenizer) -> PreparedData:
-    """Read, split and render the datasets. Every conversation is accounted for in the report."""
+    """Read (cleaning first when a recipe is set), split and render the datasets. Every conversation is accounted for
+    in the report. Cleaned data and token ids are cached by content (data_cache.py), so a rerun does not redo them."""
     data = config.data
-    conversations, counts = load_many(data.train, data.dataset_dir, data.max_samples)
+    steps = load_recipe(None if data.recipe == "default" else data.recipe) if data.recipe else None
+    cleaning: dict[str, dict] = {}
+
+    def load(entries: list[str]):
+        specs = resolve_many(entries, data.dataset_dir)
+        if steps:
+            for i, spec in enumerate(specs):
+                specs[i], cleaning[spec.name] = cleaned_dataset(spec, steps)
+                summary = cleaning[spec.name]
+                print(f"clean {spec.name}: {summary['records_in']} records → kept {summary['kept']}, rejected "
+                      f"{summary['rejected']}{' (cached)' if summary['cached'] else ''} · report {summary['report']}")
+        return load_specs(specs, data.max_samples)
+
+    conversations, counts = load(data.train)
     if data.val:
-        val_conversations, _ = load_many(data.val, data.dataset_dir, data.max_samples)
+        val_conversations, _ = load(data.val)
     else:
         conversations, val_conversations = _hold_out(conversations, data.val_size, config.train.seed)
-    train, train_stats = render_dataset(tokenizer, conversations, data.train_on, data.cutoff_len)
-    val, val_stats = render_dataset(tokenizer, val_conversations, data.train_on, data.cutoff_len)
+    train, train_stats, train_cached = rendered_dataset(tokenizer, conversations, data.train_on, data.cutoff_len)
+    val, val_stats, _ = rendered_dataset(tokenizer, val_conversations, data.train_on, data.cutoff_len)
     if not train:
         raise DataError(f"no training examples left: all {train_stats.read} were dropped because nothing trainable "
                         f"fits within data.cutoff_len={data.cutoff_len} (every prompt is longer than that). "
                         f"Raise data.cutoff_len.")
     report = {"datasets": counts, "train": asdict(train_stats), "val": asdict(val_stats),
               "train_tokens": sum(len(e.input_ids) for e in train),
-              "train_supervised_tokens": sum(e.num_supervised for e in train)}
+              "train_supervised_tokens": sum(e.num_supervised for e in train), "tokenized_from_cache": train_cached}
+    if cleaning:
+        report["cleaning"] = cleaning
     return PreparedData(train, val, report)
 
 

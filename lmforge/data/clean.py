@@ -17,7 +17,7 @@ import time
 from array import array
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,15 +27,16 @@ from .convert import shape
 from .dedup import ExactDeduper, NearDuplicateIndex, choose_keepers, embed_texts, semantic_clusters
 from .filters import build_filters, detect_language, field_text, field_texts
 from .formats import convert as convert_record
-from .formats import detect_format
+from .formats import FormatSpec, detect_format
 from .normalize import normalize_text
 from .outputs import OutputFiles, reason_kind, sibling_path
 from .pii import mask_pii
 from .recipe import DedupOptions, Step, load_recipe
 from .sources import read_records
 
-_CONSUMED = {"alpaca": ("instruction", "input", "output", "system", "history"), "messages": ("messages",),
-             "sharegpt": ("conversations", "system", "tools"), "conversations": ("conversations", "system", "tools")}
+# The keys each shape reads (FormatSpec names; a dataset_info.json entry may map them to other columns).
+_CONSUMED = {"alpaca": ("prompt", "query", "response", "system", "history"),
+             "sharegpt": ("messages", "system", "tools"), "conversations": ("messages", "system", "tools")}
 _CHUNK = 512            # records handed to a worker at a time
 _SAMPLE_TEXTS = 2000    # kept records sampled for the report's language mix
 _CLUSTER_SAMPLES = 5    # duplicate clusters shown per dedup step
@@ -108,9 +109,11 @@ class CleanReport:
 
 
 def clean_file(in_path: str | Path, out_path: str | Path, *, recipe: str | Path | list[Step] | None = None,
-               to: str = "messages", num_proc: int = 1, strict: bool = False, html: bool = True) -> CleanReport:
+               to: str = "messages", num_proc: int = 1, strict: bool = False, html: bool = True,
+               format_spec: FormatSpec = FormatSpec()) -> CleanReport:
     """Clean one JSON/JSONL records file into OUT (JSONL), with OUT.rejects.jsonl, OUT.report.json and (html=True)
-    OUT.report.html beside it. All outputs are written under temporary names and renamed at the end."""
+    OUT.report.html beside it. All outputs are written under temporary names and renamed at the end.
+    format_spec: how records are read (a dataset_info.json entry's format and columns); default: detected."""
     in_path, out_path = Path(in_path), Path(out_path)
     steps = recipe if isinstance(recipe, list) else load_recipe(recipe)
     if in_path.resolve() == out_path.resolve():
@@ -129,7 +132,7 @@ def clean_file(in_path: str | Path, out_path: str | Path, *, recipe: str | Path 
             outputs.reject({"line": where, "step": step, "reason": reason, "record": record})
             report.rejected += 1
 
-        stream = _read(in_path, report, reject)
+        stream = _read(in_path, report, reject, format_spec)
         for segment in _segments(steps, report.steps):
             stream = _run_segment(segment, stream, reject, num_proc, out_path)
         languages = _LanguageSample()
@@ -166,7 +169,7 @@ def shape_record(record: dict, to: str) -> dict:
 
 # --- reading ---------------------------------------------------------------------------------------------------------
 
-def _read(path: Path, report: CleanReport, reject) -> Iterator[tuple[dict, str]]:
+def _read(path: Path, report: CleanReport, reject, spec: FormatSpec) -> Iterator[tuple[dict, str]]:
     def bad_line(where: str, reason: str, raw: str) -> None:
         report.records_in += 1
         report.unreadable += 1
@@ -175,7 +178,7 @@ def _read(path: Path, report: CleanReport, reject) -> Iterator[tuple[dict, str]]
     for record, where in read_records(path, on_bad_line=bad_line):
         report.records_in += 1
         try:
-            record = as_messages_record(record, where)
+            record = as_messages_record(record, where, spec)
         except DataError as e:
             report.unreadable += 1
             reject(where, "read", str(e).removeprefix(f"{where}: "), record)
@@ -184,12 +187,12 @@ def _read(path: Path, report: CleanReport, reject) -> Iterator[tuple[dict, str]]
         yield record, where
 
 
-def as_messages_record(record: dict, where: str) -> dict:
+def as_messages_record(record: dict, where: str, spec: FormatSpec = FormatSpec()) -> dict:
     """`{"messages": [...], **metadata}` from a record in any shape we read; the shape's own keys are consumed."""
-    found = detect_format(record, where)
-    conversation = convert_record(record, where)
-    meta = {k: v for k, v in record.items() if k not in _CONSUMED[found]}
-    return {"messages": conversation.to_dicts(), **meta}
+    found = spec.format if spec.format != "auto" else detect_format(record, where)
+    conversation = convert_record(record, where, replace(spec, format=found))
+    consumed = {"messages"} if found == "messages" else {spec.column(key) for key in _CONSUMED[found]}
+    return {"messages": conversation.to_dicts(), **{k: v for k, v in record.items() if k not in consumed}}
 
 
 def _chars(record: dict) -> int:

@@ -97,12 +97,20 @@ def load_many(entries: list[str], dataset_dir: str | Path | None = None,
               max_samples: int | None = None) -> tuple[list[Conversation], dict[str, int]]:
     """Several datasets concatenated in order, with how many conversations each contributed (max_samples is per
     dataset, as in LLaMA-Factory)."""
+    return load_specs(resolve_many(entries, dataset_dir), max_samples)
+
+
+def resolve_many(entries: list[str], dataset_dir: str | Path | None = None) -> list[DatasetSpec]:
     if not entries:
         raise ConfigError("no datasets given; name at least one dataset file or dataset_info.json entry")
+    return [resolve_dataset(entry, dataset_dir) for entry in entries]
+
+
+def load_specs(specs: list[DatasetSpec], max_samples: int | None = None
+               ) -> tuple[list[Conversation], dict[str, int]]:
     conversations: list[Conversation] = []
     counts: dict[str, int] = {}
-    for entry in entries:
-        spec = resolve_dataset(entry, dataset_dir)
+    for spec in specs:
         loaded = load_conversations(spec, max_samples)
         conversations.extend(loaded)
         counts[spec.name] = counts.get(spec.name, 0) + len(loaded)  # a dataset listed twice counts twice
