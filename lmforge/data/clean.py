@@ -25,7 +25,8 @@ import numpy as np
 from ..errors import DataError, UserError
 from .convert import shape
 from .dedup import ExactDeduper, NearDuplicateIndex, choose_keepers, embed_texts, semantic_clusters
-from .filters import build_filters, detect_language, field_text, field_texts
+from .filters import build_filters, field_text, field_texts
+from .language import detect_language
 from .formats import convert as convert_record
 from .formats import FormatSpec, detect_format
 from .normalize import normalize_text
