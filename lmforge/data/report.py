@@ -102,15 +102,21 @@ def _histogram_png(report) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     before = np.frombuffer(report.chars_before, dtype=np.uint32) if report.chars_before else np.zeros(0, np.uint32)
     after = np.frombuffer(report.chars_after, dtype=np.uint32) if report.chars_after else np.zeros(0, np.uint32)
-    top = max(int(before.max()) if len(before) else 1, 2)
-    bins = np.unique(np.geomspace(1, top + 1, 40).round())
+    low = max(int(before.min()) if len(before) else 1, 1)
+    top = max(int(before.max()) if len(before) else 1, low + 1)
+    bins = np.unique(np.geomspace(low, top + 1, 40).round())
     fig, ax = plt.subplots(figsize=(9, 3.2), dpi=100)
     ax.hist(np.maximum(before, 1), bins=bins, alpha=0.55, label=f"before ({len(before)})", color="#8c959f")
     ax.hist(np.maximum(after, 1), bins=bins, alpha=0.75, label=f"after ({len(after)})", color="#0969da")
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("characters per record (log scale)")
     ax.set_ylabel("records")
     ax.legend()
