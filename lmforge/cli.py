@@ -98,8 +98,78 @@ def add_data_clean(data_verbs) -> None:
     clean.set_defaults(func=cmd_data_clean)
 
 
+def cmd_data_split(args) -> int:
+    from .data.split import split_file
+
+    report = split_file(args.input, args.output_dir, val=args.val, test=args.test, seed=args.seed,
+                        stratify=args.stratify, group=args.group)
+    print(report.summary())
+    return 0
+
+
+def add_data_split(data_verbs) -> None:
+    split = data_verbs.add_parser(
+        "split", help="split a dataset file into train / val / test JSONL files, reproducibly",
+        description="Split a JSON/JSONL records file (any shape; records are copied unchanged) into train, val and "
+                    "test JSONL files plus a report with the counts. The same file and seed give the same split on "
+                    "any machine; records are ranked by a seeded hash of their content (or --group value), so "
+                    "adding records to the file moves only a few across splits. Sizes are exact (with --group, as "
+                    "close as whole groups allow).",
+        epilog="example: lmforge data split data/qa.jsonl --val 0.05 --test 200 --stratify meta.category "
+               "--group conversation_id  → data/qa.train.jsonl, qa.val.jsonl, qa.test.jsonl, qa.split.json")
+    split.add_argument("input", metavar="IN", help=".jsonl or .json records")
+    split.add_argument("-o", "--output-dir", metavar="OUT_DIR",
+                       help="write train.jsonl, val.jsonl, test.jsonl and split.json here (default: next to IN as "
+                            "IN_STEM.train.jsonl, …)")
+    split.add_argument("--val", default="0.05", metavar="SIZE",
+                       help="validation size: a fraction below 1 or a record count (default 0.05; 0 = none)")
+    split.add_argument("--test", default="0", metavar="SIZE",
+                       help="test size: a fraction below 1 or a record count (default 0 = no test file)")
+    split.add_argument("--seed", type=int, default=0, help="a different seed gives a different split (default 0)")
+    split.add_argument("--stratify", metavar="KEY",
+                       help="keep each value's share in every split; a record key, dotted for nested ones "
+                            "(meta.category)")
+    split.add_argument("--group", metavar="KEY",
+                       help="records with the same value stay in one split (a conversation or duplicate-cluster id)")
+    split.set_defaults(func=cmd_data_split)
+
+
+def cmd_data_inspect(args) -> int:
+    from .data.inspect import format_report, inspect_dataset, report_json, use_colour
+    from .models import DEFAULT_MODEL
+
+    report = inspect_dataset(args.input, model=args.model or DEFAULT_MODEL, template=args.template,
+                             cutoff_len=args.cutoff_len, train_on=args.train_on, samples=args.samples,
+                             dataset_dir=args.dataset_dir)
+    print(report_json(report) if args.json else format_report(report, use_colour(sys.stdout)))
+    return 1 if report.problems else 0
+
+
+def add_data_inspect(data_verbs) -> None:
+    inspect = data_verbs.add_parser(
+        "inspect", help="check a dataset before training: problems, token lengths, trained tokens",
+        description="Read a dataset as training will and report: file format and record shape; every record with a "
+                    "problem (file:line and message index: unknown roles, wrong role order, non-alternating turns, "
+                    "no assistant reply, empty turns, invalid JSON lines); token-length percentiles under the "
+                    "model's chat template, how many fit --cutoff-len and how many would be truncated or dropped; "
+                    "and rendered samples with the trained tokens marked.",
+        epilog="exit status: 0 = no problems, 1 = problems found (listed), 2 = the file or model cannot be read. "
+               "example: lmforge data inspect data/qa.jsonl --cutoff-len 512")
+    inspect.add_argument("input", metavar="IN", help=".jsonl or .json file, or a dataset name in dataset_info.json")
+    inspect.add_argument("--model", help="whose tokenizer and chat template to use: builtin alias, local dir or hub "
+                                         "id (default: the default builtin model, see `lmforge models`)")
+    inspect.add_argument("--template", help="chat template for a model without one (as model.template)")
+    inspect.add_argument("--cutoff-len", type=int, default=1024, metavar="N", help="as data.cutoff_len (default 1024)")
+    inspect.add_argument("--train-on", default="assistant", choices=("assistant", "last_assistant", "all"),
+                         help="which tokens carry loss, as data.train_on (default assistant)")
+    inspect.add_argument("--samples", type=int, default=2, metavar="N", help="rendered samples to show (default 2)")
+    inspect.add_argument("--dataset-dir", help="where dataset names are looked up (default: data)")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspect.set_defaults(func=cmd_data_inspect)
+
+
 # `lmforge data SUBCOMMAND`: each entry adds one subcommand parser (and its set_defaults(func=...)).
-DATA_SUBCOMMANDS = [add_data_convert, add_data_clean]
+DATA_SUBCOMMANDS = [add_data_convert, add_data_clean, add_data_split, add_data_inspect]
 
 
 def cmd_models(args) -> int:

@@ -51,6 +51,17 @@ def read_records(path: str | Path, file_format: str | None = None,
         yield value, where
 
 
+def file_format_of(path: Path) -> str:
+    """'json' when the first non-blank character (after a UTF-8 BOM) is '[', else 'jsonl' (as read_records detects
+    it); for a file read_records has already accepted."""
+    with Path(path).open("rb") as handle:
+        while chunk := handle.read(_HEAD_BYTES):
+            text = chunk.removeprefix(b"\xef\xbb\xbf").lstrip(b" \t\r\n")
+            if text:
+                return "json" if text.startswith(b"[") else "jsonl"
+    return "jsonl"
+
+
 def _not_an_object(where: str, value: object) -> str:
     return (f"{where}: record is a JSON {_json_type(value)} {_preview(value)}, expected a JSON object {{...}} with "
             f"one example's fields")
