@@ -194,3 +194,16 @@ def test_paraphrases_cluster_and_an_unrelated_sentence_does_not():
     # The English-only model reads Chinese as [UNK]s: those rows are zero and never merged, rather than all alike.
     assert not vectors[3:].any()
     assert semantic_clusters(vectors, threshold=0.8).tolist() == [0, 0, 2, 3, 4]
+
+
+def test_the_target_models_own_hidden_states_separate_chinese_paraphrases():
+    texts = ["房东不退押金怎么办？", "房东不肯退还押金该怎么处理？", "明天天气怎么样？", "劳动合同到期不续签有补偿吗？",
+             "合同到期公司不续签，员工能拿到经济补偿吗？", "Python 怎么读取文件？", "今天股市涨了吗"]
+    vectors = embed_texts(texts, "smollm2-135m-instruct")
+    similarity = vectors @ vectors.T
+    paraphrases = [similarity[0, 1], similarity[3, 4]]
+    unrelated = [similarity[i, j] for i in range(len(texts)) for j in range(i + 1, len(texts))
+                 if (i, j) not in ((0, 1), (3, 4))]
+    assert min(paraphrases) > max(unrelated)
+    labels = semantic_clusters(vectors, threshold=(min(paraphrases) + max(unrelated)) / 2)
+    assert labels.tolist() == [0, 0, 2, 3, 3, 5, 6]

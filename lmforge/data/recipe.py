@@ -74,7 +74,8 @@ class DedupOptions(BaseModel):
     votes_column: str = "votes"
     """Metadata columns the "best" rule reads (missing or non-numeric values count as 0)."""
     model: str = PACKAGED_EMBEDDER
-    """semantic: "packaged-minilm" (all-MiniLM-L6-v2 from PyPI, English) or a local sentence-embedding model dir."""
+    """semantic: "packaged-minilm" (all-MiniLM-L6-v2 from PyPI, English), a builtin model alias (its own hidden
+    states, mean-pooled: multilingual when the model is) or a local model dir."""
 
     @property
     def name(self) -> str:
