@@ -7,7 +7,7 @@ card numbers, mobile and landline phones, e-mail, Luhn-valid bank cards, IPv4, p
 must stay (order numbers, invalid IDs, dates, prices). Ground truth is kept per record id.
 The peer is datasketch's MinHash + MinHashLSH (the near-dedup used by text-dedup / data-juicer-style pipelines), run
 on a subset in the same run for a records/s ratio of the near-duplicate step (skipped if datasketch is absent:
-pip install datasketch==2.0.0).
+pip install -e '.[bench]').
 
     python benchmarks/data_pipeline.py                          # 1,000,000 records, default recipe, 2 processes
     python benchmarks/data_pipeline.py --records 50000 --peer-records 20000

@@ -1,8 +1,10 @@
-"""The run directory: its layout, atomic checkpoints, exact resume, and the final trained artifact.
+"""The run directory: its layout, atomic checkpoints, exact resume, the final trained artifact, and which weights
+of a run the later stages use (the `best.json` marker written by `lmforge eval --all-checkpoints`).
 
 runs/<name>/ config.yaml · data_report.json · metrics.jsonl · loss.png · adapter/ (PEFT) or model/ (full weights),
-each with the tokenizer and its chat template · checkpoints/step-N/. Everything is written to a temporary name and
-renamed into place, so an interrupted save never leaves something a later resume or chat would trust.
+each with the tokenizer and its chat template · checkpoints/step-N/ · eval.json · predictions.jsonl · best.json ·
+sweep.json · sweep.png · evals/<step-N|final>/. Everything is written to a temporary name and renamed into place, so
+an interrupted save never leaves something a later resume or chat would trust. Must not load models.
 """
 
 from __future__ import annotations
@@ -14,12 +16,18 @@ import re
 import shutil
 from pathlib import Path
 
+from dataclasses import dataclass
+
 import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import ConfigError, UserError
 
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
+TRAINABLE_FILE = "trainable.safetensors"
+BEST_FILE = "best.json"  # which weights chat / export / serve use by default (written by lmforge eval)
+EVAL_FILE = "eval.json"  # metrics of the weights the run uses by default
+PREDICTIONS_FILE = "predictions.jsonl"
 
 
 class RunDir:
@@ -34,6 +42,12 @@ class RunDir:
     checkpoints = property(lambda self: self.root / "checkpoints")
     adapter = property(lambda self: self.root / "adapter")
     model = property(lambda self: self.root / "model")
+    best_marker = property(lambda self: self.root / BEST_FILE)
+    eval_report = property(lambda self: self.root / EVAL_FILE)
+    predictions = property(lambda self: self.root / PREDICTIONS_FILE)
+    sweep_report = property(lambda self: self.root / "sweep.json")
+    sweep_plot = property(lambda self: self.root / "sweep.png")
+    evals = property(lambda self: self.root / "evals")  # one evaluation per weights: evals/step-N/, evals/final/
 
     def has_results(self) -> bool:
         return any(p.exists() for p in (self.adapter, self.model, self.checkpoints, self.metrics))
@@ -47,9 +61,10 @@ class RunDir:
     def prepare(self, overwrite: bool, resuming: bool) -> None:
         self.check_free(overwrite, resuming)
         if overwrite and not resuming:
-            for path in (self.adapter, self.model, self.checkpoints):
+            for path in (self.adapter, self.model, self.checkpoints, self.evals):
                 shutil.rmtree(path, ignore_errors=True)
-            for path in (self.metrics, self.loss_plot, self.data_report):
+            for path in (self.metrics, self.loss_plot, self.data_report, self.best_marker, self.eval_report,
+                         self.predictions, self.sweep_report, self.sweep_plot):
                 path.unlink(missing_ok=True)
         self.root.mkdir(parents=True, exist_ok=True)
         _prune(self, keep=None)
@@ -59,8 +74,93 @@ class RunDir:
         for path in (self.adapter, self.model):
             if (path / "config.json").exists() or (path / "adapter_config.json").exists():
                 return path
+        if not self.root.is_dir():
+            raise UserError(f"run dir {self.root} does not exist (train one with `lmforge train CONFIG.yaml`)")
+        steps = [p.name for p in complete_checkpoints(self)]
+        pick = (f"; it has checkpoints ({', '.join(steps)}): evaluate or use one with --checkpoint {steps[-1]}"
+                if steps else "")
         raise UserError(f"{self.root} has no trained adapter/ or model/ — has training finished? "
-                        f"(train with `lmforge train CONFIG.yaml`)")
+                        f"(train with `lmforge train CONFIG.yaml`){pick}")
+
+    def read_best(self) -> dict | None:
+        """The best.json marker, or None when no sweep has chosen a best checkpoint."""
+        if not self.best_marker.is_file():
+            return None
+        try:
+            record = json.loads(self.best_marker.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise UserError(f"{self.best_marker}: not valid JSON ({error}); delete it or rerun "
+                            f"`lmforge eval {self.root} --data TEST --all-checkpoints`") from None
+        if not isinstance(record, dict) or not isinstance(record.get("weights"), str):
+            raise UserError(f"{self.best_marker}: expected an object with \"weights\" (a path inside the run dir); "
+                            f"delete it or rerun `lmforge eval {self.root} --data TEST --all-checkpoints`")
+        return record
+
+    def write_json(self, path: Path, record: dict) -> None:
+        """Write a JSON file of the run atomically (temp name + rename)."""
+        tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+        tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+    def final_step(self) -> int | None:
+        """The last step of a finished run (the step of adapter/ or model/), from metrics.jsonl."""
+        if not self.metrics.is_file():
+            return None
+        steps = [json.loads(line).get("step") for line in self.metrics.read_text().splitlines() if line.strip()]
+        return max((s for s in steps if isinstance(s, int)), default=None)
+
+
+@dataclass(frozen=True)
+class RunWeights:
+    """One set of weights of a run: the final adapter/ or model/, or a checkpoint (base + method + trainable
+    tensors). `reason` says in words which one and why, for the "using …" line chat / eval / serve print."""
+
+    run: RunDir
+    label: str  # "final" or "step-N"
+    path: Path  # adapter/, model/ or checkpoints/step-N/
+    step: int | None
+    reason: str
+
+    @property
+    def is_checkpoint(self) -> bool:
+        return self.label != "final"
+
+
+def choose_weights(run: RunDir, which: str | None = None) -> RunWeights:
+    """Which weights of a run to use: `which` = None (the best checkpoint if best.json names one, else the final
+    artifact), "best", "final", "step-N" / "N", or a checkpoint dir of this run."""
+    if which in (None, "best"):
+        best = run.read_best()
+        if best is None:
+            if which == "best":
+                raise UserError(f"{run.root} has no {BEST_FILE}: choose one with "
+                                f"`lmforge eval {run.root} --data TEST.jsonl --all-checkpoints`")
+            return _final_weights(run, "final weights")
+        figure = f" ({best['metric']} {best['value']:g})" if "metric" in best and "value" in best else ""
+        if best.get("label") == "final":
+            return _final_weights(run, "best weights: the final", figure)
+        target = run.root / best["weights"]
+        if not (target / STATE_FILE).is_file():
+            if which == "best":
+                raise UserError(f"{run.best_marker} names {target}, which is not a complete checkpoint any more; "
+                                f"rerun `lmforge eval {run.root} --data TEST.jsonl --all-checkpoints`")
+            return _final_weights(run, "final weights", f" ({BEST_FILE} names {best['weights']}, which is gone)")
+        return RunWeights(run, target.name, target, _step_of(target), f"best checkpoint {target.name}{figure}")
+    if which == "final":
+        return _final_weights(run, "final weights")
+    path = Path(which)
+    if not (path / STATE_FILE).is_file():
+        path = run.checkpoints / (which if which.startswith("step-") else f"step-{which}")
+    if not (path / STATE_FILE).is_file() or _step_of(path) < 0:
+        available = ", ".join(p.name for p in complete_checkpoints(run)) or "none"
+        raise UserError(f"{which!r} is not a checkpoint of {run.root} (complete checkpoints: {available}); use "
+                        f"step-N, final or best")
+    return RunWeights(run, path.name, path, _step_of(path), f"checkpoint {path.name}")
+
+
+def _final_weights(run: RunDir, what: str, detail: str = "") -> RunWeights:
+    artifact = run.artifact()
+    return RunWeights(run, "final", artifact, run.final_step(), f"{what} {artifact.name}/{detail}")
 
 
 def _step_of(path: Path) -> int:
@@ -98,7 +198,7 @@ def save_checkpoint(run: RunDir, step: int, model, optimizer, scheduler, state: 
     tmp = run.checkpoints / f".tmp-step-{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    save_file(trainable_state(model), str(tmp / TRAINABLE_FILE))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}, tmp / "optimizer.pt")
     (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
@@ -109,16 +209,20 @@ def save_checkpoint(run: RunDir, step: int, model, optimizer, scheduler, state: 
 
 
 def _prune(run: RunDir, keep: int | None) -> None:
-    """Remove what an interrupted save left behind, and checkpoints beyond the newest `keep`."""
+    """Remove what an interrupted save left behind, and checkpoints beyond the newest `keep` — except the one
+    best.json names, which chat / export / serve use."""
     for stale in run.checkpoints.glob(".tmp-step-*"):
         shutil.rmtree(stale, ignore_errors=True)
     if keep:
+        best = run.best_marker.is_file() and (run.read_best() or {}).get("weights")
         for old in complete_checkpoints(run)[:-keep]:
+            if best and old.resolve() == (run.root / best).resolve():
+                continue
             shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    weights = load_file(str(path / "trainable.safetensors"))
+    weights = load_file(str(path / TRAINABLE_FILE))
     expected = {name for name, p in model.named_parameters() if p.requires_grad}
     if set(weights) != expected:
         raise ConfigError(f"checkpoint {path} does not match this model/method: it holds {len(weights)} trainable "
@@ -132,13 +236,21 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     return json.loads((path / STATE_FILE).read_text())
 
 
-def save_artifact(run: RunDir, model, tokenizer, method: str) -> Path:
-    """Write adapter/ (PEFT format) or model/ (full weights), with the tokenizer and its chat template."""
-    final = run.adapter if method == "lora" else run.model
+def save_artifact(run: RunDir, model, tokenizer, method: str, *,
+                  extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write adapter/ (an adapter dir: PEFT format, or lmforge's bottleneck adapters in the same layout) or model/
+    (full / freeze: full weights), with the tokenizer and its chat template, and `extra` safetensors files (a reward
+    model's value head)."""
+    from .methods import save_trained
+
+    final = run.model if method in ("full", "freeze") else run.adapter
     tmp = run.root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    tmp.mkdir(parents=True)
+    save_trained(model, tmp)
     tokenizer.save_pretrained(tmp)
+    for name, tensors in (extra or {}).items():
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp / name))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final

@@ -1,4 +1,4 @@
-"""Command line: one verb → one function. `lmforge train|chat|data|models`.
+"""Command line: one verb → one function. `lmforge train|chat|eval|compare|export|data|models`.
 
 A UserError becomes its message on stderr and exit code 2 (no traceback); Ctrl-C exits 130. Any other exception is
 a bug and keeps its traceback. Heavy imports happen inside the verbs so `lmforge --help` is instant.
@@ -7,6 +7,7 @@ a bug and keeps its traceback. Heavy imports happen inside the verbs so `lmforge
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import warnings
@@ -172,6 +173,262 @@ def add_data_inspect(data_verbs) -> None:
 DATA_SUBCOMMANDS = [add_data_convert, add_data_clean, add_data_split, add_data_inspect]
 
 
+def _eval_options(args):
+    from .evaluate import EvalOptions
+    from .generate import SamplingParams
+
+    choices = [c.strip() for c in args.choices.split(",") if c.strip()] if args.choices else None
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed)
+    return EvalOptions(generate=not getattr(args, "no_generate", False), params=params, batch_size=args.batch_size,
+                       cutoff_len=args.cutoff_len, choices=choices)
+
+
+def _names(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _add_test_options(parser) -> None:
+    """The test set and decoding options shared by `eval` and `compare`."""
+    parser.add_argument("--data", required=True, metavar="TEST[,TEST]",
+                        help="test set(s): .json/.jsonl files or dataset_info.json names, comma-separated; the last "
+                             "assistant message of each conversation is the reference, everything before it the "
+                             "prompt")
+    parser.add_argument("--dataset-dir", help="where dataset names are looked up (default: data)")
+    parser.add_argument("--max-samples", type=int, metavar="N", help="use the first N examples of each test set")
+    parser.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="per answer (default 256)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None, help="for sampling")
+    parser.add_argument("--batch-size", type=int, default=8, metavar="N",
+                        help="prompts decoded together, and examples per loss batch (default 8)")
+    parser.add_argument("--cutoff-len", type=int, default=1024, metavar="N",
+                        help="longest prompt + reference scored for loss, in tokens (default 1024)")
+    parser.add_argument("--choices", metavar="LABEL,LABEL",
+                        help="the label set of a classification test set, for choice accuracy (default: detected "
+                             "when the references are a few short labels)")
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import (evaluate_run_or_model, format_metrics, format_sweep, load_test_set, sweep_checkpoints)
+
+    if bool(args.run_dir) == bool(args.model):
+        raise UserError("name a run dir (lmforge eval runs/NAME --data TEST) or a model (--model NAME "
+                        "[--adapter DIR] -o OUT_DIR), not both")
+    if args.all_checkpoints and (not args.run_dir or args.checkpoint):
+        raise UserError("--all-checkpoints sweeps the checkpoints of a run dir: name the run dir, without "
+                        "--model or --checkpoint")
+    if args.metric and not args.all_checkpoints:
+        raise UserError("--metric chooses the best checkpoint: use it with --all-checkpoints")
+    options = _eval_options(args)
+    test = load_test_set(_names(args.data), args.dataset_dir, args.max_samples)
+    if args.all_checkpoints:
+        result = sweep_checkpoints(args.run_dir, test, options, args.metric or "auto")
+        print(format_sweep(result))
+        best = result.best
+        print(f"best: {best['label']} (step {best['step']}, {best['metric']} {best['value']:g}) → {args.run_dir}/"
+              f"best.json; chat, compare and export on {args.run_dir} now use it. Plot: {args.run_dir}/sweep.png")
+        return 0
+    result, path = evaluate_run_or_model(test, options, args.run_dir, args.model, args.adapter, args.checkpoint,
+                                         args.output)
+    print(format_metrics(result.metrics))
+    print(f"wrote {path} and {path.parent / 'predictions.jsonl'}")
+    return 0
+
+
+def add_eval(verbs) -> None:
+    evaluate = verbs.add_parser(
+        "eval", help="score a run or a model on a test set; --all-checkpoints finds the best checkpoint",
+        description="Held-out loss and perplexity of each reference answer, then batch generation on the test "
+                    "prompts scored with BLEU-4 and ROUGE-1/2/L (computed as LLaMA-Factory does, ×100), exact "
+                    "match, and choice accuracy for classification-style sets. Writes eval.json and "
+                    "predictions.jsonl (into the run dir for a run).",
+        epilog="examples: lmforge eval runs/demo --data test.jsonl · lmforge eval --model smollm2-135m-instruct "
+               "--data test.jsonl -o eval/base · lmforge eval runs/demo --data test.jsonl --all-checkpoints")
+    evaluate.add_argument("run_dir", nargs="?", help="a run dir (runs/NAME) from lmforge train")
+    evaluate.add_argument("--model", help="instead of a run: base model (builtin alias, local dir or hub id)")
+    evaluate.add_argument("--adapter", help="a PEFT adapter dir to apply to --model")
+    evaluate.add_argument("--checkpoint", metavar="step-N|final|best",
+                          help="which weights of the run (default: best.json's choice, else the final weights)")
+    evaluate.add_argument("--all-checkpoints", action="store_true",
+                          help="evaluate every checkpoint of the run, plot sweep.png, record the best in best.json")
+    evaluate.add_argument("--metric", help="what picks the best checkpoint: auto (default: choice_accuracy on a "
+                                           "classification-style set, else rouge-l; eval_loss with --no-generate), "
+                                           "eval_loss, perplexity, bleu-4, rouge-1, rouge-2, rouge-l, exact_match, "
+                                           "choice_accuracy")
+    evaluate.add_argument("--no-generate", action="store_true", help="loss and perplexity only (fast)")
+    evaluate.add_argument("-o", "--output", metavar="OUT_DIR",
+                          help="where eval.json and predictions.jsonl go (default for a run: the run dir; "
+                               "needed with --model)")
+    _add_test_options(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
+
+
+def cmd_compare(args) -> int:
+    from pathlib import Path
+
+    from .compare import JudgeSettings, compare
+    from .evaluate import load_test_set
+
+    judge = None
+    if args.judge_url or args.judge_model:
+        if not (args.judge_url and args.judge_model):
+            raise UserError("the LLM judge needs both --judge-url (an OpenAI-compatible endpoint ending in /v1) and "
+                            "--judge-model")
+        judge = JudgeSettings(args.judge_url, args.judge_model, args.judge_key or os.environ.get("OPENAI_API_KEY"))
+    options = _eval_options(args)
+    test = load_test_set(_names(args.data), args.dataset_dir, args.max_samples)
+    out = Path(args.output)
+    compare(args.models, test, options, out, judge)
+    print(f"wrote {out / 'report.html'}, {out / 'report.md'} and {out / 'compare.json'}")
+    return 0
+
+
+def add_compare(verbs) -> None:
+    comparison = verbs.add_parser(
+        "compare", help="base vs tuned (and any runs or checkpoints) side by side on the same test prompts",
+        description="Evaluate every model on the same test set with the same decoding, then write a metrics table "
+                    "and every example's answers side by side as report.md and a self-contained report.html. "
+                    "Optionally an LLM judge (any OpenAI-compatible endpoint) compares each model with the first, "
+                    "asking every pair in both orders: win / tie / loss.",
+        epilog="example: lmforge compare base=smollm2-135m-instruct tuned=runs/demo runs/demo/checkpoints/step-20 "
+               "--data test.jsonl -o compare/")
+    comparison.add_argument("models", nargs="+", metavar="MODEL",
+                            help="a run dir (its best checkpoint if best.json names one, else its final weights), a "
+                                 "checkpoint dir (RUN/checkpoints/step-N), an adapter dir, or a model (alias, dir, hub "
+                                 "id); LABEL=MODEL names it in the report. The first is the judge's baseline")
+    comparison.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="where the reports go")
+    comparison.add_argument("--judge-url", metavar="URL", help="OpenAI-compatible endpoint, e.g. "
+                                                               "http://127.0.0.1:8000/v1")
+    comparison.add_argument("--judge-model", metavar="NAME", help="the judge model's name at that endpoint")
+    comparison.add_argument("--judge-key", metavar="KEY", help="API key (default: $OPENAI_API_KEY, if set)")
+    _add_test_options(comparison)
+    comparison.set_defaults(func=cmd_compare)
+
+
+def cmd_export(args) -> int:
+    from pathlib import Path
+
+    from .export import ExportRequest, export, request_from_yaml, summary
+
+    options = dict(output=args.output, checkpoint=args.checkpoint, adapter_only=args.adapter_only, gguf=args.gguf,
+                   dtype=args.dtype, shard_size_gb=args.shard_size, overwrite=args.overwrite)
+    if args.source.endswith((".yaml", ".yml")):
+        request = request_from_yaml(args.source, **options)
+    else:
+        request = ExportRequest(source=args.source, **{k: v for k, v in options.items() if v is not None})
+    manifest = export(request)
+    for note in manifest.get("notes", []):
+        print(f"note: {note}")
+    print(summary(manifest, Path(request.output)))
+    return 0
+
+
+def add_export(verbs) -> None:
+    export = verbs.add_parser(
+        "export", help="merge a run into a model dir (safetensors), optionally GGUF + Ollama Modelfile",
+        description="Export a trained run (or a PEFT adapter dir, a model dir, or a LLaMA-Factory export YAML): merge "
+                    "the adapter into the base model and write sharded safetensors with the training chat template, "
+                    "or the adapter alone; optionally a GGUF file and an Ollama Modelfile. Every export is verified "
+                    "(merged logits == base+adapter logits, the written files reload to the same logits, the "
+                    "exported tokenizers render like training) and described in OUT/manifest.json. Written to a "
+                    "temp dir and renamed into place only when complete.",
+        epilog="examples: lmforge export runs/demo -o exports/demo --gguf q8_0   ·   "
+               "lmforge export configs/llamafactory_export.yaml")
+    export.add_argument("source", metavar="SOURCE",
+                        help="run dir (runs/NAME), PEFT adapter dir, model dir, or LLaMA-Factory export .yaml")
+    export.add_argument("-o", "--output", metavar="OUT", help="output dir (export_dir in a LLaMA-Factory YAML)")
+    export.add_argument("--gguf", choices=("f32", "f16", "q8_0"),
+                        help="also write OUT/model-TYPE.gguf (Llama and Qwen2 architectures) and point the "
+                             "Modelfile at it")
+    export.add_argument("--adapter-only", action="store_true",
+                        help="write the LoRA adapter (PEFT format) + tokenizer instead of merged weights")
+    export.add_argument("--checkpoint", metavar="WHICH",
+                        help="run dirs: best, final or step-N (default: best.json's choice, else final)")
+    export.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="dtype of the merged safetensors (default auto: the base model's stored dtype)")
+    export.add_argument("--shard-size", type=float, metavar="GB",
+                        help="largest safetensors shard in GB (default 5; export_size in LLaMA-Factory)")
+    export.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
+    export.set_defaults(func=cmd_export)
+
+
+def cmd_serve(args) -> int:
+    from .serve.app import run_server
+    from .serve.loading import build_engine, parse_adapters
+    from .serve.settings import load_settings
+
+    settings = load_settings(args.config, {
+        "host": args.host, "port": args.port, "api_keys": args.api_key, "api_key_file": args.api_key_file,
+        "admin_keys": args.admin_key, "requests_per_minute": args.requests_per_minute,
+        "tokens_per_minute": args.tokens_per_minute, "max_concurrent": args.max_concurrent,
+        "served_model_name": args.served_model_name, "kill_switch_file": args.kill_switch_file,
+        "cors_origins": args.cors_origin})
+    settings.check_bind()  # before minutes of loading, not after
+    adapters = {**settings.adapters, **parse_adapters(args.adapter)}
+    run_server(build_engine(args.target, args.model, adapters, settings), settings)
+    return 0
+
+
+def add_serve(verbs) -> None:
+    serve = verbs.add_parser(
+        "serve", help="OpenAI-compatible API (+ chat page at /) for a run, an export or a model with LoRA adapters",
+        description="Serve /v1/chat/completions, /v1/completions and /v1/models with continuous batching, API keys, "
+                    "per-key rate limits, a bounded queue, a kill switch and Prometheus /metrics. Binds 127.0.0.1 "
+                    "unless given keys. Every setting can also live in --config serve.yaml.",
+        epilog="example: lmforge serve runs/legal --adapter medical=runs/medical/adapter --api-key-file keys.txt")
+    serve.add_argument("target", nargs="?", metavar="RUN_OR_EXPORT_DIR", help="run dir, export dir or adapter dir")
+    serve.add_argument("--model", help="base model instead of a dir: builtin alias, local dir or hub id")
+    serve.add_argument("--adapter", action="append", metavar="NAME=DIR",
+                       help="a LoRA adapter on the same base, requested as model NAME (repeat the option)")
+    serve.add_argument("--config", metavar="serve.yaml", help="settings file (flags override it)")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="default 8000")
+    serve.add_argument("--api-key", action="append", metavar="KEY",
+                       help="accepted key: KEY, NAME=KEY or NAME=sha256:HEX (repeat the option)")
+    serve.add_argument("--api-key-file", metavar="FILE", help="one key per line, in the --api-key forms")
+    serve.add_argument("--admin-key", action="append", metavar="KEY", help="key for /admin (kill switch, usage)")
+    serve.add_argument("--requests-per-minute", type=int, metavar="N", help="per key")
+    serve.add_argument("--tokens-per-minute", type=int, metavar="N", help="prompt + completion tokens per key")
+    serve.add_argument("--max-concurrent", type=int, metavar="N", help="sequences generated together (default 8)")
+    serve.add_argument("--served-model-name", metavar="NAME", help="the name clients use for the model or run")
+    serve.add_argument("--kill-switch-file", metavar="FILE", help="while FILE exists, answer 503 (degraded mode)")
+    serve.add_argument("--cors-origin", action="append", metavar="ORIGIN", help="allow browser calls from ORIGIN")
+    serve.set_defaults(func=cmd_serve)
+
+
+def cmd_score(args) -> int:
+    from .reward import score_file
+
+    summary = score_file(args.run_dir, _names(args.data), args.dataset_dir, args.output, args.checkpoint,
+                         args.batch_size)
+    if "accuracy" in summary:
+        print(f"{summary['pairs']} pairs: accuracy {summary['accuracy']:.4f} (chosen scored above rejected), mean "
+              f"margin {summary['mean_margin']:+.4f}")
+    else:
+        print(f"{summary['conversations']} conversations: mean score {summary['mean_score']:+.4f}")
+    if args.output:
+        print(f"wrote {args.output} (one line per record)")
+    return 0
+
+
+def add_score(verbs) -> None:
+    score = verbs.add_parser(
+        "score", help="score conversations or preference pairs with a reward model (a run trained with stage rm)",
+        description="Reward of each conversation: the run's value head on the last token of the conversation, "
+                    "rendered with the training chat template. Preference pairs (chosen/rejected) also get the "
+                    "accuracy: how often the chosen reply scores higher.",
+        epilog="example: lmforge score runs/rm_lora --data examples/data/stages/tenant_pairs.jsonl -o scores.jsonl")
+    score.add_argument("run_dir", help="a run dir trained with train.stage: rm")
+    score.add_argument("--data", required=True, metavar="FILE[,FILE]",
+                       help="preference pairs or conversations (.json/.jsonl, or dataset_info.json names)")
+    score.add_argument("--dataset-dir", help="where dataset names are looked up (default: data)")
+    score.add_argument("-o", "--output", metavar="OUT.jsonl", help="write each record's score(s) here")
+    score.add_argument("--checkpoint", metavar="step-N|final|best", help="which weights of the run")
+    score.add_argument("--batch-size", type=int, default=8)
+    score.set_defaults(func=cmd_score)
+
+
 def cmd_models(args) -> int:
     from .models import format_models_table, list_models
 
@@ -202,6 +459,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--seed", type=int, default=None)
     chat.set_defaults(func=cmd_chat)
 
+    add_eval(verbs)
+    add_compare(verbs)
+    add_export(verbs)
+    add_serve(verbs)
+    add_score(verbs)
+
     data = verbs.add_parser("data", help="prepare datasets: convert tables and files into conversations")
     data_verbs = data.add_subparsers(dest="data_verb", metavar="SUBCOMMAND", required=True)
     for add_subcommand in DATA_SUBCOMMANDS:
@@ -216,6 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # transformers' own deprecation notices about its internals say nothing actionable to our users
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    # bitsandbytes (imported by peft) logs on import that an optional Hub-downloaded CPU kernel is missing; its
+    # built-in CPU kernels are what lmforge uses, and lmforge never downloads code at run time
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

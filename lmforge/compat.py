@@ -1,12 +1,13 @@
-"""LLaMA-Factory compatibility: its flat YAML keys → our grouped config.
+"""LLaMA-Factory compatibility: its flat YAML keys → our grouped config, and its export YAML → an export request.
 
-Owns the one translation table. A key we honour maps to a dotted path (optionally through a converter); a key that
+Owns the translation tables. A key we honour maps to a dotted path (optionally through a converter); a key that
 changes nothing here is accepted with a note saying why; a key whose meaning we cannot honour is an error. Nothing
 else in lmforge knows LLaMA-Factory's key names.
 """
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, Callable
 
 # Keys that only exist in LLaMA-Factory's flat layout; one of them at the top level marks a flat file.
@@ -43,6 +44,26 @@ def _report_to(value: Any) -> tuple[dict | None, str | None]:
                   f"set report_to: none")
 
 
+def _quantization_method(value: Any) -> tuple[dict | None, str | None]:
+    if value in (None, "bnb", "bitsandbytes"):
+        return None, None
+    raise _Refuse(f"quantization_method: {value!r} — lmforge quantises with bitsandbytes only (bnb); GPTQ/AWQ/HQQ/"
+                  f"EETQ need a GPU")
+
+
+def _pissa_init(value: Any) -> tuple[dict | None, str | None]:
+    return ({"method": {"lora_init": "pissa"}} if value else None), None
+
+
+def _pref_loss(value: Any) -> tuple[dict | None, str | None]:
+    """LLaMA-Factory selects ORPO and SimPO as a dpo loss; here they are stages (the stage key is fixed up after)."""
+    if value in ("orpo", "simpo"):
+        return {"train": {"stage": value}}, None
+    if value in ("sigmoid", "hinge", "ipo"):
+        return {"preference": {"loss": value}}, None
+    raise _Refuse(f"pref_loss: {value!r} — lmforge has sigmoid, hinge, ipo (stage dpo), orpo and simpo")
+
+
 def _ignored(reason: str) -> Callable[[Any], tuple[dict | None, str | None]]:
     return lambda value: (None, reason)
 
@@ -65,6 +86,22 @@ FLAT_KEYS: dict[str, str | Callable[[Any], tuple[dict | None, str | None]]] = {
     "lora_alpha": "method.lora_alpha",
     "lora_dropout": "method.lora_dropout",
     "lora_target": "method.lora_target",
+    "use_dora": "method.use_dora",
+    "use_rslora": "method.use_rslora",
+    "pissa_init": _pissa_init,
+    "pissa_convert": _ignored("pissa_convert: a PiSSA adapter is always saved converted to a plain LoRA"),
+    "quantization_bit": "method.quantization_bit",
+    "quantization_type": "method.quantization_type",
+    "double_quantization": "method.double_quantization",
+    "quantization_method": _quantization_method,
+    "num_virtual_tokens": "method.num_virtual_tokens",
+    "pref_beta": "preference.beta",
+    "pref_loss": _pref_loss,
+    "pref_ftx": "preference.ftx",
+    "simpo_gamma": "preference.simpo_gamma",
+    "dpo_label_smoothing": "preference.label_smoothing",
+    "kto_chosen_weight": "preference.kto_desirable_weight",
+    "kto_rejected_weight": "preference.kto_undesirable_weight",
     "freeze_trainable_layers": "method.freeze_trainable_layers",
     "freeze_trainable_modules": "method.freeze_trainable_modules",
     "dataset": "data.train",
@@ -150,6 +187,77 @@ def translate_flat(raw: dict, source: str) -> tuple[dict, list[str]]:
         raise ConfigError(f"{source}: LLaMA-Factory settings lmforge cannot honour:\n{lines}")
     if unknown:
         nested["_unknown"] = unknown
+    if raw.get("pref_loss") in ("orpo", "simpo") and raw.get("stage") in (None, "dpo"):
+        nested.setdefault("train", {})["stage"] = raw["pref_loss"]  # whichever of the two keys came first
     if "output_dir" in nested.get("train", {}) and "name" not in nested:
         nested["name"] = str(nested["train"]["output_dir"]).rstrip("/").split("/")[-1] or "run"
     return nested, notes
+
+
+# LLaMA-Factory's export YAML (`llamafactory-cli export`): key → field of export.ExportRequest, a note, or a refusal.
+_EXPORT_REFUSALS = {
+    "export_quantization_bit": "GPTQ quantization needs a GPU and a calibration set; for a quantized file use "
+                               "`lmforge export ... --gguf q8_0`",
+    "export_quantization_dataset": "only used by GPTQ quantization (export_quantization_bit), which lmforge does not "
+                                   "do; use --gguf q8_0",
+    "export_quantization_nsamples": "only used by GPTQ quantization; use --gguf q8_0",
+    "export_quantization_maxlen": "only used by GPTQ quantization; use --gguf q8_0",
+    "export_hub_model_id": "lmforge does not upload; push the export dir with `huggingface-cli upload REPO OUT`",
+}
+EXPORT_KEYS: dict[str, str | None] = {
+    "model_name_or_path": "base_model",
+    "adapter_name_or_path": "adapter",
+    "template": "template",
+    "finetuning_type": "method",
+    "export_dir": "output",
+    "export_size": "shard_size_gb",
+    "infer_dtype": "dtype",
+    "export_legacy_format": None,  # false is the only value we honour (checked above)
+    "export_device": None,  # accepted with a note
+    "stage": None,
+    "trust_remote_code": None,
+}
+_EXPORT_NOTES = {
+    "export_device": "export_device: lmforge merges on the CPU",
+    "stage": "stage: an export does not depend on the training stage",
+    "trust_remote_code": "trust_remote_code: lmforge loads models with transformers' own classes",
+}
+
+
+def is_export_yaml(raw: dict) -> bool:
+    return "export_dir" in raw or any(key.startswith("export_") for key in raw)
+
+
+def translate_export(raw: dict, source: str) -> tuple[dict, list[str]]:
+    """LLaMA-Factory export keys → {ExportRequest field: value}, notes. Unknown or unhonourable keys are errors."""
+    from .config import ConfigError
+
+    fields: dict = {}
+    notes: list[str] = []
+    problems: list[str] = []
+    for key, value in raw.items():
+        if key in _EXPORT_REFUSALS:
+            if value not in (None, False, "", 0):
+                problems.append(f"{key}: {value!r} — {_EXPORT_REFUSALS[key]}")
+        elif key == "export_legacy_format":
+            if value:
+                problems.append("export_legacy_format: true — transformers 5 writes safetensors only (no .bin "
+                                "files); set export_legacy_format: false")
+        elif key in EXPORT_KEYS:
+            if EXPORT_KEYS[key] is None:
+                notes.append(f"{source}: {_EXPORT_NOTES[key]} (ignored)")
+            else:
+                fields[EXPORT_KEYS[key]] = value
+        else:
+            known = list(EXPORT_KEYS) + list(_EXPORT_REFUSALS)
+            close = difflib.get_close_matches(key, known, n=2, cutoff=0.6)
+            problems.append(f"unknown key {key!r}" + (f" — did you mean {' or '.join(close)}?" if close else
+                                                      " (not a LLaMA-Factory export key)"))
+    if "base_model" not in fields:
+        problems.append("model_name_or_path is missing: name the base model (or, for finetuning_type: full, the "
+                        "trained model dir)")
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise ConfigError(f"{source}: {len(problems)} problem{'s' if len(problems) > 1 else ''} in the export "
+                          f"config:\n{lines}")
+    return fields, notes

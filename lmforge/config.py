@@ -30,26 +30,94 @@ class ModelConfig(Section):
     """auto | float32 | bfloat16 | float16. Half precision without a GPU falls back to float32 with a warning."""
 
 
+METHODS = ("lora", "dora", "qlora", "loha", "lokr", "ia3", "prefix", "ptuning", "prompt", "adapter", "freeze",
+           "full")
+STAGES = ("pt", "sft", "rm", "dpo", "orpo", "simpo", "kto")
+
+
 class MethodConfig(Section):
-    type: Literal["lora", "full", "freeze"] = "lora"
-    """How parameters are made trainable."""
+    type: Literal["lora", "dora", "qlora", "loha", "lokr", "ia3", "prefix", "ptuning", "prompt", "adapter", "freeze",
+                  "full"] = "lora"
+    """How parameters are made trainable (LLaMA-Factory: finetuning_type). lora/dora/qlora/loha/lokr/ia3 add weights
+    to linear layers; prefix (prefix tuning), ptuning (P-tuning v2) and prompt (prompt tuning) add virtual tokens;
+    adapter adds bottleneck adapters after each attention and MLP block; freeze trains some layers; full trains all."""
     lora_rank: int = 8
+    """Rank of lora / dora / qlora / loha / lokr."""
     lora_alpha: float | None = None
     """Defaults to 2 × lora_rank."""
     lora_dropout: float = 0.0
     lora_target: list[str] | Literal["all"] = "all"
-    """Module names (q_proj, v_proj, …) or "all" for every linear layer of the decoder."""
+    """Module names (q_proj, v_proj, …) or "all" for every linear layer of the decoder (lora, dora, qlora, loha, lokr,
+    ia3; ia3 with "all" uses peft's defaults for the architecture: attention k/v and the MLP's down projection)."""
+    use_dora: bool = False
+    """lora: weight-decomposed LoRA (same as type: dora)."""
+    use_rslora: bool = False
+    """lora: rank-stabilised scaling alpha/sqrt(r) instead of alpha/r."""
+    lora_init: Literal["default", "pissa", "olora"] = "default"
+    """lora: initialise A and B from the weights' principal singular vectors (pissa) or a QR decomposition (olora)
+    instead of B = 0; the saved adapter is converted back to a plain LoRA on the original base."""
+    quantization_bit: Literal[4, 8] | None = None
+    """Quantise the frozen base linear layers with bitsandbytes (qlora; type qlora defaults to 4)."""
+    quantization_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type."""
+    double_quantization: bool = True
+    """4-bit: quantise the quantisation constants too."""
+    num_virtual_tokens: int = 16
+    """prefix / ptuning / prompt: how many virtual tokens."""
+    prefix_projection_dim: int = 512
+    """prefix: hidden size of the MLP that reparameterises the prefix (Li & Liang); ptuning trains the prefix
+    directly (P-tuning v2, as ChatGLM3's demo)."""
+    prompt_init_text: str | None = None
+    """prompt: initialise the virtual tokens from the embeddings of this text (repeated/cut to num_virtual_tokens);
+    random initialisation when unset."""
+    adapter_size: int = 64
+    """adapter: bottleneck width of each adapter."""
+    adapter_target: list[str] | Literal["auto"] = "auto"
+    """adapter: the linear layers whose output gets an adapter; auto = attention output and MLP output projections
+    (Houlsby placement: after each sub-layer, before the residual add)."""
     freeze_trainable_layers: int = 2
     """freeze: train the last N decoder layers (negative: the first N)."""
     freeze_trainable_modules: list[str] = []
     """freeze: additionally train parameters whose name contains one of these strings."""
 
-    @field_validator("lora_target", mode="before")
+    @field_validator("lora_target", "adapter_target", mode="before")
     @classmethod
     def _split_targets(cls, value: Any) -> Any:
-        if isinstance(value, str) and value != "all":
+        if isinstance(value, str) and value not in ("all", "auto"):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> MethodConfig:
+        lora_family = ("lora", "dora", "qlora")
+        if self.quantization_bit is not None and self.type not in lora_family:
+            raise ValueError(f"method.quantization_bit: a quantised base trains with lora, dora or qlora, not "
+                             f"{self.type!r} (set method.type: qlora, or remove quantization_bit)")
+        if self.lora_init != "default" and self.type not in ("lora", "dora"):
+            raise ValueError(f"method.lora_init: {self.lora_init} initialises a LoRA on an unquantised base; it does "
+                             f"not apply to {self.type!r}")
+        if self.num_virtual_tokens < 1:
+            raise ValueError("method.num_virtual_tokens must be at least 1")
+        return self
+
+    @property
+    def peft(self) -> bool:
+        """Saved as a PEFT adapter dir (adapter/); full and freeze save the whole model (model/)."""
+        return self.type not in ("full", "freeze")
+
+    @property
+    def virtual_tokens(self) -> bool:
+        """Methods that add tokens in front of each sequence: packing does not apply, rows are padded instead."""
+        return self.type in ("prefix", "ptuning", "prompt")
+
+    @property
+    def dora(self) -> bool:
+        return self.type == "dora" or self.use_dora
+
+    @property
+    def bits(self) -> int | None:
+        """Quantisation of the frozen base: qlora defaults to 4-bit."""
+        return self.quantization_bit or (4 if self.type == "qlora" else None)
 
 
 class DataConfig(Section):
@@ -79,8 +147,27 @@ class DataConfig(Section):
         return value
 
 
+class PreferenceConfig(Section):
+    """Options of the preference stages (dpo, orpo, simpo, kto) and of rm's evaluation."""
+    beta: float = 0.1
+    """dpo/kto: strength of the pull towards the reference model; orpo: weight of the odds-ratio term; simpo: reward
+    scale (LLaMA-Factory: pref_beta)."""
+    loss: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
+    """dpo's loss: sigmoid (the DPO paper), hinge (SLiC), ipo (IPO, on length-averaged log-probs)."""
+    label_smoothing: float = 0.0
+    """dpo sigmoid: assumed fraction of flipped preference labels (conservative DPO)."""
+    ftx: float = 0.0
+    """dpo/simpo/kto: add this × the SFT loss on the chosen (desirable) responses (LLaMA-Factory: pref_ftx)."""
+    simpo_gamma: float = 0.5
+    """simpo: target reward margin."""
+    kto_desirable_weight: float = 1.0
+    kto_undesirable_weight: float = 1.0
+
+
 class TrainConfig(Section):
-    stage: Literal["sft"] = "sft"
+    stage: Literal["pt", "sft", "rm", "dpo", "orpo", "simpo", "kto"] = "sft"
+    """pt: continued pretraining on raw text; sft: conversations; rm: a reward model on preference pairs; dpo / orpo /
+    simpo: preference pairs; kto: single responses labelled desirable or undesirable."""
     output_dir: str | None = None
     """Run directory. Default: runs/<name>."""
     seed: int = 42
@@ -116,11 +203,20 @@ class Config(Section):
     method: MethodConfig = MethodConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    preference: PreferenceConfig = PreferenceConfig()
 
     @model_validator(mode="after")
     def _check(self) -> Config:
         if not self.data.train:
             raise ValueError("data.train is empty: name at least one dataset file (data.train: [path/to/file.jsonl])")
+        if self.data.recipe and self.train.stage != "sft":
+            raise ValueError(f"data.recipe cleans conversations (stage sft); stage {self.train.stage} reads "
+                             f"{'documents' if self.train.stage == 'pt' else 'preference data'}: clean the files "
+                             f"before training, or remove data.recipe")
+        if self.train.stage == "rm" and self.method.virtual_tokens:
+            raise ValueError(f"train.stage rm with method.type {self.method.type}: a reward model scores the last "
+                             f"token's hidden state, which virtual-token methods do not train towards; use lora, "
+                             f"dora, qlora, loha, lokr, ia3, adapter, freeze or full")
         return self
 
     @property
@@ -131,7 +227,8 @@ class Config(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
 
-SECTIONS = {"model": ModelConfig, "method": MethodConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS = {"model": ModelConfig, "method": MethodConfig, "data": DataConfig, "train": TrainConfig,
+            "preference": PreferenceConfig}
 
 
 def known_paths() -> list[str]:

@@ -1,24 +1,29 @@
 """One decoding path for chat, eval and serve: load a trained run (or base + adapter) and stream a reply.
 
-The prompt is rendered with the same chat template as training (render.render_prompt). Decoding is a plain loop
-over a KV cache: prefill once, then one token per step, yielding text as it becomes printable.
-Must not know about terminals or HTTP.
+Loading a run takes the weights checkpoint.choose_weights picks (the best checkpoint named by best.json, else the
+final adapter/ or model/) and says which on stderr; a checkpoint is the base model + the run's method + its trainable
+tensors. The prompt is rendered with the same chat template as training (render.render_prompt). Decoding is a plain
+loop over a KV cache: prefill once, then one token per step. Must not know about terminals or HTTP.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from transformers import DynamicCache
 
-from .checkpoint import RunDir
-from .errors import UserError
+from .checkpoint import TRAINABLE_FILE, RunDir, RunWeights, choose_weights
+from .config import Config, load_config
+from .errors import ModelError, UserError
+from .methods import apply_method, load_base, load_saved_adapter
 from .models import load_model, load_tokenizer, pick_dtype, resolve_model
-from .render import end_of_turn_ids, render_prompt
+from .render import end_of_turn_ids, ensure_chat_template, render_prompt
 
 
 @dataclass
@@ -30,15 +35,18 @@ class SamplingParams:
 
 
 def load_for_inference(run_dir: str | None = None, model: str | None = None, adapter: str | None = None,
-                       dtype: str = "auto"):
-    """(model, tokenizer) from a run dir, or from a base model name/path plus an optional PEFT adapter dir."""
+                       dtype: str = "auto", checkpoint: str | None = None, announce: bool = True):
+    """(model, tokenizer) from a run dir, or from a base model name/path plus an optional PEFT adapter dir.
+
+    For a run dir, `checkpoint` picks the weights (None: best.json's choice, else the final; "final", "best",
+    "step-N"); with `announce` one line on stderr says which, e.g. "using best checkpoint step-40 (rouge-l 41.2)"."""
     if run_dir:
-        run = RunDir(Path(run_dir))
-        artifact = run.artifact()
-        if artifact == run.adapter:
-            base = json.loads((artifact / "adapter_config.json").read_text())["base_model_name_or_path"]
-            return _with_adapter(base, artifact, dtype)
-        return load_model(str(artifact), pick_dtype(dtype)).eval(), load_tokenizer(str(artifact))
+        weights = choose_weights(RunDir(Path(run_dir)), checkpoint)
+        if announce:
+            print(f"using {weights.reason} of {run_dir}", file=sys.stderr)
+        return load_run_weights(weights, dtype)
+    if checkpoint:
+        raise UserError(f"a checkpoint ({checkpoint}) belongs to a run: name the run dir instead of --model")
     if not model:
         raise UserError("name a run dir (lmforge chat runs/NAME) or a model (--model NAME [--adapter DIR])")
     if adapter:
@@ -47,13 +55,71 @@ def load_for_inference(run_dir: str | None = None, model: str | None = None, ada
     return load_model(path, pick_dtype(dtype)).eval(), load_tokenizer(path)
 
 
-def _with_adapter(base: str, adapter: Path, dtype: str):
-    from peft import PeftModel
+def load_run_weights(weights: RunWeights, dtype: str = "auto"):
+    """(model, tokenizer) for one set of weights of a run: its final artifact or one of its checkpoints."""
+    if weights.is_checkpoint:
+        model, tokenizer = load_run_base(weights.run, dtype)
+        load_trainable(model, weights.path)
+        return model, tokenizer
+    artifact = weights.path
+    if artifact == weights.run.adapter:
+        base = json.loads((artifact / "adapter_config.json").read_text())["base_model_name_or_path"]
+        return _with_adapter(base, artifact, dtype)
+    return load_model(str(artifact), pick_dtype(dtype)).eval(), load_tokenizer(str(artifact))
 
+
+def run_config(run: RunDir) -> Config:
+    """The resolved config.yaml a run was trained with."""
+    if not run.config.is_file():
+        raise UserError(f"{run.root} is not a run dir: it has no config.yaml (written by `lmforge train`)")
+    return load_config(run.config)
+
+
+def load_run_base(run: RunDir, dtype: str = "auto"):
+    """The run's base model with the run's method applied (its trainable tensors still untrained), in eval mode,
+    and the tokenizer with the chat template training used. load_trainable() then puts a checkpoint's weights in."""
+    config = run_config(run)
+    path = resolve_model(config.model.name_or_path)
+    tokenizer = load_tokenizer(path)
+    ensure_chat_template(tokenizer, config.model.template)
+    model = apply_method(load_base(path, pick_dtype(dtype), config.method), config.method)
+    return for_decoding(model.eval()), tokenizer
+
+
+def for_decoding(model):
+    """A prefix / P-tuning / prompt-tuning PEFT model decodes through VirtualTokenModel (see virtual_tokens.py);
+    any other model as it is."""
+    config = getattr(model, "active_peft_config", None)
+    if config is not None and config.is_prompt_learning:
+        from .virtual_tokens import VirtualTokenModel
+
+        return VirtualTokenModel(model)
+    return model
+
+
+def load_trainable(model, checkpoint: Path) -> None:
+    """Put a checkpoint's trainable tensors (checkpoints/step-N/trainable.safetensors) into a model from
+    load_run_base(); every trainable tensor must be there, with its shape."""
+    from .virtual_tokens import VirtualTokenModel
+
+    if isinstance(model, VirtualTokenModel):  # the tensors are named as in the PEFT model it wraps
+        model = model.peft_model
+    weights = load_file(str(checkpoint / TRAINABLE_FILE))
+    expected = {name for name, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != expected:
+        raise ModelError(f"checkpoint {checkpoint} does not match its run's config.yaml: it holds {len(weights)} "
+                         f"trainable tensors, the method there gives {len(expected)} (was config.yaml edited?)")
+    try:
+        model.load_state_dict(weights, strict=False)
+    except RuntimeError as error:
+        raise ModelError(f"checkpoint {checkpoint} does not fit its run's model: {error}") from None
+
+
+def _with_adapter(base: str, adapter: Path, dtype: str):
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(f"{adapter} is not a PEFT adapter dir (no adapter_config.json)")
     path = resolve_model(base)
-    model = PeftModel.from_pretrained(load_model(path, pick_dtype(dtype)), str(adapter)).eval()
+    model = load_saved_adapter(load_model(path, pick_dtype(dtype)), adapter).eval()  # any method's adapter dir
     tokenizer_dir = adapter if (adapter / "tokenizer_config.json").is_file() else Path(path)
     return model, load_tokenizer(str(tokenizer_dir))
 

@@ -1,9 +1,7 @@
-"""Losses. SFT: cross-entropy on supervised positions only, summed (the loop divides by supervised tokens).
-
-The LM head runs only on the hidden states whose next token carries loss: full-vocabulary logits for prompt tokens
-are never built. Those logits are also never held all at once: `ChunkedLinearCrossEntropy` computes loss and
-gradients chunk by chunk in the forward pass (as Liger's fused linear cross-entropy does), so the LM head costs one
-chunk of logits in memory instead of three full copies. Must not step optimizers or know about data files.
+"""Losses: SFT/PT cross-entropy summed over supervised positions (the loop divides); per-sequence log-probs and the
+DPO/IPO/hinge, ORPO, SimPO, KTO and Bradley-Terry formulas (from the papers; tests/test_stages.py). The LM head runs
+only on supervised rows, chunk by chunk (`ChunkedLinearCrossEntropy` computes gradients in forward; log-probs
+recompute each chunk in backward); a PaddedBatch uses the model's own forward. Must not step optimizers or read data.
 """
 
 from __future__ import annotations
@@ -11,7 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .batching import Batch
+from torch.utils.checkpoint import checkpoint
+
+from .batching import Batch, PaddedBatch
 from .methods import unwrap
 from .render import IGNORE_INDEX
 
@@ -62,7 +62,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_weight * scale if grad_weight is not None else None, None, None)
 
 
-def sft_loss_sum(model, batch: Batch) -> torch.Tensor:
+def sft_loss_sum(model, batch: Batch | PaddedBatch) -> torch.Tensor:
+    if isinstance(batch, PaddedBatch):
+        return -token_logps(model, batch)[0].sum()
     hidden, targets = supervised_hidden(model, batch)
     base = unwrap(model)
     head = base.get_output_embeddings()
@@ -70,3 +72,100 @@ def sft_loss_sum(model, batch: Batch) -> torch.Tensor:
         return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
     softcap = getattr(base.config, "final_logit_softcapping", None)
     return ChunkedLinearCrossEntropy.apply(hidden, head.weight, targets, softcap)
+
+
+# ---------------------------------------------------------------------------------------------- per-sequence log-probs
+
+
+def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap) -> torch.Tensor:
+    logits = (hidden @ weight.t()).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
+
+
+def token_logps(model, batch: Batch | PaddedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) at every supervised position, and the example each belongs to."""
+    keep = batch.targets != IGNORE_INDEX
+    examples = batch.example_ids()[keep]
+    if isinstance(batch, PaddedBatch):  # the model's own forward: virtual tokens are added inside it
+        logits = model(**batch.model_kwargs(), use_cache=False).logits
+        logits = logits[:, -batch.input_ids.shape[1]:].float()  # prompt tuning prepends its tokens' outputs
+        return logits.log_softmax(-1)[keep].gather(1, batch.targets[keep][:, None])[:, 0], examples
+    hidden, targets = supervised_hidden(model, batch)
+    base = unwrap(model)
+    head = base.get_output_embeddings()
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    if head.bias is not None or not isinstance(head, torch.nn.Linear):
+        return head(hidden).float().log_softmax(-1).gather(1, targets[:, None])[:, 0], examples
+    pieces = [checkpoint(_chunk_logps, hidden[i:i + CHUNK_ROWS], head.weight, targets[i:i + CHUNK_ROWS], softcap,
+                         use_reentrant=False)
+              for i in range(0, hidden.shape[0], CHUNK_ROWS)]
+    return torch.cat(pieces), examples
+
+
+def sequence_logps(model, batch: Batch | PaddedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of log-probs of each example's supervised tokens [n], how many tokens each has [n])."""
+    logps, examples = token_logps(model, batch)
+    sums = logps.new_zeros(batch.num_examples).index_add(0, examples, logps)
+    counts = torch.zeros(batch.num_examples).index_add(0, examples, torch.ones_like(logps))
+    return sums, counts
+
+
+def last_hidden(model, batch: Batch) -> torch.Tensor:
+    """The final hidden state at each example's last token [n, hidden] (what a reward model scores)."""
+    hidden = unwrap(model).get_decoder()(**batch.model_kwargs(), use_cache=False).last_hidden_state[0]
+    return hidden[batch.last_positions()]
+
+
+# ---------------------------------------------------------------------------------------------- preference formulas
+# Each returns per-pair (or per-example) losses and the implicit rewards that are logged; the caller sums and
+# divides by the step's pair count, as the SFT loss is divided by its token count.
+
+
+def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta: float,
+             loss_type: str = "sigmoid", label_smoothing: float = 0.0):
+    """DPO (Rafailov et al. 2023, eq. 7): -log σ(β[(π_c - ref_c) - (π_r - ref_r)]); conservative DPO smooths the
+    label; hinge (SLiC): max(0, 1 - β·h); IPO (Azar et al. 2023): (h - 1/(2β))², on length-averaged log-probs."""
+    logits = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)
+    if loss_type == "sigmoid":
+        losses = (-F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * logits)
+    elif loss_type == "ipo":
+        losses = (logits - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown dpo loss {loss_type!r}")
+    return (losses, beta * (policy_chosen - reference_chosen).detach(),
+            beta * (policy_rejected - reference_rejected).detach())
+
+
+def orpo_loss(chosen_avg, rejected_avg, beta: float):
+    """ORPO (Hong et al. 2024): NLL of the chosen reply + β · -log σ(log odds(chosen) - log odds(rejected)), with
+    odds(y) = p/(1-p) on length-averaged log-probs. Rewards are β · the averaged log-probs (no reference)."""
+    log_odds = (chosen_avg - rejected_avg) - (torch.log1p(-torch.exp(chosen_avg).clamp(max=1 - 1e-6)) -
+                                              torch.log1p(-torch.exp(rejected_avg).clamp(max=1 - 1e-6)))
+    losses = -chosen_avg - beta * F.logsigmoid(log_odds)
+    return losses, beta * chosen_avg.detach(), beta * rejected_avg.detach()
+
+
+def simpo_loss(chosen_avg, rejected_avg, beta: float, gamma: float):
+    """SimPO (Meng et al. 2024): -log σ(β·avg log p(chosen) - β·avg log p(rejected) - γ), as LLaMA-Factory writes
+    it: β · (difference - γ/β)."""
+    losses = -F.logsigmoid(beta * ((chosen_avg - rejected_avg) - gamma / beta))
+    return losses, beta * chosen_avg.detach(), beta * rejected_avg.detach()
+
+
+def kto_loss(policy, reference, desirable, kl, beta: float, desirable_weight: float = 1.0,
+             undesirable_weight: float = 1.0):
+    """KTO (Ethayarajh et al. 2024): with r = π - ref and z₀ = the batch's KL estimate (no gradient), desirable
+    replies lose w_d·(1 - σ(β(r - z₀))), undesirable ones w_u·(1 - σ(β(z₀ - r)))."""
+    ratio = policy - reference
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (ratio - kl))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratio))))
+    return losses, beta * ratio.detach()
+
+
+def bradley_terry_loss(chosen_scores, rejected_scores):
+    """Pairwise reward-model loss: -log σ(r_chosen - r_rejected)."""
+    return -F.logsigmoid(chosen_scores - rejected_scores)

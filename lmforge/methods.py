@@ -1,17 +1,28 @@
-"""Fine-tuning methods: which parameters train. lora (via peft), full, freeze.
-
-Each method takes a loaded base model and returns the model to train, with exactly the parameters it owns marked
-trainable. Target modules are checked against the model before peft sees them, so a typo lists the names that exist.
-Must not know about data or the training loop.
+"""Fine-tuning methods — which parameters train: lora (+ dora, rslora, pissa/olora), qlora (bitsandbytes 4/8-bit base),
+loha, lokr, ia3, prefix, ptuning (P-tuning v2), prompt via peft; adapter (adapters.py); freeze; full.
+`check_method` checks a method against the architecture on an empty meta-device copy before weights load;
+`apply_method` marks exactly the method's parameters trainable; `save_trained` / `load_saved_adapter` write and
+read the artifact so a reload computes what was trained. Must not know about data or the loop.
 """
 
 from __future__ import annotations
 
-import torch
-from peft import LoraConfig, get_peft_model
+import json
+import logging
+import shutil
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
+import torch
+
+from . import adapters
 from .config import MethodConfig
-from .errors import ConfigError
+from .errors import ConfigError, ModelError
+
+QUANTIZATION_FILE = "lmforge_quantization.json"  # beside adapter_config.json: the base was quantised in training
+# bitsandbytes (imported by peft) warns on every import that an optional CPU kernel package from the Hugging Face Hub
+# is missing; lmforge never downloads code at run time, and the built-in CPU kernels are what it uses.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def unwrap(model):
@@ -28,56 +39,287 @@ def linear_module_names(model) -> list[str]:
     return sorted(names)
 
 
-def apply_method(model, method: MethodConfig):
-    if method.type == "lora":
-        return _apply_lora(model, method)
-    if method.type == "full":
-        for parameter in model.parameters():
-            parameter.requires_grad_(True)
-        return model
-    if method.type == "freeze":
-        return _apply_freeze(model, method)
-    raise ConfigError(f"method.type {method.type!r} is not supported")
-
-
-def _apply_lora(model, method: MethodConfig):
-    available = linear_module_names(model)
-    if method.lora_target == "all":
-        targets = available
-    else:
-        targets = list(method.lora_target)
-        missing = [t for t in targets if t not in available]
-        if missing:
-            raise ConfigError(f"method.lora_target: {', '.join(missing)} not found in this model; its linear layers "
-                              f"are: {', '.join(available)} (or use \"all\")")
-    config = LoraConfig(r=method.lora_rank, lora_alpha=method.lora_alpha or 2 * method.lora_rank,
-                        lora_dropout=method.lora_dropout, target_modules=targets, task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
-
-
 def decoder_layers(model) -> torch.nn.ModuleList:
     return model.get_decoder().layers
 
 
-def _apply_freeze(model, method: MethodConfig):
+# ---------------------------------------------------------------------------------------------- checks, before loading
+
+
+def check_method(method: MethodConfig, model_path: str) -> None:
+    """Every problem the method has with this architecture, found on an empty copy of the model (no weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    _targets(model, method)
+    if method.type == "adapter":
+        _adapter_targets(model, method)
+    if method.type == "freeze":
+        _freeze_plan(model, method)
+    if method.bits:
+        _require_bitsandbytes()
+
+
+def _targets(model, method: MethodConfig) -> list[str] | None:
+    """LoRA-style target short names (None = peft's defaults, for ia3 with "all")."""
+    if method.type not in ("lora", "dora", "qlora", "loha", "lokr", "ia3"):
+        return None
+    available = linear_module_names(model)
+    if method.lora_target == "all":
+        return None if method.type == "ia3" and _ia3_defaults(model) else available
+    missing = [t for t in method.lora_target if t not in available]
+    if missing:
+        raise ConfigError(f"method.lora_target: {', '.join(missing)} not found in this model "
+                          f"({type(model).__name__}); its linear layers are: {', '.join(available)} (or use \"all\")")
+    return list(method.lora_target)
+
+
+def _ia3_defaults(model) -> bool:
+    from peft.utils import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING
+
+    return model.config.model_type in TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING
+
+
+def _adapter_targets(model, method: MethodConfig) -> list[str]:
+    targets, available = adapters.adapter_targets(model, method.adapter_target)
+    wanted = [] if method.adapter_target == "auto" else method.adapter_target
+    missing = [t for t in wanted if t not in available]
+    if missing or not targets:
+        raise ConfigError(f"method.adapter_target: {', '.join(missing) or 'auto'} not found in this model "
+                          f"({type(model).__name__}); its decoder linear layers are: {', '.join(available)}")
+    return targets
+
+
+def _freeze_plan(model, method: MethodConfig) -> tuple[str, ...]:
     layers = decoder_layers(model)
     n = method.freeze_trainable_layers
     if n == 0 or abs(n) > len(layers):
         raise ConfigError(f"method.freeze_trainable_layers: {n} — this model has {len(layers)} decoder layers; "
                           f"use 1..{len(layers)} (last N) or -1..-{len(layers)} (first N)")
-    chosen = range(len(layers) - n, len(layers)) if n > 0 else range(-n)
-    prefixes = tuple(f".layers.{i}." for i in chosen)
-    for name, parameter in model.named_parameters():
-        trainable = any(p in name for p in prefixes) or any(m in name for m in method.freeze_trainable_modules)
-        parameter.requires_grad_(trainable)
     unmatched = [m for m in method.freeze_trainable_modules if not any(m in n for n, _ in model.named_parameters())]
     if unmatched:
         raise ConfigError(f"method.freeze_trainable_modules: no parameter name contains {', '.join(unmatched)}")
+    chosen = range(len(layers) - n, len(layers)) if n > 0 else range(-n)
+    return tuple(f".layers.{i}." for i in chosen)
+
+
+def _require_bitsandbytes():
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as error:
+        raise ConfigError(f"method.quantization_bit needs bitsandbytes ({error}); install it: pip install "
+                          f"bitsandbytes==0.50.2") from None
+
+
+# ---------------------------------------------------------------------------------------------- applying
+
+
+def load_base(path: str, dtype: torch.dtype, method: MethodConfig):
+    """The base model to train: as models.load_model loads it, or for qlora quantised while it loads (one tensor at a
+    time, so peak memory is the quantised model's, not the full-precision one's)."""
+    from .models import load_model
+
+    if not method.bits:
+        return load_model(path, dtype)
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    _require_bitsandbytes()
+    settings = BitsAndBytesConfig(load_in_4bit=method.bits == 4, load_in_8bit=method.bits == 8,
+                                  bnb_4bit_quant_type=method.quantization_type,
+                                  bnb_4bit_use_double_quant=method.double_quantization, bnb_4bit_compute_dtype=dtype,
+                                  llm_int8_skip_modules=["lm_head"])
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
+                                                     quantization_config=settings, device_map="cpu")
+    except (OSError, ValueError, RuntimeError, ImportError) as error:
+        raise ModelError(f"cannot load {path} quantised to {method.bits}-bit: {error}") from error
+    model.lmforge_quantization = {"bits": method.bits, "quant_type": method.quantization_type,
+                                  "double_quantization": method.double_quantization}
     return model
+
+
+def apply_method(model, method: MethodConfig):
+    if method.type == "full":
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        return model
+    if method.type == "freeze":
+        prefixes = _freeze_plan(model, method)
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(any(p in name for p in prefixes) or
+                                     any(m in name for m in method.freeze_trainable_modules))
+        return model
+    if method.type == "adapter":
+        adapters.add_adapters(model, method.adapter_size, _adapter_targets(model, method))
+        return model
+    if method.bits and not getattr(model, "lmforge_quantization", None):  # loaded unquantised (load_base was not used)
+        quantize(model, method.bits, method.quantization_type, method.double_quantization)
+    return _apply_peft(model, method)
+
+
+def _apply_peft(model, method: MethodConfig):
+    from peft import get_peft_model
+    from peft.utils import get_peft_model_state_dict
+
+    peft_model = get_peft_model(model, peft_config(model, method))
+    if method.lora_init != "default":  # kept to convert the trained adapter back to a plain LoRA (save_trained)
+        peft_model.lmforge_initial_adapter = {k: v.clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+    return peft_model
+
+
+def peft_config(model, method: MethodConfig):
+    import peft
+
+    targets = _targets(model, method)
+    rank, alpha = method.lora_rank, method.lora_alpha or 2 * method.lora_rank
+    if method.type in ("lora", "dora", "qlora"):
+        return peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=method.lora_dropout, target_modules=targets,
+                               use_dora=method.dora, use_rslora=method.use_rslora, task_type="CAUSAL_LM",
+                               init_lora_weights=True if method.lora_init == "default" else method.lora_init)
+    if method.type == "loha":
+        return peft.LoHaConfig(r=rank, alpha=alpha, rank_dropout=method.lora_dropout, target_modules=targets,
+                               task_type="CAUSAL_LM")
+    if method.type == "lokr":
+        return peft.LoKrConfig(r=rank, alpha=alpha, rank_dropout=method.lora_dropout, target_modules=targets,
+                               task_type="CAUSAL_LM")
+    if method.type == "ia3":
+        feedforward = None if targets is None else [t for t in targets if t in ("down_proj", "fc2", "c_proj",
+                                                                                "dense_4h_to_h")]
+        return peft.IA3Config(target_modules=targets, feedforward_modules=feedforward, task_type="CAUSAL_LM")
+    if method.type in ("prefix", "ptuning"):
+        # prefix: Li & Liang's MLP reparameterisation; ptuning: P-tuning v2 trains the per-layer prefix directly
+        return peft.PrefixTuningConfig(num_virtual_tokens=method.num_virtual_tokens, task_type="CAUSAL_LM",
+                                       prefix_projection=method.type == "prefix",
+                                       encoder_hidden_size=method.prefix_projection_dim)
+    if method.type == "prompt":
+        if method.prompt_init_text:
+            return peft.PromptTuningConfig(num_virtual_tokens=method.num_virtual_tokens, task_type="CAUSAL_LM",
+                                           prompt_tuning_init="TEXT", prompt_tuning_init_text=method.prompt_init_text,
+                                           tokenizer_name_or_path=model.name_or_path)
+        return peft.PromptTuningConfig(num_virtual_tokens=method.num_virtual_tokens, task_type="CAUSAL_LM")
+    raise ConfigError(f"method.type {method.type!r} is not supported")
+
+
+def quantize(model, bits: int, quant_type: str = "nf4", double_quant: bool = True) -> int:
+    """Replace the decoder's linear layers by bitsandbytes 4-bit (or 8-bit) layers holding the same weights,
+    quantised now (on CPU). The LM head and embeddings stay as they are, as in QLoRA. Returns how many."""
+    _require_bitsandbytes()
+    import bitsandbytes as bnb
+
+    count = 0
+    for name, module in list(model.named_modules()):
+        if not (type(module) is torch.nn.Linear and ".layers." in name):
+            continue
+        parent_name, child = name.rsplit(".", 1)
+        weight = module.weight.data
+        if bits == 4:
+            layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                      compute_dtype=weight.dtype, compress_statistics=double_quant,
+                                      quant_type=quant_type)
+            layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=double_quant,
+                                             quant_type=quant_type)
+        else:
+            layer = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=module.bias is not None,
+                                        has_fp16_weights=False)
+            layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+        if module.bias is not None:
+            layer.bias = torch.nn.Parameter(module.bias.data, requires_grad=False)
+        setattr(model.get_submodule(parent_name), child, layer.to(weight.device))
+        count += 1
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    model.lmforge_quantization = {"bits": bits, "quant_type": quant_type, "double_quantization": double_quant}
+    return count
+
+
+# ---------------------------------------------------------------------------------------------- saving and loading
+
+
+@contextmanager
+def adapter_disabled(model):
+    """The base model's behaviour (the reference of dpo/kto): peft's disable_adapter, or our adapters switched off."""
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield
+    elif adapters.has_adapters(model):
+        with adapters.adapters_disabled(model):
+            yield
+    else:
+        raise ValueError("the model has no adapter to switch off")
+
+
+def has_adapter(model) -> bool:
+    return hasattr(model, "disable_adapter") or adapters.has_adapters(model)
+
+
+def save_trained(model, directory: Path) -> None:
+    """The trained result into `directory`: a PEFT adapter (a PiSSA/OLoRA one converted to a plain LoRA on the
+    original base), our bottleneck adapters, or the whole model."""
+    if adapters.has_adapters(model):
+        adapters.save_adapters(model, directory)
+        return
+    initial = getattr(model, "lmforge_initial_adapter", None)
+    if initial is None:
+        model.save_pretrained(directory)
+    else:
+        from safetensors.torch import save_file
+
+        init_dir = directory / "initial_adapter"
+        init_dir.mkdir(parents=True)
+        save_file(initial, str(init_dir / "adapter_model.safetensors"))
+        model.save_pretrained(directory, path_initial_model_for_weight_conversion=str(init_dir))
+        shutil.rmtree(init_dir)
+    quantization = getattr(unwrap(model), "lmforge_quantization", None)
+    if quantization:
+        (directory / QUANTIZATION_FILE).write_text(json.dumps(quantization, indent=2) + "\n")
+
+
+def is_adapter_dir(directory: Path) -> bool:
+    return (Path(directory) / "adapter_config.json").is_file()
+
+
+def adapter_base_name(directory: Path) -> str:
+    return json.loads((Path(directory) / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def load_saved_adapter(base_model, directory: Path):
+    """A loaded base model + the adapter dir written by save_trained (PEFT or ours), quantising the base first
+    when it was quantised in training, so the result computes what the trained model computed."""
+    from peft import PeftModel
+
+    directory = Path(directory)
+    if adapters.is_bottleneck_dir(directory):
+        try:
+            return adapters.load_adapters(base_model, directory)
+        except (ValueError, RuntimeError, AttributeError) as error:
+            raise ModelError(f"adapter {directory} does not fit this base model: {error}") from None
+    quantization = directory / QUANTIZATION_FILE
+    if quantization.is_file():
+        settings = json.loads(quantization.read_text())
+        quantize(base_model, settings["bits"], settings["quant_type"], settings["double_quantization"])
+    model = PeftModel.from_pretrained(base_model, str(directory))
+    if model.active_peft_config.is_prompt_learning:  # decode loops keep their own KV cache: see virtual_tokens.py
+        from .virtual_tokens import VirtualTokenModel
+
+        return VirtualTokenModel(model)
+    return model
+
+
+def reference_context(model):
+    """What to run the reference pass under: the adapter switched off, or nothing (a separate frozen model)."""
+    return adapter_disabled(model) if has_adapter(model) else nullcontext()
 
 
 def trainable_summary(model) -> str:
     """The line users know from peft: trainable params: … || all params: … || trainable%: …"""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(_numel(p) for p in model.parameters())
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+
+
+def _numel(parameter) -> int:
+    """Packed 4-bit weights store two values per byte; count the values, not the bytes."""
+    shape = getattr(parameter, "quant_state", None)
+    return int(torch.Size(shape.shape).numel()) if shape is not None else parameter.numel()

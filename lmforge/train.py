@@ -1,9 +1,7 @@
-"""The training loop, readable top to bottom: data → model + method → steps → checkpoints → artifact.
-
-One optimizer step = `gradient_accumulation_steps` packed micro-batches; the loss is summed over supervised tokens
-and divided by the step's total supervised tokens, so accumulation equals one big batch. Ctrl-C finishes the current
-step, saves a checkpoint and stops; `resume_from_checkpoint` continues exactly (weights, optimizer, scheduler, RNG,
-data position). Distributed wrapping, when it comes, belongs in one function here.
+"""The training loop, one for every stage (stages.py: units, batches, loss) and method (methods.py: what trains):
+data → model + method → steps → checkpoints → artifact. Each micro-batch's summed loss is divided by the step's units
+(supervised tokens, pairs or replies), so accumulation equals one big batch. Ctrl-C checkpoints and stops;
+`resume_from_checkpoint` continues exactly. Distributed wrapping, when it comes, belongs in one function here.
 """
 
 from __future__ import annotations
@@ -22,10 +20,9 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from . import attention
-from .batching import Batch, DataOrder, eval_batches, pack
+from .batching import DataOrder, eval_batches
 from .checkpoint import (RunDir, load_checkpoint, resolve_resume, save_artifact, save_checkpoint)
 from .config import Config
-from .conversation import Conversation
 from .data.datasets import load_specs, resolve_many
 from .data.recipe import load_recipe
 from .data_cache import cleaned_dataset, rendered_dataset
@@ -33,10 +30,13 @@ from .errors import DataError
 from .fused_mlp import use_lean_mlp
 from .heap import trim_heap_between_layers
 from .losses import sft_loss_sum
-from .methods import apply_method, trainable_summary
+from .methods import apply_method, check_method, load_base, trainable_summary
 from .models import load_model, load_tokenizer, pick_dtype, resolve_model
 from .plots import plot_losses
 from .render import Example, RenderStats, ensure_chat_template
+from .stages import (VALUE_HEAD_FILE, LossOutput, Reference, StageData, attach_value_head, detached_value_head,
+                     hold_out, make_batch, needs_reference, prepare_stage_data, reference_needs_copy, stage_loss,
+                     value_head)
 
 
 @dataclass
@@ -67,7 +67,7 @@ def prepare_data(config: Config, tokenizer) -> PreparedData:
     if data.val:
         val_conversations, _ = load(data.val)
     else:
-        conversations, val_conversations = _hold_out(conversations, data.val_size, config.train.seed)
+        conversations, val_conversations = hold_out(conversations, data.val_size, config.train.seed)
     train, train_stats, train_cached = rendered_dataset(tokenizer, conversations, data.train_on, data.cutoff_len)
     val, val_stats, _ = rendered_dataset(tokenizer, val_conversations, data.train_on, data.cutoff_len)
     if not train:
@@ -82,16 +82,10 @@ def prepare_data(config: Config, tokenizer) -> PreparedData:
     return PreparedData(train, val, report)
 
 
-def _hold_out(conversations: list[Conversation], val_size: float, seed: int):
-    if val_size <= 0:
-        return conversations, []
-    count = int(val_size) if val_size >= 1 else max(1, round(val_size * len(conversations)))
-    if count >= len(conversations):
-        raise DataError(f"data.val_size={val_size} would leave no training data ({len(conversations)} conversations)")
-    order = torch.randperm(len(conversations), generator=torch.Generator().manual_seed(seed)).tolist()
-    held = set(order[:count])
-    return ([c for i, c in enumerate(conversations) if i not in held],
-            [c for i, c in enumerate(conversations) if i in held])
+def prepare_any(config: Config, tokenizer) -> PreparedData | StageData:
+    """The data of the configured stage: conversations (sft, with cleaning recipes and the token cache), documents
+    (pt), preference pairs (rm/dpo/orpo/simpo) or labelled replies (kto)."""
+    return prepare_data(config, tokenizer) if config.train.stage == "sft" else prepare_stage_data(config, tokenizer)
 
 
 def total_steps(config: Config, order: DataOrder) -> int:
@@ -110,27 +104,41 @@ def prepare_for_training(model):
 
 @dataclass
 class StepResult:
-    loss_sum: float  # summed over the step's supervised tokens
-    supervised: int
+    loss_sum: float  # summed over the step's units
+    supervised: int  # supervised tokens
     tokens: int
     grad_norm: float
+    units: int = 0  # what the loss is divided by: supervised tokens (pt/sft), pairs or replies
+    metrics: dict | None = None  # name → (sum, count) of the stage's own figures (rewards, accuracies)
 
 
-def train_step(model, micro_batches: list[Batch], parameters, optimizer, scheduler, max_grad_norm: float
-               ) -> StepResult:
-    """One optimizer step over packed micro-batches; each micro-batch's summed loss is divided by the supervised
-    tokens of the whole step, so accumulating micro-batches equals one large batch."""
-    supervised = sum(b.num_supervised for b in micro_batches)
-    loss_sum = 0.0
+def _sft_loss(model, batch) -> LossOutput:
+    return LossOutput(sft_loss_sum(model, batch))
+
+
+def train_step(model, micro_batches: list, parameters, optimizer, scheduler, max_grad_norm: float,
+               loss_fn: Callable = _sft_loss) -> StepResult:
+    """One optimizer step over micro-batches; each micro-batch's summed loss is divided by the units of the whole
+    step, so accumulating micro-batches equals one large batch."""
+    units = sum(b.units for b in micro_batches)
+    loss_sum, metrics = 0.0, {}
     for batch in micro_batches:
-        batch_loss = sft_loss_sum(model, batch)
-        (batch_loss / supervised).backward()
-        loss_sum += batch_loss.item()
+        output = loss_fn(model, batch)
+        (output.loss_sum / units).backward()
+        loss_sum += output.loss_sum.item()
+        _add_metrics(metrics, output.metrics)
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss_sum, supervised, sum(b.num_tokens for b in micro_batches), float(grad_norm))
+    return StepResult(loss_sum, sum(b.num_supervised for b in micro_batches),
+                      sum(b.num_tokens for b in micro_batches), float(grad_norm), units, metrics)
+
+
+def _add_metrics(into: dict, metrics: dict) -> None:
+    for name, (total, count) in metrics.items():
+        old = into.get(name, (0.0, 0))
+        into[name] = (old[0] + total, old[1] + count)
 
 
 @torch.no_grad()
@@ -142,6 +150,22 @@ def evaluate_loss(model, examples: list[Example], batch_size: int) -> float:
         tokens += batch.num_supervised
     model.train()
     return loss_sum / max(tokens, 1)
+
+
+@torch.no_grad()
+def evaluate_stage(model, units: list, batch_size: int, make: Callable, loss_fn: Callable) -> dict:
+    """eval_loss (and the stage's own figures, e.g. eval_rewards/accuracies) over held-out units."""
+    model.eval()
+    loss_sum, count, metrics = 0.0, 0, {}
+    for start in range(0, len(units), batch_size):
+        batch = make(units[start:start + batch_size])
+        output = loss_fn(model, batch)
+        loss_sum += float(output.loss_sum)
+        count += batch.units
+        _add_metrics(metrics, output.metrics)
+    model.train()
+    return {"eval_loss": round(loss_sum / max(count, 1), 4),
+            **{f"eval_{name}": round(total / max(n, 1), 4) for name, (total, n) in metrics.items()}}
 
 
 class _StopRequest:
@@ -175,21 +199,41 @@ def train(config: Config, callback: Callable[[dict], bool | None] | None = None)
     torch.manual_seed(cfg.seed)
 
     model_path = resolve_model(config.model.name_or_path)
+    check_method(config.method, model_path)  # on an empty copy: a wrong target is reported before anything loads
     tokenizer = load_tokenizer(model_path)
     note = ensure_chat_template(tokenizer, config.model.template)
     if note:
         print(f"note: {note}")
-    data = prepare_data(config, tokenizer)
-    print(f"data: train {data.report['train']['kept']} examples, {data.report['train_tokens']:,} tokens "
+    stage = cfg.stage
+    data = prepare_any(config, tokenizer)
+    print(f"data ({stage}): train {len(data.train)} units, {data.report['train_tokens']:,} tokens "
           f"({data.report['train_supervised_tokens']:,} trained) · val {len(data.val)} · "
-          f"{RenderStats(**data.report['train']).summary()}")
+          f"{RenderStats(**data.report['train']).summary() if stage == 'sft' else _stage_summary(data.report)}")
 
     run.prepare(cfg.overwrite_output_dir, resuming=resume_from is not None)
     run.config.write_text(config.to_yaml(), encoding="utf-8")
     run.data_report.write_text(json.dumps(data.report, indent=2, ensure_ascii=False), encoding="utf-8")
 
-    model = prepare_for_training(apply_method(load_model(model_path, pick_dtype(config.model.dtype)), config.method))
+    model = apply_method(load_base(model_path, pick_dtype(config.model.dtype), config.method), config.method)
+    if stage == "rm":
+        attach_value_head(model)  # trains with the method's parameters; saved as value_head.safetensors
+    model = prepare_for_training(model)
     print(trainable_summary(model))
+    reference = None
+    if needs_reference(config):
+        frozen = None
+        if reference_needs_copy(model):  # full / freeze change the base: the reference is a frozen copy of it
+            frozen = prepare_for_training(load_model(model_path, pick_dtype(config.model.dtype))).eval()
+            frozen.requires_grad_(False)
+        reference = Reference(frozen)
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+    def make(units):
+        return make_batch(stage, units, config.method.virtual_tokens, pad_id)
+
+    def loss_fn(model, batch):
+        return stage_loss(config, model, batch, reference)
 
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -206,16 +250,18 @@ def train(config: Config, callback: Callable[[dict], bool | None] | None = None)
         print(f"resumed from {resume_from} at step {start}")
     _write_metrics(run.metrics, history)
 
-    window = {"loss_sum": 0.0, "supervised": 0, "tokens": 0, "start": time.perf_counter()}
+    window = {"loss_sum": 0.0, "units": 0, "supervised": 0, "tokens": 0, "metrics": {}, "start": time.perf_counter()}
     progress = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     step = start
     with _StopRequest() as stop:
         while step < steps and not stop.requested:
-            micro_batches = [pack([data.train[i] for i in indices]) for indices in order.step(step)]
-            result = train_step(model, micro_batches, parameters, optimizer, scheduler, cfg.max_grad_norm)
+            micro_batches = [make([data.train[i] for i in indices]) for indices in order.step(step)]
+            result = train_step(model, micro_batches, parameters, optimizer, scheduler, cfg.max_grad_norm, loss_fn)
             window["loss_sum"] += result.loss_sum
+            window["units"] += result.units
             window["supervised"] += result.supervised
             window["tokens"] += result.tokens
+            _add_metrics(window["metrics"], result.metrics or {})
             step += 1
             progress.update(1)
 
@@ -223,8 +269,8 @@ def train(config: Config, callback: Callable[[dict], bool | None] | None = None)
             if step % cfg.logging_steps == 0 or step == steps:
                 record = _train_record(step, steps, order, window, result.grad_norm, scheduler.get_last_lr()[0])
             if data.val and cfg.eval_steps and (step % cfg.eval_steps == 0 or step == steps):
-                record = (record or {"step": step}) | {"eval_loss": round(evaluate_loss(model, data.val,
-                                                                                        cfg.eval_batch_size), 4)}
+                record = (record or {"step": step}) | evaluate_stage(model, data.val, cfg.eval_batch_size, make,
+                                                                     loss_fn)
             if record:
                 history.append(record)
                 _append_metric(run.metrics, record)
@@ -242,19 +288,36 @@ def train(config: Config, callback: Callable[[dict], bool | None] | None = None)
         print(f"stopped at step {step}/{steps}; continue with: lmforge train {run.config} "
               f"train.resume_from_checkpoint=latest")
         return run
-    path = save_artifact(run, model, tokenizer, config.method.type)
+    head = value_head(model)
+    if head is None:
+        path = save_artifact(run, model, tokenizer, config.method.type)
+    else:  # the head is saved beside the weights, not inside them (a full model/ must reload as a plain causal LM)
+        with detached_value_head(model):
+            path = save_artifact(run, model, tokenizer, config.method.type,
+                                 extra={VALUE_HEAD_FILE: head.state_dict()})
     run.finished = True
-    print(f"done: {path}  ·  chat with it: lmforge chat {run.root}")
+    follow_up = f"score with it: lmforge score {run.root} --data PAIRS.jsonl" if stage == "rm" else \
+        f"chat with it: lmforge chat {run.root}"
+    print(f"done: {path}  ·  {follow_up}")
     return run
+
+
+def _stage_summary(report: dict) -> str:
+    train = report["train"]
+    if "blocks" in train:
+        return f"{train['documents']} documents → {train['blocks']} blocks"
+    return (f"{train['read']} records → {train['kept']} kept ({train['truncated']} truncated to cutoff_len, "
+            f"{train['dropped_cutoff']} dropped: nothing trainable left within cutoff_len)")
 
 
 def _train_record(step, steps, order, window, grad_norm, lr) -> dict:
     elapsed = time.perf_counter() - window["start"]
-    record = {"step": step, "loss": round(window["loss_sum"] / max(window["supervised"], 1), 4),
+    record = {"step": step, "loss": round(window["loss_sum"] / max(window["units"], 1), 4),
               "grad_norm": round(grad_norm, 4), "learning_rate": lr, "epoch": round(step / order.steps_per_epoch, 3),
               "tokens_per_s": round(window["tokens"] / elapsed, 1),
               "supervised_tokens_per_s": round(window["supervised"] / elapsed, 1)}
-    window.update(loss_sum=0.0, supervised=0, tokens=0, start=time.perf_counter())
+    record |= {name: round(total / max(count, 1), 4) for name, (total, count) in window["metrics"].items()}
+    window.update(loss_sum=0.0, units=0, supervised=0, tokens=0, metrics={}, start=time.perf_counter())
     return record
 
 

@@ -35,8 +35,9 @@ class DatasetSpec:
     file_format: str | None = None  # "json" | "jsonl"; None = detect per file
 
 
-def resolve_dataset(entry: str, dataset_dir: str | Path | None = None) -> DatasetSpec:
-    """A dataset entry as the user wrote it: an existing file path, else a name in <dataset_dir>/dataset_info.json."""
+def resolve_dataset(entry: str, dataset_dir: str | Path | None = None, shape: str = "sft") -> DatasetSpec:
+    """A dataset entry as the user wrote it: an existing file path, else a name in <dataset_dir>/dataset_info.json.
+    `shape` is what the training stage reads (formats.FormatSpec.from_dataset_info): sft, pairs, kto or text."""
     path = Path(entry)
     if path.is_file():
         return DatasetSpec(path=path, name=entry)
@@ -50,10 +51,10 @@ def resolve_dataset(entry: str, dataset_dir: str | Path | None = None) -> Datase
         raise DataError(f"{info_path}: expected a JSON object of dataset names, got {type(info).__name__}")
     if entry not in info:
         raise DataError(_unknown_name_message(entry, info, info_path))
-    return dataset_from_info(entry, info[entry], directory, info_path)
+    return dataset_from_info(entry, info[entry], directory, info_path, shape)
 
 
-def dataset_from_info(name: str, entry: object, directory: Path, info_path: Path) -> DatasetSpec:
+def dataset_from_info(name: str, entry: object, directory: Path, info_path: Path, shape: str = "sft") -> DatasetSpec:
     """One dataset_info.json entry → DatasetSpec, with its file resolved relative to the dataset directory."""
     where = f"{info_path}: dataset {name!r}"
     if not isinstance(entry, dict):
@@ -72,7 +73,7 @@ def dataset_from_info(name: str, entry: object, directory: Path, info_path: Path
     if not path.exists():
         raise DataError(f"{where}: file_name {entry['file_name']!r} → {path} not found (file_name is relative to "
                         f"the dataset directory {directory})")
-    return DatasetSpec(path=path, format=FormatSpec.from_dataset_info(entry, where), name=name)
+    return DatasetSpec(path=path, format=FormatSpec.from_dataset_info(entry, where, shape), name=name)
 
 
 def load_conversations(spec: DatasetSpec, max_samples: int | None = None) -> list[Conversation]:
@@ -100,10 +101,10 @@ def load_many(entries: list[str], dataset_dir: str | Path | None = None,
     return load_specs(resolve_many(entries, dataset_dir), max_samples)
 
 
-def resolve_many(entries: list[str], dataset_dir: str | Path | None = None) -> list[DatasetSpec]:
+def resolve_many(entries: list[str], dataset_dir: str | Path | None = None, shape: str = "sft") -> list[DatasetSpec]:
     if not entries:
         raise ConfigError("no datasets given; name at least one dataset file or dataset_info.json entry")
-    return [resolve_dataset(entry, dataset_dir) for entry in entries]
+    return [resolve_dataset(entry, dataset_dir, shape) for entry in entries]
 
 
 def load_specs(specs: list[DatasetSpec], max_samples: int | None = None

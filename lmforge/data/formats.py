@@ -50,24 +50,39 @@ class FormatSpec:
         return self.tags.get(key, DEFAULT_TAGS[key])
 
     @classmethod
-    def from_dataset_info(cls, entry: dict, where: str) -> FormatSpec:
-        """Read an entry's `formatting`, `columns` and `tags`; reject data lmforge cannot train on with SFT yet."""
+    def from_dataset_info(cls, entry: dict, where: str, shape: str = "sft") -> FormatSpec:
+        """Read an entry's `formatting`, `columns` and `tags`; refuse an entry whose data is not of `shape` (what the
+        stage reads: sft conversations, preference "pairs", "kto" labelled responses, or pt "text")."""
         formatting = entry.get("formatting", "alpaca")
         if formatting not in FORMAT_NAMES:
             raise DataError(f"{where}: formatting {formatting!r} is not one we read"
                             f"{_did_you_mean(formatting, FORMAT_NAMES)}; use \"alpaca\" (the default) or \"sharegpt\"")
         columns = _string_mapping(entry.get("columns"), DEFAULT_COLUMNS, "columns", where)
         tags = _string_mapping(entry.get("tags"), DEFAULT_TAGS, "tags", where)
-        if entry.get("ranking") or "chosen" in columns or "rejected" in columns:
-            raise DataError(f"{where}: preference data (ranking) is for stage dpo/rm, not sft; lmforge reads only "
-                            f"sft data for now, so remove this dataset from the list")
-        if "kto_tag" in columns:
-            raise DataError(f"{where}: KTO data (kto_tag) is for stage kto, not sft; remove this dataset from the list")
+        ranking = bool(entry.get("ranking") or "chosen" in columns or "rejected" in columns)
+        kto = "kto_tag" in columns
+        if ranking and shape != "pairs":
+            raise DataError(f"{where}: preference data (ranking) is for stage dpo/rm, not {shape_name(shape)}; "
+                            f"remove this dataset from the list or set train.stage: dpo (orpo, simpo, rm)")
+        if kto and shape != "kto":
+            raise DataError(f"{where}: KTO data (kto_tag) is for stage kto, not {shape_name(shape)}; remove this "
+                            f"dataset from the list or set train.stage: kto")
+        if shape == "pairs" and not ranking:
+            raise DataError(f"{where}: stage dpo/orpo/simpo/rm reads preference pairs; this entry has no "
+                            f"\"ranking\": true (add it, with \"chosen\"/\"rejected\" columns if they are named "
+                            f"otherwise)")
+        if shape == "kto" and not kto:
+            raise DataError(f"{where}: stage kto reads responses labelled desirable or not; this entry names no "
+                            f"label column: add \"columns\": {{\"kto_tag\": \"label\"}}")
         media = [key for key in MEDIA_COLUMNS if key in columns]
         if media:
             raise DataError(f"{where}: multimodal data not supported (columns: {', '.join(media)}); lmforge trains "
                             f"text-only models for now")
         return cls(formatting, columns, tags)
+
+
+def shape_name(shape: str) -> str:
+    return {"sft": "sft", "pairs": "dpo/rm", "kto": "kto", "text": "pt"}[shape]
 
 
 def convert(record: dict, where: str, spec: FormatSpec = FormatSpec()) -> Conversation:
@@ -78,6 +93,9 @@ def convert(record: dict, where: str, spec: FormatSpec = FormatSpec()) -> Conver
 
 def detect_format(record: dict, where: str) -> str:
     """The format name a record looks like, judged by its keys."""
+    if "chosen" in record and "rejected" in record:
+        raise DataError(f"{where}: this record is a preference pair (chosen/rejected), which trains with stage dpo, "
+                        f"orpo, simpo or rm, not sft: set train.stage (LLaMA-Factory: stage), or use conversations")
     if "messages" in record:
         return "messages"
     if "conversations" in record:

@@ -1,0 +1,344 @@
+"""The lean decoder the serving engine runs: Llama-family weights, a preallocated KV cache, LoRA rows by adapter.
+
+A transformers forward spends most of a decode step in per-module Python; this one does the same arithmetic in a
+few fused ops per layer (q/k/v as one matmul, gate/up as one) over a cache preallocated per slot, so a step costs
+about what reading the weights costs. Several LoRA adapters stay loaded beside one base; each batch row names its
+adapter. Must not know about requests, sampling, queues or HTTP (engine.py owns those).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ModelError
+from ..methods import QUANTIZATION_FILE
+
+# Families whose decoder layer is: RMSNorm → attention (RoPE, GQA) → residual → RMSNorm → gated MLP → residual.
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PACKED_WEIGHTS = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
+         "down": ("down_proj",)}
+
+
+class Linear:
+    """One (possibly fused) projection: weight [out, in], optional bias, and per adapter a LoRA pair whose product
+    is the adapter's delta. B is [out, rank] with the scaling folded in and zeros where a fused part has no LoRA.
+
+    The weight is kept pre-packed in oneDNN's blocked layout when torch has oneDNN: decode steps multiply a few rows
+    by every weight, a memory-bound product where MKL's small-batch path was 2x slower at 2-8 rows
+    (benchmarks/RESULTS.md). The packed copy replaces the plain one, so memory does not double.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.out_features = weight.shape[0]
+        self.bias = bias
+        self.lora: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.packed = PACKED_WEIGHTS and weight.dtype == torch.float32
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.packed else weight
+
+    def __call__(self, x: torch.Tensor, groups: list[tuple[int, torch.Tensor | None]]) -> torch.Tensor:
+        if self.packed:
+            out = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        else:
+            out = F.linear(x, self.weight, self.bias)
+        for adapter, rows in groups:
+            pair = self.lora.get(adapter)
+            if pair is None:
+                continue
+            lora_a, lora_b = pair
+            if rows is None:  # every row uses this adapter
+                out += F.linear(F.linear(x, lora_a), lora_b)
+            else:
+                out.index_add_(0, rows, F.linear(F.linear(x.index_select(0, rows), lora_a), lora_b))
+        return out
+
+
+@dataclass
+class Layer:
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    qkv: Linear
+    o: Linear
+    gate_up: Linear
+    down: Linear
+    q_norm: torch.Tensor | None = None  # qwen3 normalises each head's q and k before RoPE
+    k_norm: torch.Tensor | None = None
+
+
+class Decoder:
+    """Weights + KV cache for `slots` concurrent sequences of up to `max_len` tokens each.
+
+    Cache column `max_len` is scratch: batch rows of idle slots write there, so a decode step can run over a
+    contiguous range of slots (a view, no gather) without touching a slot that is being prefilled.
+    """
+
+    def __init__(self, model, slots: int, max_len: int):
+        config = model.config
+        self.model_type = config.model_type
+        if self.model_type not in SUPPORTED_TYPES:
+            raise ModelError(f"lmforge serve runs {', '.join(SUPPORTED_TYPES)} models; this one is "
+                             f"{self.model_type!r}. Chat with it via `lmforge chat`, or export it to GGUF for llama.cpp")
+        inner = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps = config.rms_norm_eps
+        self.vocab_size = config.vocab_size
+        self.activation = _activation(config.hidden_act)
+        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+        limit = min(config.max_position_embeddings, window or config.max_position_embeddings)
+        if max_len > limit:
+            raise ModelError(f"context length {max_len} is more than this model supports ({limit}); "
+                             f"set context_length to at most {limit}")
+        self.adapter_names: list[str] = []
+        self.embed = inner.embed_tokens.weight.detach()
+        self.final_norm = inner.norm.weight.detach()
+        self.lm_head = Linear(model.get_output_embeddings().weight.detach())
+        self.layers = [_layer(layer) for layer in inner.layers]
+        positions = torch.arange(max_len + 1)[None]
+        cos, sin = inner.rotary_emb(self.embed[:1], positions)  # transformers' own RoPE (scaling types included)
+        self.cos, self.sin = cos[0].float(), sin[0].float()
+        self.slots, self.max_len = slots, max_len
+        shape = (len(self.layers), slots, self.kv_heads, max_len + 1, self.head_dim)
+        self.k_cache, self.v_cache = _zeros_on_demand(shape), _zeros_on_demand(shape)
+
+    # ------------------------------------------------------------------------------------------------ adapters
+
+    def add_lora(self, name: str, peft_model, adapter_name: str) -> None:
+        """Copy adapter `adapter_name`'s LoRA matrices out of a PeftModel (which parsed and checked the files)."""
+        from peft.tuners.lora import LoraLayer
+
+        index = len(self.adapter_names) + 1  # 0 is the base model
+        found = {}
+        for module_name, module in peft_model.named_modules():
+            if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
+                continue
+            if module.use_dora.get(adapter_name):
+                raise ModelError(f"adapter {name!r}: DoRA adapters are not supported by lmforge serve; merge it "
+                                 f"into the model first (lmforge export) and serve the merged model")
+            parts = module_name.split(".")
+            if "layers" not in parts or parts[-1] not in PROJECTIONS:
+                raise ModelError(f"adapter {name!r} adapts {module_name}, which lmforge serve cannot apply per "
+                                 f"request (only the layers' {', '.join(PROJECTIONS)}); merge it and serve the result")
+            layer = int(parts[parts.index("layers") + 1])
+            lora_b = module.lora_B[adapter_name].weight.detach() * module.scaling[adapter_name]
+            found[(layer, parts[-1])] = (module.lora_A[adapter_name].weight.detach(), lora_b)
+        if not found:
+            raise ModelError(f"adapter {name!r} has no LoRA weights this server can apply")
+        if any(isinstance(m, torch.nn.ModuleDict) and adapter_name in m for n, m in peft_model.named_modules()
+               if n.endswith("modules_to_save")):
+            raise ModelError(f"adapter {name!r} also trains whole modules (modules_to_save); merge it and serve "
+                             f"the merged model")
+        for i, layer in enumerate(self.layers):
+            for fused, projections in FUSED.items():
+                pairs = [found.get((i, p)) for p in projections]
+                if any(pairs):
+                    linear = getattr(layer, fused)
+                    linear.lora[index] = _fuse_lora(pairs, [_out_features(self, p) for p in projections])
+        self.adapter_names.append(name)
+
+    def adapter_index(self, name: str | None) -> int:
+        return 0 if name is None else self.adapter_names.index(name) + 1
+
+    # ------------------------------------------------------------------------------------------------ forward
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, token_ids: list[int], start: int, adapter: int) -> torch.Tensor:
+        """Run `token_ids` at positions start… of `slot` (a prompt, or a chunk of one); return the last logits [V]."""
+        count = len(token_ids)
+        positions = torch.arange(start, start + count)
+        hidden = self.embed[torch.tensor(token_ids)][None]  # [1, T, D]
+        groups = [(adapter, None)] if adapter else []
+        causal = positions[:, None] >= torch.arange(start + count)[None]  # [T, start+T]
+        for index, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, hidden, positions[None], groups)
+            self.k_cache[index, slot, :, start:start + count] = k[0]
+            self.v_cache[index, slot, :, start:start + count] = v[0]
+            keys = self.k_cache[index, slot:slot + 1, :, :start + count]
+            values = self.v_cache[index, slot:slot + 1, :, :start + count]
+            if start == 0:
+                attended = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
+            else:
+                attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal, enable_gqa=True)
+            hidden = self._finish_layer(layer, hidden, attended, groups)
+        return self.lm_head(_rms_norm(hidden[0, -1:], self.final_norm, self.eps), [])[0]
+
+    @torch.inference_mode()
+    def decode(self, slots: list[int], tokens: list[int], positions: list[int], adapters: list[int]) -> torch.Tensor:
+        """One token for each listed slot at its position; returns logits [len(slots), V] in the order given."""
+        width = max(slots) + 1  # rows 0..width-1 run; slots not listed write to the scratch column
+        row_tokens = torch.zeros(width, dtype=torch.long)
+        row_positions = torch.full((width,), self.max_len, dtype=torch.long)
+        row_adapters = [0] * width
+        listed = torch.tensor(slots)
+        row_tokens[listed] = torch.tensor(tokens)
+        row_positions[listed] = torch.tensor(positions)
+        for slot, adapter in zip(slots, adapters):
+            row_adapters[slot] = adapter
+        length = max(positions) + 1
+        visible = torch.arange(length)[None] <= row_positions[:, None]  # [width, length]
+        visible[:, 0] = True  # idle rows (scratch position) see one column, never none (that would be NaN)
+        mask = visible[:, None, None, :]
+        groups = _adapter_groups(row_adapters)
+        rows = torch.arange(width)
+        hidden = self.embed[row_tokens][:, None]  # [W, 1, D]
+        for index, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, hidden, row_positions[:, None], groups)
+            self.k_cache[index, :width][rows, :, row_positions] = k[:, :, 0]
+            self.v_cache[index, :width][rows, :, row_positions] = v[:, :, 0]
+            keys = self.k_cache[index, :width, :, :length]
+            values = self.v_cache[index, :width, :, :length]
+            attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+            hidden = self._finish_layer(layer, hidden, attended, groups)
+        last = _rms_norm(hidden[listed, 0], self.final_norm, self.eps)
+        return self.lm_head(last, [])
+
+    def copy_slot(self, source: int, target: int, length: int) -> None:
+        """Share a prefilled prompt with another sequence (n > 1 choices of one request)."""
+        self.k_cache[:, target, :, :length] = self.k_cache[:, source, :, :length]
+        self.v_cache[:, target, :, :length] = self.v_cache[:, source, :, :length]
+
+    def _qkv(self, layer: Layer, hidden: torch.Tensor, positions: torch.Tensor, groups):
+        batch, count, _ = hidden.shape
+        flat = _rms_norm(hidden, layer.input_norm, self.eps).view(batch * count, -1)
+        qkv = layer.qkv(flat, _expand_groups(groups, count)).view(batch, count, -1)
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        q = qkv[..., :q_size].view(batch, count, self.heads, self.head_dim)
+        k = qkv[..., q_size:q_size + kv_size].view(batch, count, self.kv_heads, self.head_dim)
+        v = qkv[..., q_size + kv_size:].view(batch, count, self.kv_heads, self.head_dim)
+        if layer.q_norm is not None:
+            q, k = _rms_norm(q, layer.q_norm, self.eps), _rms_norm(k, layer.k_norm, self.eps)
+        cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]  # [B, T, 1, hd]
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _finish_layer(self, layer: Layer, hidden: torch.Tensor, attended: torch.Tensor, groups) -> torch.Tensor:
+        batch, count, width = hidden.shape
+        rows = _expand_groups(groups, count)
+        attended = attended.transpose(1, 2).reshape(batch * count, -1)
+        hidden = hidden + layer.o(attended, rows).view(batch, count, width)
+        gate_up = layer.gate_up(_rms_norm(hidden, layer.post_norm, self.eps).view(batch * count, -1), rows)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return hidden + layer.down(self.activation(gate) * up, rows).view(batch, count, width)
+
+
+def load_adapter_into(decoder: Decoder, model, name: str, adapter_dir: Path) -> None:
+    """Read a PEFT adapter dir with peft (config checks, key mapping, rank/alpha patterns), keep its LoRA rows."""
+    from peft import PeftModel
+
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ModelError(f"adapter {name!r}: {adapter_dir} is not a PEFT adapter dir (no adapter_config.json)")
+    kind = json.loads((adapter_dir / "adapter_config.json").read_text()).get("peft_type", "?")
+    if kind != "LORA":  # prefix / prompt / p-tuning, IA3, LoHa, LoKr, bottleneck adapters
+        raise ModelError(f"adapter {name!r} ({adapter_dir}) is a {kind} adapter; the server batches LoRA adapters "
+                         f"only. Merge it into the base with `lmforge export RUN_DIR -o OUT` and serve OUT, or talk "
+                         f"to it with `lmforge chat` (prefix, prompt and p-tuning cannot be merged)")
+    if (adapter_dir / QUANTIZATION_FILE).is_file():
+        print(f"note: adapter {name!r} was trained on a quantised (QLoRA) base; it is served on the full-precision "
+              f"base, so replies can differ slightly from training-time outputs", file=sys.stderr)
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name="serve")
+    except (ValueError, KeyError, RuntimeError, OSError) as err:
+        raise ModelError(f"adapter {name!r} ({adapter_dir}) does not fit this base model: {err}") from err
+    try:
+        decoder.add_lora(name, peft_model, "serve")
+    finally:
+        peft_model.unload()  # back to the plain base model, which the decoder's weights come from
+
+
+def _layer(layer) -> Layer:
+    attention, mlp = layer.self_attn, layer.mlp
+    return Layer(
+        input_norm=layer.input_layernorm.weight.detach(),
+        post_norm=layer.post_attention_layernorm.weight.detach(),
+        qkv=_fused_linear([attention.q_proj, attention.k_proj, attention.v_proj]),
+        o=_fused_linear([attention.o_proj]),
+        gate_up=_fused_linear([mlp.gate_proj, mlp.up_proj]),
+        down=_fused_linear([mlp.down_proj]),
+        q_norm=attention.q_norm.weight.detach() if hasattr(attention, "q_norm") else None,
+        k_norm=attention.k_norm.weight.detach() if hasattr(attention, "k_norm") else None,
+    )
+
+
+def _fused_linear(modules) -> Linear:
+    modules = [getattr(m, "base_layer", m) for m in modules]  # a PEFT-wrapped model: the base weights
+    weight = torch.cat([m.weight.detach() for m in modules]) if len(modules) > 1 else modules[0].weight.detach()
+    biases = [m.bias for m in modules]
+    if all(b is None for b in biases):
+        return Linear(weight.contiguous())
+    bias = torch.cat([b.detach() if b is not None else torch.zeros(m.weight.shape[0])
+                      for b, m in zip(biases, modules)])
+    return Linear(weight.contiguous(), bias)
+
+
+def _fuse_lora(pairs, out_features: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA of the parts of a fused projection → one A [sum r, in] and a block B [sum out, sum r]."""
+    present = [p for p in pairs if p is not None]
+    lora_a = torch.cat([a for a, _ in present])
+    lora_b = torch.zeros(sum(out_features), lora_a.shape[0], dtype=lora_a.dtype)
+    row = col = 0
+    for pair, size in zip(pairs, out_features):
+        if pair is not None:
+            rank = pair[0].shape[0]
+            lora_b[row:row + size, col:col + rank] = pair[1]
+            col += rank
+        row += size
+    return lora_a.contiguous(), lora_b
+
+
+def _out_features(decoder: Decoder, projection: str) -> int:
+    layer = decoder.layers[0]
+    sizes = {"q_proj": decoder.heads * decoder.head_dim, "k_proj": decoder.kv_heads * decoder.head_dim,
+             "v_proj": decoder.kv_heads * decoder.head_dim, "o_proj": layer.o.out_features,
+             "gate_proj": layer.gate_up.out_features // 2, "up_proj": layer.gate_up.out_features // 2,
+             "down_proj": layer.down.out_features}
+    return sizes[projection]
+
+
+def _adapter_groups(row_adapters: list[int]) -> list[tuple[int, torch.Tensor | None]]:
+    """[(adapter, row indices or None for all rows)] for the adapters (not the base, 0) present in a batch."""
+    present = sorted(set(row_adapters) - {0})
+    if len(present) == 1 and all(a == present[0] for a in row_adapters):
+        return [(present[0], None)]
+    return [(a, torch.tensor([i for i, r in enumerate(row_adapters) if r == a])) for a in present]
+
+
+def _expand_groups(groups, count: int):
+    """Row indices of a [B, T] batch flattened to [B*T] rows."""
+    if count == 1:
+        return groups
+    return [(a, None if rows is None else (rows[:, None] * count + torch.arange(count)).flatten())
+            for a, rows in groups]
+
+
+def _zeros_on_demand(shape) -> torch.Tensor:
+    """A float32 zero tensor whose pages become resident only when written: numpy allocates it with calloc, which
+    maps zero pages lazily, where torch.zeros would touch (and keep) all of it at start-up. Zeros, not garbage: a NaN
+    left in memory would leak through masked attention (0 × NaN)."""
+    import numpy
+
+    return torch.from_numpy(numpy.zeros(shape, dtype=numpy.float32))
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _activation(name: str):
+    from transformers.activations import ACT2FN
+
+    if name == "silu":
+        return F.silu
+    return ACT2FN[name]

@@ -1,0 +1,388 @@
+"""The batching engine: one thread owns the decoder; HTTP handlers hand it work and read tokens back through queues.
+
+Continuous batching: every iteration admits waiting requests into free KV-cache slots, prefills them (in chunks, so
+a long prompt does not stall the others), then decodes one token for every running sequence in one batch. Sequences
+join and leave between steps. A request's n choices share one prefill. Each choice samples with its own generator,
+so its tokens do not depend on what else is in the batch. Must not know about HTTP, keys or text (tokens only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from .decoder import Decoder
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one choice picks its tokens (OpenAI request fields, already validated)."""
+
+    max_tokens: int
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+@dataclass
+class Submission:
+    prompt: list[int]
+    adapter: int  # decoder adapter index, 0 = base model
+    choices: list[Sampling]
+    stop_ids: frozenset[int]
+    deadline: float | None = None  # time.monotonic() after which the request is cut off
+
+
+class EngineBusy(Exception):
+    """The bounded queue is full."""
+
+
+class EngineStopped(Exception):
+    """The engine is shutting down or its thread died."""
+
+
+class Ticket:
+    """The handler's side of a submission: events arrive on an asyncio queue as (choice, token, finish_reason);
+    token is None on the event that finishes a choice. cancel() stops generation (a disconnect, a stop string)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, submission: Submission):
+        self.loop = loop
+        self.submission = submission
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.cancelled_choices: set[int] = set()
+        self.cancelled = False
+
+    def cancel(self, choice: int | None = None) -> None:
+        if choice is None:
+            self.cancelled = True
+        else:
+            self.cancelled_choices.add(choice)
+
+    def is_cancelled(self, choice: int) -> bool:
+        return self.cancelled or choice in self.cancelled_choices
+
+    def _deliver(self, events: list[tuple]) -> None:
+        for event in events:
+            self.events.put_nowait(event)
+
+
+@dataclass
+class _Sequence:
+    """One choice being generated (engine thread only)."""
+
+    ticket: Ticket
+    choice: int
+    sampling: Sampling
+    slot: int = -1
+    position: int = 0  # where the next token goes
+    last_token: int | None = None  # to feed at the next decode step
+    generated: int = 0
+    counts: dict[int, int] = field(default_factory=dict)  # for presence/frequency penalties
+    generator: torch.Generator | None = None
+
+    @property
+    def counts_matter(self) -> bool:
+        return bool(self.sampling.presence_penalty or self.sampling.frequency_penalty)
+
+
+@dataclass
+class _Pending:
+    """A submission waiting for slots, then being prefilled."""
+
+    ticket: Ticket
+    sequences: list[_Sequence]
+    prefilled: int = 0
+
+
+class Engine:
+    def __init__(self, decoder: Decoder, models: dict, max_queue: int = 32, prefill_chunk: int = 256,
+                 threads: int | None = None):
+        self.decoder = decoder
+        self.models = models  # served name → whatever routes need (tokenizer, adapter index…); the engine ignores it
+        self.max_queue = max_queue  # sequences waiting for a slot
+        self.prefill_chunk = prefill_chunk
+        self.threads = threads
+        self._inbox: queue.Queue = queue.Queue()
+        self._waiting: deque[_Pending] = deque()
+        self._prefilling: list[_Pending] = []
+        self._running: list[_Sequence] = []
+        self._free_slots = list(range(decoder.slots))
+        # Per slot: the token ids whose keys/values the cache holds (kept after the slot is freed), and their adapter.
+        # A new prompt copies its longest match instead of recomputing it: chat prompts share the template's system
+        # prompt, and a conversation's next turn repeats the previous one.
+        self._slot_tokens: list[list[int]] = [[] for _ in range(decoder.slots)]
+        self._slot_adapter = [0] * decoder.slots
+        self.reused_prompt_tokens = 0  # prompt tokens copied from another slot instead of prefilled
+        self._queued_sequences = 0  # waiting in inbox or _waiting, read by other threads for admission
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.failure: BaseException | None = None
+
+    # ------------------------------------------------------------------------------------------------ any thread
+
+    @property
+    def slots(self) -> int:
+        return self.decoder.slots
+
+    @property
+    def running(self) -> int:
+        return self.decoder.slots - len(self._free_slots)
+
+    @property
+    def queued(self) -> int:
+        return self._queued_sequences
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="lmforge-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish what is running (until `timeout`), then end the thread."""
+        self._stopping = True
+        self._inbox.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, submission: Submission, loop: asyncio.AbstractEventLoop) -> Ticket:
+        if not self.alive:
+            raise EngineStopped("the model engine is not running" + (f": {self.failure}" if self.failure else ""))
+        count = len(submission.choices)
+        if count > self.decoder.slots:
+            raise ValueError(f"{count} choices need more slots than the engine has ({self.decoder.slots})")
+        with self._lock:
+            waiting_for_slots = self._queued_sequences + count + self.running - self.decoder.slots
+            if waiting_for_slots > self.max_queue:
+                raise EngineBusy(f"{self._queued_sequences} sequences already wait for the {self.decoder.slots} "
+                                 f"generation slots (queue limit {self.max_queue})")
+            self._queued_sequences += count
+        ticket = Ticket(loop, submission)
+        self._inbox.put(ticket)
+        return ticket
+
+    # ------------------------------------------------------------------------------------------------ engine thread
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            while True:
+                busy = self._running or self._prefilling or self._waiting
+                if not self._take_inbox(block=not busy):
+                    return
+                outbox: dict[Ticket, list[tuple]] = {}
+                self._drop_cancelled(outbox)
+                self._admit()
+                self._prefill(outbox)
+                self._decode(outbox)
+                _send(outbox)
+        except BaseException as error:  # a bug or out of memory: fail every request instead of hanging them
+            self.failure = error
+            self._fail_all(error)
+            raise
+
+    def _take_inbox(self, block: bool) -> bool:
+        """Move new tickets into the waiting line; False when told to stop and nothing is left to finish."""
+        while True:
+            try:
+                ticket = self._inbox.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                if self._stopping and not (self._running or self._prefilling or self._waiting):
+                    return False
+                if block:
+                    continue
+                return True
+            if ticket is None:
+                if not (self._running or self._prefilling or self._waiting):
+                    return False
+                continue
+            self._waiting.append(_Pending(ticket, [
+                _Sequence(ticket, i, sampling, generator=_generator(sampling.seed, i))
+                for i, sampling in enumerate(ticket.submission.choices)]))
+            block = False
+
+    def _drop_cancelled(self, outbox) -> None:
+        now = time.monotonic()
+        for pending in list(self._waiting) + self._prefilling:
+            deadline = pending.ticket.submission.deadline
+            if pending.ticket.cancelled or (deadline is not None and now > deadline):
+                reason = "cancelled" if pending.ticket.cancelled else "timeout"
+                if pending in self._waiting:
+                    self._waiting.remove(pending)
+                    self._dequeue(len(pending.sequences))
+                else:
+                    self._prefilling.remove(pending)
+                    self._free_slots += [s.slot for s in pending.sequences]
+                for sequence in pending.sequences:
+                    outbox.setdefault(pending.ticket, []).append((sequence.choice, None, reason))
+        for sequence in list(self._running):
+            deadline = sequence.ticket.submission.deadline
+            if sequence.ticket.is_cancelled(sequence.choice):
+                self._finish(sequence, "cancelled", outbox)
+            elif deadline is not None and now > deadline:
+                self._finish(sequence, "timeout", outbox)
+
+    def _dequeue(self, count: int) -> None:
+        with self._lock:
+            self._queued_sequences -= count
+
+    def _admit(self) -> None:
+        """First come, first served: a request enters when all its choices have slots (they share a prefill)."""
+        while self._waiting and len(self._waiting[0].sequences) <= len(self._free_slots):
+            pending = self._waiting.popleft()
+            self._free_slots.sort()  # lowest slots first keeps the decode batch's slot range short
+            first = max(self._free_slots, key=lambda slot: self._shared(slot, pending.ticket.submission))
+            if self._shared(first, pending.ticket.submission) == 0:
+                first = self._free_slots[0]
+            self._free_slots.remove(first)
+            pending.sequences[0].slot = first
+            for sequence in pending.sequences[1:]:
+                sequence.slot = self._free_slots.pop(0)
+                self._slot_tokens[sequence.slot] = []
+            self._dequeue(len(pending.sequences))
+            self._reuse_prefix(pending)
+            self._prefilling.append(pending)
+
+    def _reuse_prefix(self, pending: _Pending) -> None:
+        submission, target = pending.ticket.submission, pending.sequences[0].slot
+        source = max(range(self.decoder.slots), key=lambda slot: (self._shared(slot, submission), slot == target))
+        best = self._shared(source, submission)
+        self._slot_adapter[target] = submission.adapter
+        self._slot_tokens[target] = submission.prompt[:best]
+        if best > 0:
+            if source != target:
+                self.decoder.copy_slot(source, target, best)
+            pending.prefilled = best
+            self.reused_prompt_tokens += best
+
+    def _shared(self, slot: int, submission: Submission) -> int:
+        """Prompt tokens whose keys/values `slot` already holds (never the last one: its logits pick token 1)."""
+        if self._slot_adapter[slot] != submission.adapter:
+            return 0
+        return min(_common_prefix(self._slot_tokens[slot], submission.prompt), len(submission.prompt) - 1)
+
+    def _prefill(self, outbox) -> None:
+        budget = self.prefill_chunk
+        for pending in list(self._prefilling):
+            if budget <= 0:
+                return
+            submission = pending.ticket.submission
+            first = pending.sequences[0]
+            chunk = submission.prompt[pending.prefilled:pending.prefilled + budget]
+            logits = self.decoder.prefill(first.slot, chunk, pending.prefilled, submission.adapter)
+            self._slot_tokens[first.slot].extend(chunk)
+            pending.prefilled += len(chunk)
+            budget -= len(chunk)
+            if pending.prefilled < len(submission.prompt):
+                continue
+            self._prefilling.remove(pending)
+            for sequence in pending.sequences:
+                if sequence is not first:
+                    self.decoder.copy_slot(first.slot, sequence.slot, len(submission.prompt))
+                    self._slot_tokens[sequence.slot] = list(submission.prompt)
+                    self._slot_adapter[sequence.slot] = submission.adapter
+                sequence.position = len(submission.prompt)
+                self._running.append(sequence)
+                self._accept(sequence, self._pick(sequence, logits), outbox)
+            _send(outbox)  # first tokens go out now, not after the other prefills and the decode step
+
+    def _decode(self, outbox) -> None:
+        if not self._running:
+            return
+        batch = sorted(self._running, key=lambda s: s.slot)
+        logits = self.decoder.decode([s.slot for s in batch], [s.last_token for s in batch],
+                                     [s.position for s in batch], [s.ticket.submission.adapter for s in batch])
+        greedy = logits.argmax(-1).tolist()
+        for row, sequence in enumerate(batch):
+            self._slot_tokens[sequence.slot].append(sequence.last_token)  # its keys/values are in the cache now
+            plain = sequence.sampling.temperature <= 0 and not sequence.counts_matter
+            sequence.position += 1
+            token = greedy[row] if plain else self._pick(sequence, logits[row])
+            self._accept(sequence, token, outbox)
+
+    def _pick(self, sequence: _Sequence, logits: torch.Tensor) -> int:
+        return sample(logits, sequence.sampling, sequence.counts, sequence.generator)
+
+    def _accept(self, sequence: _Sequence, token: int, outbox) -> None:
+        """Emit a sampled token, or finish the sequence (end of turn, max_tokens, context full)."""
+        if token in sequence.ticket.submission.stop_ids:
+            self._finish(sequence, "stop", outbox)
+            return
+        sequence.generated += 1
+        sequence.last_token = token
+        sequence.counts[token] = sequence.counts.get(token, 0) + 1
+        outbox.setdefault(sequence.ticket, []).append((sequence.choice, token, None))
+        if sequence.generated >= sequence.sampling.max_tokens or sequence.position >= self.decoder.max_len:
+            self._finish(sequence, "length", outbox)
+
+    def _finish(self, sequence: _Sequence, reason: str, outbox) -> None:
+        self._running.remove(sequence)
+        self._free_slots.append(sequence.slot)
+        outbox.setdefault(sequence.ticket, []).append((sequence.choice, None, reason))
+
+    def _fail_all(self, error: BaseException) -> None:
+        tickets = {p.ticket: p.sequences for p in list(self._waiting) + self._prefilling}
+        for sequence in self._running:
+            tickets.setdefault(sequence.ticket, []).append(sequence)
+        while not self._inbox.empty():
+            ticket = self._inbox.get_nowait()
+            if ticket is not None:
+                tickets[ticket] = [_Sequence(ticket, i, s) for i, s in enumerate(ticket.submission.choices)]
+        for ticket, sequences in tickets.items():
+            events = [(s.choice, None, "error") for s in sequences]
+            ticket.loop.call_soon_threadsafe(ticket._deliver, events)
+
+
+def _send(outbox: dict) -> None:
+    for ticket, events in outbox.items():
+        ticket.loop.call_soon_threadsafe(ticket._deliver, events)
+    outbox.clear()
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    count = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        count += 1
+    return count
+
+
+def _generator(seed: int | None, choice: int) -> torch.Generator:
+    """Choice i of a request with seed s draws from seed s + i: a seeded request repeats exactly, and its choice 0
+    equals the same request with n=1."""
+    start = seed + choice if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+    return torch.Generator().manual_seed(start)
+
+
+def sample(logits: torch.Tensor, sampling: Sampling, counts: dict[int, int], generator: torch.Generator) -> int:
+    """OpenAI semantics: penalties subtract presence (once per seen token) and frequency × count from the logits;
+    temperature 0 is greedy; top_p keeps the smallest set of tokens whose probability reaches top_p."""
+    if counts and (sampling.presence_penalty or sampling.frequency_penalty):
+        seen = torch.tensor(list(counts))
+        times = torch.tensor(list(counts.values()), dtype=logits.dtype)
+        logits = logits.clone()
+        logits[seen] -= sampling.presence_penalty + sampling.frequency_penalty * times
+    if sampling.temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > sampling.top_p
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))

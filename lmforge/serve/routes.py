@@ -1,0 +1,292 @@
+"""HTTP endpoints: /v1/models, /v1/chat/completions, /v1/completions, /health, /ready, /metrics, /admin/*, and /.
+
+A completion request passes the guard (key → kill switch → validation → rate limit), goes to the engine as a
+Submission, and comes back as one JSON body or as server-sent events. A client that disconnects cancels its
+sequences. Must not do model arithmetic (engine.py) or decide limits (guard.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from importlib import resources
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from jinja2 import TemplateError
+from pydantic import BaseModel, ValidationError
+
+from ..render import render_prompt
+from . import protocol
+from .engine import EngineBusy, EngineStopped, Sampling, Submission
+from .protocol import ApiError, ChatCompletionRequest, CompletionRequest
+from .text import TextAssembler
+
+router = APIRouter()
+STARTED = int(time.time())
+
+
+def _state(request: Request):
+    return request.app.state
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def chat_page() -> HTMLResponse:
+    return HTMLResponse(resources.files("lmforge.serve").joinpath("static/chat.html").read_text(encoding="utf-8"))
+
+
+@router.get("/health")
+async def health() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    state = _state(request)
+    if not state.engine.alive:
+        raise ApiError(503, "the model engine is not running", type="service_unavailable", code="engine_down")
+    state.guard.check_available()
+    return JSONResponse({"status": "ready", "running": state.engine.running, "queued": state.engine.queued})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    state = _state(request)
+    state.guard.authenticate(request.headers.get("authorization"))
+    return Response(state.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict:
+    state = _state(request)
+    state.guard.authenticate(request.headers.get("authorization"))
+    return protocol.model_list(list(state.engine.models), STARTED)
+
+
+class KillSwitchBody(BaseModel):
+    enabled: bool
+    message: str | None = None
+
+
+@router.get("/admin/kill-switch")
+async def kill_switch_state(request: Request) -> dict:
+    state = _state(request)
+    state.guard.authenticate_admin(request.headers.get("authorization"))
+    return {"enabled": state.guard.kill_switch.active_message() is not None,
+            "message": state.guard.kill_switch.active_message()}
+
+
+@router.post("/admin/kill-switch")
+async def set_kill_switch(request: Request) -> dict:
+    state = _state(request)
+    state.guard.authenticate_admin(request.headers.get("authorization"))
+    body = await _parse(request, KillSwitchBody)
+    state.guard.kill_switch.set(body.enabled, body.message)
+    return await kill_switch_state(request)
+
+
+@router.get("/admin/usage")
+async def usage(request: Request) -> dict:
+    state = _state(request)
+    state.guard.authenticate_admin(request.headers.get("authorization"))
+    return {"keys": {key: vars(u) for key, u in state.guard.usage.items()}}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    return await _complete(request, ChatCompletionRequest, chat=True)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request):
+    return await _complete(request, CompletionRequest, chat=False)
+
+
+# ---------------------------------------------------------------------------------------------------- completions
+
+
+async def _complete(request: Request, schema: type[BaseModel], chat: bool):
+    state, settings = _state(request), _state(request).settings
+    arrived = time.perf_counter()
+    key = state.guard.authenticate(request.headers.get("authorization"))
+    state.guard.check_available()
+    body = await _parse(request, schema)
+    served = state.engine.models.get(body.model)
+    if served is None:
+        raise ApiError(404, f"model {body.model!r} is not served here; available: {', '.join(state.engine.models)}",
+                       param="model", code="model_not_found")
+    prompt, field = _prompt_ids(served, body, chat)
+    max_tokens = _check_sizes(body, len(prompt), field, settings, state.engine.decoder.max_len, chat)
+    state.guard.admit(key, len(prompt))
+    state.metrics.admitted(key, body.model, len(prompt))
+    sampling = Sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty)
+    submission = Submission(prompt=prompt, adapter=served.adapter, choices=[sampling] * body.n,
+                            stop_ids=served.chat_stop_ids if chat else served.text_stop_ids,
+                            deadline=time.monotonic() + settings.request_timeout)
+    try:
+        ticket = state.engine.submit(submission, asyncio.get_running_loop())
+    except EngineBusy as busy:
+        raise ApiError(503, f"server busy: {busy}; retry shortly", type="service_unavailable", code="queue_full",
+                       headers={"Retry-After": "1"}) from None
+    except EngineStopped as stopped:
+        raise ApiError(503, str(stopped), type="service_unavailable", code="engine_down") from None
+    run = _Run(state, key, body, served, ticket, arrived, len(prompt), chat)
+    if body.stream:
+        return StreamingResponse(run.events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return JSONResponse(await run.collect(request))
+
+
+async def _parse(request: Request, schema: type[BaseModel]):
+    try:
+        data = json.loads(await request.body() or b"null")
+    except ValueError as err:
+        raise ApiError(400, f"the request body is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as err:
+        problems = err.errors()
+        first = protocol.field_path(problems[0]["loc"])
+        detail = "; ".join(f"{protocol.field_path(p['loc']) or 'body'}: {p['msg']}" for p in problems[:5])
+        raise ApiError(400, detail, param=first or None) from None
+
+
+def _prompt_ids(served, body, chat: bool) -> tuple[list[int], str]:
+    if not chat:
+        return served.tokenizer(body.prompt, add_special_tokens=True)["input_ids"], "prompt"
+    if not served.has_chat_template:
+        raise ApiError(400, f"model {served.name!r} has no chat template (a base model): use /v1/completions",
+                       param="model")
+    try:
+        return render_prompt(served.tokenizer, body.conversation()), "messages"
+    except (TemplateError, ValueError) as err:  # e.g. a template that insists on alternating roles
+        raise ApiError(400, f"the chat template rejected these messages: {err}", param="messages") from None
+
+
+def _check_sizes(body, prompt_tokens: int, field: str, settings, context: int, chat: bool) -> int:
+    name = "max_completion_tokens" if chat and body.max_completion_tokens else "max_tokens"
+    if body.n > settings.max_n:
+        raise ApiError(400, f"n is {body.n}; this server allows at most {settings.max_n}", param="n")
+    if prompt_tokens == 0:
+        raise ApiError(400, f"the {field} is empty", param=field)
+    requested = body.requested_max_tokens()
+    if requested is not None and requested > settings.max_tokens:
+        raise ApiError(400, f"{name} is {requested}; this server allows at most {settings.max_tokens}", param=name)
+    if prompt_tokens >= context:
+        raise ApiError(400, f"the prompt has {prompt_tokens} tokens; the context holds {context} (prompt + reply): "
+                            f"shorten the {field}", param=field, code="context_length_exceeded")
+    room = context - prompt_tokens
+    if requested is None:
+        return min(settings.default_max_tokens, room)
+    if requested > room:
+        raise ApiError(400, f"the prompt has {prompt_tokens} tokens and {name} is {requested}: together more than "
+                            f"the context of {context}; lower {name} to at most {room}", param=name,
+                       code="context_length_exceeded")
+    return requested
+
+
+class _Run:
+    """One admitted request: turns engine events into choices' text, usage, metrics and the wire format."""
+
+    def __init__(self, state, key, body, served, ticket, arrived: float, prompt_tokens: int, chat: bool):
+        self.state, self.key, self.body, self.served, self.ticket = state, key, body, served, ticket
+        self.arrived, self.prompt_tokens, self.chat = arrived, prompt_tokens, chat
+        self.texts = [TextAssembler(served.tokenizer, body.stop) for _ in range(body.n)]
+        self.reasons: list[str | None] = [None] * body.n
+        self.counts = [0] * body.n
+        self.first_token_seen = False
+        self.id = protocol.new_id("chatcmpl" if chat else "cmpl")
+        self.created = int(time.time())
+
+    async def pieces(self):
+        """(choice, new text, finish_reason or None) until every choice has finished."""
+        try:
+            while None in self.reasons:
+                choice, token, reason = await self.ticket.events.get()
+                if self.reasons[choice] is not None:
+                    continue  # events after we stopped it ourselves (stop string)
+                if token is not None:
+                    self._count_first()
+                    self.counts[choice] += 1
+                    text = self.texts[choice].add(token)
+                    if self.texts[choice].stopped:
+                        self.ticket.cancel(choice)
+                        self.reasons[choice] = "stop"
+                        yield choice, text, "stop"
+                    elif text:
+                        yield choice, text, None
+                    continue
+                if reason == "timeout":
+                    raise ApiError(504, f"the request took longer than {self.state.settings.request_timeout:g} s "
+                                        f"and was stopped", type="timeout", code="timeout")
+                if reason == "error":
+                    raise ApiError(500, "the model engine failed; see the server log", type="server_error",
+                                   code="engine_error")
+                self.reasons[choice] = reason
+                yield choice, self.texts[choice].flush(), reason
+        finally:
+            self.ticket.cancel()  # a no-op when all finished; stops generation when the client went away
+            completion = sum(self.counts)
+            self.state.guard.record_completion(self.key, completion)
+            self.state.metrics.completed(self.key, self.body.model, completion)
+
+    def _count_first(self) -> None:
+        if not self.first_token_seen:
+            self.first_token_seen = True
+            self.state.metrics.ttft.labels(self.body.model).observe(time.perf_counter() - self.arrived)
+
+    def usage(self) -> dict:
+        return protocol.usage(self.prompt_tokens, sum(self.counts))
+
+    async def collect(self, request: Request) -> dict:
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, self.ticket))
+        try:
+            texts = [""] * self.body.n
+            async for choice, text, _ in self.pieces():
+                texts[choice] += text
+        finally:
+            watcher.cancel()
+        build = protocol.chat_completion if self.chat else protocol.text_completion
+        return build(self.id, self.body.model, list(zip(texts, self.reasons)), self.usage())
+
+    async def events(self):
+        options = self.body.stream_options
+        with_usage = bool(options and options.include_usage)
+        model = self.body.model
+        try:
+            if self.chat:
+                for index in range(self.body.n):
+                    yield _sse(protocol.chat_chunk(self.id, model, self.created, index,
+                                                   {"role": "assistant", "content": ""}, None, with_usage))
+            async for choice, text, reason in self.pieces():
+                if self.chat:
+                    if text:
+                        yield _sse(protocol.chat_chunk(self.id, model, self.created, choice, {"content": text},
+                                                       None, with_usage))
+                    if reason:
+                        yield _sse(protocol.chat_chunk(self.id, model, self.created, choice, {}, reason, with_usage))
+                elif text or reason:
+                    yield _sse(protocol.text_chunk(self.id, model, self.created, choice, text, reason, with_usage))
+            if with_usage:
+                kind = "chat.completion.chunk" if self.chat else "text_completion"
+                yield _sse(protocol.usage_chunk(self.id, model, self.created, kind, self.usage()))
+        except ApiError as error:  # headers are sent: the error travels as an event, as OpenAI's API does
+            yield _sse(error.body())
+        yield "data: [DONE]\n\n"
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _cancel_on_disconnect(request: Request, ticket) -> None:
+    """The body is read, so the next ASGI message is the disconnect (if the client leaves before the reply)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            ticket.cancel()
+            return

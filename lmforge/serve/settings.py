@@ -1,0 +1,104 @@
+"""Serving settings: one typed model, read from serve.yaml and overridden by command-line flags.
+
+Each field is documented once, here. Unknown keys are errors with a "did you mean". Must not load models or open
+sockets (cli.py and app.py do).
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..errors import ConfigError
+from .protocol import field_path
+
+
+class ServeSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field("127.0.0.1", description="address to bind; beyond loopback only with API keys")
+    port: int = Field(8000, ge=0, le=65535)
+    served_model_name: str | None = Field(None, description="the name /v1/models lists for the base or run")
+    adapters: dict[str, str] = Field({}, description="extra LoRA adapters on the same base: name → adapter dir")
+    api_keys: list[str] = Field([], description="accepted keys: KEY, NAME=KEY or NAME=sha256:HEX (hashed at rest)")
+    api_key_file: str | None = Field(None, description="a file of keys, one per line in the api_keys forms")
+    admin_keys: list[str] = Field([], description="keys for /admin (kill switch, usage); same forms")
+    requests_per_minute: int | None = Field(None, ge=1, description="per key; over it → 429 with Retry-After")
+    tokens_per_minute: int | None = Field(None, ge=1, description="prompt + completion tokens per key per minute")
+    max_concurrent: int = Field(8, ge=1, le=256, description="sequences generated together (KV-cache slots)")
+    max_queue: int = Field(32, ge=0, description="sequences waiting for a slot; beyond it → 503")
+    max_tokens: int = Field(2048, ge=1, description="the largest max_tokens a request may ask for")
+    default_max_tokens: int = Field(512, ge=1, description="max_tokens of a chat request that sets none")
+    max_n: int = Field(4, ge=1, description="the largest n (choices per request); default min(4, max_concurrent)")
+    context_length: int | None = Field(None, ge=16, description="prompt + reply tokens; default min(model's, 4096)")
+    request_timeout: float = Field(300.0, gt=0, description="seconds before a request is cut off")
+    kill_switch_file: str | None = Field(None, description="while this file exists the API answers 503 (degraded)")
+    degraded_message: str = "The assistant is temporarily unavailable. Please try again later."
+    cors_origins: list[str] = Field([], description="origins allowed to call the API from a browser; none = off")
+    threads: int | None = Field(None, ge=1, description="torch threads for the model; default: CPU cores - 1, so "
+                                                     "HTTP keeps a core (on a busy machine, fewer threads are faster)")
+    prefill_chunk: int = Field(256, ge=1, description="prompt tokens prefilled per engine step (long prompts "
+                                                      "are split so running streams keep flowing)")
+
+    @model_validator(mode="after")
+    def n_fits_slots(self):
+        if "max_n" not in self.model_fields_set:
+            self.max_n = min(self.max_n, self.max_concurrent)
+        elif self.max_n > self.max_concurrent:
+            raise ValueError(f"max_n ({self.max_n}) cannot exceed max_concurrent ({self.max_concurrent}): the n "
+                             f"choices of a request are generated side by side")
+        return self
+
+    def has_keys(self) -> bool:
+        return bool(self.api_keys or self.api_key_file)
+
+    def check_bind(self) -> None:
+        """No keys → loopback only: an open model on the network is how unprotected servers get found."""
+        if self.has_keys() or is_loopback(self.host):
+            return
+        raise ConfigError(f"refusing to listen on {self.host} without API keys: anyone who can reach it could use "
+                          f"the model. Add --api-key KEY (or --api-key-file FILE), or bind --host 127.0.0.1")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_settings(path: str | None, overrides: dict) -> ServeSettings:
+    """serve.yaml (if given) with command-line values on top; every problem reported at once."""
+    data: dict = {}
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"serve config not found: {path}")
+        try:
+            data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    data.update({k: v for k, v in overrides.items() if v not in (None, [], {})})
+    try:
+        return ServeSettings.model_validate(data)
+    except ValidationError as err:
+        where = path or "serve settings"
+        known = list(ServeSettings.model_fields)
+        lines = []
+        for problem in err.errors():
+            name = field_path(problem["loc"])
+            if problem["type"] == "extra_forbidden":
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                lines.append(f"  {name}: unknown setting{hint}")
+            else:
+                lines.append(f"  {name or 'settings'}: {problem['msg']}")
+        raise ConfigError(f"{where}:\n" + "\n".join(lines)) from None

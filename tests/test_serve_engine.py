@@ -1,0 +1,156 @@
+"""The serving decoder and engine without HTTP: logits equal transformers' (with and without LoRA), and batching
+does not change greedy token ids."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.models import load_model, load_tokenizer
+from lmforge.serve.decoder import Decoder, load_adapter_into
+from lmforge.serve.engine import Engine, Sampling, Submission
+from lmforge.serve.settings import ServeSettings
+from test_serve_support import make_adapter, vivid_tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory, bundled_model_dir):
+    root = tmp_path_factory.mktemp("engine")
+    base = vivid_tiny_model("llama", load_tokenizer(bundled_model_dir), root / "base")
+    return base, {"a1": make_adapter(base, root / "a1", ["q_proj", "v_proj", "down_proj"], seed=1),
+                  "a2": make_adapter(base, root / "a2", ["k_proj", "o_proj", "gate_proj", "up_proj"], seed=2)}
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    return torch.randint(10, 4000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_decoder_logits_equal_transformers(kind, tmp_path, bundled_model_dir):
+    from conftest import qwen_tokenizer
+
+    tokenizer = qwen_tokenizer(bundled_model_dir) if kind == "qwen2" else load_tokenizer(bundled_model_dir)
+    model = load_model(vivid_tiny_model(kind, tokenizer, tmp_path / kind), torch.float32).eval()
+    ids = _prompt(24, 0)
+    with torch.inference_mode():
+        reference = model(input_ids=torch.tensor([ids])).logits[0]
+    decoder = Decoder(model, slots=4, max_len=64)
+    other = _prompt(9, 1)
+    decoder.prefill(0, other, 0, 0)  # another sequence in slot 0 while slot 2 works
+    torch.testing.assert_close(decoder.prefill(2, ids[:10], 0, 0), reference[9], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(decoder.prefill(2, ids[10:16], 10, 0), reference[15], atol=1e-4, rtol=1e-4)
+    for position in range(16, 24):  # slot 1 idle: it must not disturb the others
+        logits = decoder.decode([0, 2], [other[-1], ids[position]], [9 + position - 16, position], [0, 0])
+        torch.testing.assert_close(logits[1], reference[position], atol=1e-4, rtol=1e-4)
+
+
+def test_lora_rows_equal_peft(llama):
+    from peft import PeftModel
+
+    base_dir, adapters = llama
+    ids = _prompt(12, 3)
+    decoder = Decoder(load_model(base_dir, torch.float32).eval(), slots=3, max_len=32)
+    model = load_model(base_dir, torch.float32).eval()
+    for name, directory in adapters.items():
+        load_adapter_into(decoder, model, name, Path(directory))
+    references = []
+    with torch.inference_mode():
+        references.append(load_model(base_dir, torch.float32)(input_ids=torch.tensor([ids])).logits[0])
+        for directory in adapters.values():
+            peft_model = PeftModel.from_pretrained(load_model(base_dir, torch.float32), directory).eval()
+            references.append(peft_model(input_ids=torch.tensor([ids])).logits[0])
+    for slot, adapter in enumerate((0, 1, 2)):
+        decoder.prefill(slot, ids[:8], 0, adapter)
+    for position in range(8, 12):  # one batch mixing base, a1 and a2 rows
+        logits = decoder.decode([0, 1, 2], [ids[position]] * 3, [position] * 3, [0, 1, 2])
+        for row in range(3):
+            torch.testing.assert_close(logits[row], references[row][position], atol=1e-4, rtol=1e-4)
+
+
+def _run(engine: Engine, submissions: list[Submission]) -> list[list[list[int]]]:
+    """Submit all at once; return each submission's token ids per choice."""
+    async def go():
+        loop = asyncio.get_running_loop()
+        tickets = [engine.submit(s, loop) for s in submissions]
+        results = []
+        for ticket in tickets:
+            tokens = [[] for _ in ticket.submission.choices]
+            finished = 0
+            while finished < len(tokens):
+                choice, token, reason = await ticket.events.get()
+                if token is None:
+                    finished += 1
+                else:
+                    tokens[choice].append(token)
+            results.append(tokens)
+        return results
+    return asyncio.run(go())
+
+
+def test_batching_keeps_greedy_token_ids(llama):
+    from lmforge.serve.loading import build_engine
+
+    base_dir, adapters = llama
+    engine = build_engine(base_dir, None, adapters, ServeSettings(max_concurrent=4, prefill_chunk=7))
+    engine.start()
+    try:
+        submissions = [Submission(_prompt(5 + 3 * i, 10 + i), adapter=i % 3,
+                                  choices=[Sampling(max_tokens=6 + i)], stop_ids=frozenset())
+                       for i in range(8)]  # 8 requests, 4 slots: some wait, prompts prefill in 7-token chunks
+        together = _run(engine, submissions)
+        alone = [_run(engine, [s])[0] for s in submissions]
+        assert together == alone
+        assert [len(t[0]) for t in together] == [6 + i for i in range(8)]
+        assert len({tuple(t[0]) for t in together}) == 8  # different prompts and adapters → different replies
+    finally:
+        engine.stop()
+
+
+def test_choices_share_prompt_and_seeds_repeat(llama):
+    from lmforge.serve.loading import build_engine
+
+    engine = build_engine(llama[0], None, {}, ServeSettings(max_concurrent=4))
+    engine.start()
+    try:
+        prompt = _prompt(6, 5)
+        sampled = Sampling(max_tokens=8, temperature=1.0, seed=7)
+        three = _run(engine, [Submission(prompt, 0, [sampled] * 3, frozenset())])[0]
+        one = _run(engine, [Submission(prompt, 0, [sampled], frozenset())])[0]
+        assert three[0] == one[0]  # choice 0 of a seeded request == the same request with n=1
+        assert len({tuple(c) for c in three}) == 3  # each choice draws from its own seed
+        greedy = _run(engine, [Submission(prompt, 0, [Sampling(max_tokens=8)] * 2, frozenset())])[0]
+        assert greedy[0] == greedy[1]
+        stop_at = greedy[0][3]
+        stopped = _run(engine, [Submission(prompt, 0, [Sampling(max_tokens=8)], frozenset({stop_at}))])[0][0]
+        assert stopped == greedy[0][:greedy[0].index(stop_at)]  # a stop id ends the reply and is not emitted
+    finally:
+        engine.stop()
+
+
+def test_shared_prompt_prefix_is_reused_not_recomputed(llama):
+    from lmforge.serve.loading import build_engine
+
+    base_dir, adapters = llama
+    first = _prompt(20, 8)
+    longer = first + _prompt(6, 9)
+    fresh = build_engine(base_dir, None, adapters, ServeSettings(max_concurrent=2))
+    reusing = build_engine(base_dir, None, adapters, ServeSettings(max_concurrent=2))
+    for engine in (fresh, reusing):
+        engine.start()
+    try:
+        greedy = [Sampling(max_tokens=6)]
+        expected = [_run(fresh, [Submission(longer, a, greedy, frozenset())])[0] for a in (0, 1)]
+        _run(reusing, [Submission(first, 0, greedy, frozenset())])
+        assert _run(reusing, [Submission(longer, 0, greedy, frozenset())])[0] == expected[0]
+        assert reusing.reused_prompt_tokens == 20
+        assert _run(reusing, [Submission(longer, 1, greedy, frozenset())])[0] == expected[1]
+        assert reusing.reused_prompt_tokens == 20  # another adapter's keys/values are never borrowed
+        assert fresh.reused_prompt_tokens == 0
+    finally:
+        for engine in (fresh, reusing):
+            engine.stop()

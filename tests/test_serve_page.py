@@ -1,0 +1,49 @@
+"""The chat page at / in a real headless Chromium: it sends the key, lists the models and streams a reply that
+equals the API's. Skipped where no browser is installed (apt-get install chromium; pip install playwright);
+test_serve.py::test_chat_page_contract checks the page's HTTP/JS contract everywhere."""
+
+from __future__ import annotations
+
+import shutil
+
+import openai
+import pytest
+
+from lmforge.models import load_tokenizer
+from lmforge.serve.app import create_app
+from lmforge.serve.loading import build_engine
+from lmforge.serve.settings import ServeSettings
+from test_serve_support import live_server, vivid_tiny_model
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine")]
+KEY = "page-test-key"
+
+
+def test_page_streams_a_reply_with_the_key(tmp_path, bundled_model_dir):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    base = vivid_tiny_model("llama", load_tokenizer(bundled_model_dir), tmp_path / "tiny")
+    settings = ServeSettings(api_keys=[KEY])
+    with live_server(create_app(build_engine(base, None, {}, settings), settings)) as (url, _):
+        expected = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0).chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Is this contract valid?"}], max_tokens=12,
+            temperature=0).choices[0].message.content
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.wait_for_function("document.getElementById('status').textContent.includes('401')"
+                                   " || document.getElementById('status').textContent.includes('API key')")
+            page.fill("#apiKey", KEY)
+            page.dispatch_event("#apiKey", "change")
+            page.wait_for_function("document.querySelectorAll('#model option').length === 1")
+            page.fill("#temperature", "0")
+            page.fill("#maxTokens", "12")
+            page.fill("#input", "Is this contract valid?")
+            page.press("#input", "Enter")
+            page.wait_for_function("document.getElementById('status').textContent === 'done'", timeout=30000)
+            texts = page.locator(".msg.assistant .text").all_text_contents()
+            page.screenshot(path=str(tmp_path / "chat.png"))
+            browser.close()
+    assert texts == [expected]
