@@ -124,16 +124,22 @@ def _with_adapter(base: str, adapter: Path, dtype: str):
     return model, load_tokenizer(str(tokenizer_dir))
 
 
-def _next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    if params.temperature <= 0:
+def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """One token id from a row of logits: greedy at temperature 0, else softmax(logits / temperature) restricted to
+    the smallest set of tokens whose probability reaches top_p. Shared by every decoding loop (chat, eval, serve)."""
+    if temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-    if params.top_p < 1.0:
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
         sorted_probs[outside] = 0.0
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    return sample_token(logits, params.temperature, params.top_p, generator)
 
 
 @torch.inference_mode()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..generate import sample_token
 from .decoder import Decoder
 
 
@@ -377,12 +378,4 @@ def sample(logits: torch.Tensor, sampling: Sampling, counts: dict[int, int], gen
         times = torch.tensor(list(counts.values()), dtype=logits.dtype)
         logits = logits.clone()
         logits[seen] -= sampling.presence_penalty + sampling.frequency_penalty * times
-    if sampling.temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
-    if sampling.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > sampling.top_p
-        sorted_probs[outside] = 0.0
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return sample_token(logits, sampling.temperature, sampling.top_p, generator)
