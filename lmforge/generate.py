@@ -59,6 +59,10 @@ def load_run_weights(weights: RunWeights, dtype: str = "auto"):
     """(model, tokenizer) for one set of weights of a run: its final artifact or one of its checkpoints."""
     if weights.is_checkpoint:
         model, tokenizer = load_run_base(weights.run, dtype)
+        if run_config(weights.run).train.stage == "rm":  # its checkpoints hold the value head too (unused here)
+            from .stages import attach_value_head
+
+            attach_value_head(model)
         load_trainable(model, weights.path)
         return model, tokenizer
     artifact = weights.path

@@ -16,7 +16,7 @@ from lmforge.config import Config, load_config
 from lmforge.data.datasets import resolve_dataset
 from lmforge.data.preference import load_labelled, load_pairs
 from lmforge.errors import DataError
-from lmforge.generate import load_for_inference
+from lmforge.generate import SamplingParams, load_for_inference, reply
 from lmforge.losses import bradley_terry_loss, dpo_loss, kto_loss, orpo_loss, simpo_loss
 from lmforge.reward import load_reward_model, score
 from lmforge.stages import _pt_blocks, make_batch
@@ -182,7 +182,7 @@ def test_stage_and_method_compose(stage, method, llama_dir, tmp_path):
 def test_reward_model_accuracy_rises_and_score_uses_it(llama_dir, tmp_path, capsys):
     data = write(tmp_path / "pairs.jsonl", pairs(24))
     run = train(stage_config(llama_dir, tmp_path, "rm", data, max_steps=12, eval_steps=6, batch_size=4,
-                             learning_rate=1e-2, data_fields={"val_size": 6}))
+                             learning_rate=1e-2, save_steps=6, data_fields={"val_size": 6}))
     evals = [r for r in logged(run) if "eval_accuracy" in r]
     assert len(evals) == 2 and evals[-1]["eval_accuracy"] == 1.0 and evals[-1]["eval_loss"] < 0.5
     assert (run.adapter / "value_head.safetensors").is_file()
@@ -200,6 +200,9 @@ def test_reward_model_accuracy_rises_and_score_uses_it(llama_dir, tmp_path, caps
     assert "24 pairs: accuracy 1.0000" in capsys.readouterr().out
     assert len(out.read_text().splitlines()) == 24
     assert cli.main(["score", str(tmp_path / "nope"), "--data", str(data)]) == 2
+    # a reward model's checkpoint (value head included) loads for chat / eval like any other run's
+    checkpoint = load_for_inference(str(run.root), checkpoint="step-6", announce=False)
+    assert isinstance(reply(*checkpoint, [{"role": "user", "content": "hi"}], SamplingParams(max_new_tokens=3)), str)
 
 
 def test_pt_loss_falls_on_repeated_text(llama_dir, tmp_path):
