@@ -154,3 +154,24 @@ def test_shared_prompt_prefix_is_reused_not_recomputed(llama):
     finally:
         for engine in (fresh, reusing):
             engine.stop()
+
+
+def test_prefill_many_equals_one_prompt_at_a_time(llama):
+    """Simultaneous arrivals share one prefill forward: ragged prompts, a later chunk and mixed adapters in one
+    packed batch give the logits and cache each would get alone."""
+    base_dir, adapters = llama
+    model = load_model(base_dir, torch.float32).eval()
+    together, alone = Decoder(model, slots=4, max_len=48), Decoder(model, slots=4, max_len=48)
+    for decoder in (together, alone):
+        for name, directory in adapters.items():
+            load_adapter_into(decoder, model, name, Path(directory))
+    long_prompt = _prompt(20, 20)
+    for decoder in (together, alone):
+        decoder.prefill(3, long_prompt[:12], 0, 2)  # slot 3 continues with its second chunk below
+    rows = [(0, _prompt(5, 21), 0, 0), (1, _prompt(11, 22), 0, 1), (3, long_prompt[12:], 12, 2)]
+    logits = together.prefill_many(*[list(column) for column in zip(*rows)])
+    for row, (slot, tokens, start, adapter) in enumerate(rows):
+        torch.testing.assert_close(logits[row], alone.prefill(slot, tokens, start, adapter), atol=1e-4, rtol=1e-4)
+    slots, positions = [0, 1, 3], [5, 11, 20]  # the caches agree: the next decode step gives the same logits
+    step = [d.decode(slots, [7, 8, 9], positions, [0, 1, 2]) for d in (together, alone)]
+    torch.testing.assert_close(step[0], step[1], atol=1e-4, rtol=1e-4)

@@ -149,26 +149,44 @@ class Decoder:
 
     # ------------------------------------------------------------------------------------------------ forward
 
-    @torch.inference_mode()
     def prefill(self, slot: int, token_ids: list[int], start: int, adapter: int) -> torch.Tensor:
         """Run `token_ids` at positions start… of `slot` (a prompt, or a chunk of one); return the last logits [V]."""
-        count = len(token_ids)
-        positions = torch.arange(start, start + count)
-        hidden = self.embed[torch.tensor(token_ids)][None]  # [1, T, D]
-        groups = [(adapter, None)] if adapter else []
-        causal = positions[:, None] >= torch.arange(start + count)[None]  # [T, start+T]
+        return self.prefill_many([slot], [token_ids], [start], [adapter])[0]
+
+    @torch.inference_mode()
+    def prefill_many(self, slots: list[int], token_lists: list[list[int]], starts: list[int],
+                     adapters: list[int]) -> torch.Tensor:
+        """Prefill several prompts (or chunks) in one forward; return each one's last logits [len(slots), V].
+
+        Their tokens go through every projection as one packed batch of rows (no padding): simultaneous arrivals
+        then cost one pass over the weights instead of one each. Attention runs per prompt over its own slot's cache.
+        """
+        counts = [len(tokens) for tokens in token_lists]
+        positions = torch.cat([torch.arange(start, start + count) for start, count in zip(starts, counts)])
+        row_slots = torch.repeat_interleave(torch.tensor(slots), torch.tensor(counts))
+        groups = _adapter_groups([adapter for adapter, count in zip(adapters, counts) for _ in range(count)])
+        ends = torch.tensor(counts).cumsum(0)
+        offsets = [0] + ends[:-1].tolist()
+        masks = [None if start == 0 else  # a fresh prompt uses is_causal; a later chunk sees what precedes it
+                 torch.arange(start, start + count)[:, None] >= torch.arange(start + count)[None]
+                 for start, count in zip(starts, counts)]  # [T, start+T]
+        hidden = self.embed[torch.tensor([t for tokens in token_lists for t in tokens])][:, None]  # [R, 1, D]
         for index, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, hidden, positions[None], groups)
-            self.k_cache[index, slot, :, start:start + count] = k[0]
-            self.v_cache[index, slot, :, start:start + count] = v[0]
-            keys = self.k_cache[index, slot:slot + 1, :, :start + count]
-            values = self.v_cache[index, slot:slot + 1, :, :start + count]
-            if start == 0:
-                attended = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
-            else:
-                attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal, enable_gqa=True)
-            hidden = self._finish_layer(layer, hidden, attended, groups)
-        return self.lm_head(_rms_norm(hidden[0, -1:], self.final_norm, self.eps), [])[0]
+            q, k, v = self._qkv(layer, hidden, positions[:, None], groups)  # [R, heads, 1, hd]
+            self.k_cache[index][row_slots, :, positions] = k[:, :, 0]
+            self.v_cache[index][row_slots, :, positions] = v[:, :, 0]
+            parts = []
+            for slot, start, count, offset, mask in zip(slots, starts, counts, offsets, masks):
+                query = q[offset:offset + count, :, 0].transpose(0, 1)[None]  # [1, heads, T, hd]
+                keys = self.k_cache[index, slot:slot + 1, :, :start + count]
+                values = self.v_cache[index, slot:slot + 1, :, :start + count]
+                if mask is None:
+                    attended = F.scaled_dot_product_attention(query, keys, values, is_causal=True, enable_gqa=True)
+                else:
+                    attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=True)
+                parts.append(attended[0].transpose(0, 1))  # [T, heads, hd]
+            hidden = self._finish_layer(layer, hidden, torch.cat(parts)[:, :, None], groups)
+        return self.lm_head(_rms_norm(hidden[ends - 1, 0], self.final_norm, self.eps), [])
 
     @torch.inference_mode()
     def decode(self, slots: list[int], tokens: list[int], positions: list[int], adapters: list[int]) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """The batching engine: one thread owns the decoder; HTTP handlers hand it work and read tokens back through queues.
 
-Continuous batching: every iteration admits waiting requests into free KV-cache slots, prefills them (in chunks, so
-a long prompt does not stall the others), then decodes one token for every running sequence in one batch. Sequences
-join and leave between steps. A request's n choices share one prefill. Each choice samples with its own generator,
-so its tokens do not depend on what else is in the batch. Must not know about HTTP, keys or text (tokens only).
+Continuous batching: every iteration admits waiting requests into free KV-cache slots, prefills them all in one forward
+(at most prefill_chunk tokens, so a long prompt does not stall the others), then decodes one token for every running
+sequence in one batch. Sequences join and leave between steps. A request's n choices share one prefill. Each choice
+samples with its own generator, so its tokens do not depend on what else is in the batch. Must not know about HTTP,
+keys or text (tokens only).
 """
 
 from __future__ import annotations
@@ -181,6 +182,7 @@ class Engine:
         if self.threads:
             torch.set_num_threads(self.threads)
         try:
+            self._warm_up()
             while True:
                 busy = self._running or self._prefilling or self._waiting
                 if not self._take_inbox(block=not busy):
@@ -189,12 +191,44 @@ class Engine:
                 self._drop_cancelled(outbox)
                 self._admit()
                 self._prefill(outbox)
+                alive = self._prefill_arrivals(outbox)
                 self._decode(outbox)
+                if not alive:
+                    _send(outbox)
+                    return
                 _send(outbox)
         except BaseException as error:  # a bug or out of memory: fail every request instead of hanging them
             self.failure = error
             self._fail_all(error)
             raise
+
+    def _prefill_arrivals(self, outbox) -> bool:
+        """Prefill first: requests that arrived during the last prefill get their first token before the next
+        decode step (simultaneous clients land a few ms apart). Bounded: each round admits into a free slot.
+        False when told to stop and nothing is left."""
+        for _ in range(self.decoder.slots):
+            if self._inbox.empty() or not self._free_slots:
+                break
+            if not self._take_inbox(block=False):
+                return False
+            self._admit()
+            if not self._prefilling:
+                break
+            self._prefill(outbox)
+        return True
+
+    def _warm_up(self) -> None:
+        """Pay first-use costs before the first requests do (requests that arrive meanwhile wait in the inbox).
+        A decode step of each batch width first-touches every slot's KV-cache pages (mapped lazily; numpy asks for
+        huge pages, so each first touch zeroes up to 2 MB: 0.3-1 s per new width on the bundled model) and builds
+        oneDNN's primitives for that width; two short prompts do the same for prefill. Nothing stays visible:
+        no slot is recorded as holding tokens, so later prompts overwrite what this wrote."""
+        slots, tokens = list(range(self.decoder.slots)), min(8, self.decoder.max_len)
+        rows = slots[:2]
+        self.decoder.prefill_many(rows, [[0] * tokens] * len(rows), [0] * len(rows), [0] * len(rows))
+        widths = sorted({*range(1, min(self.decoder.slots, 16) + 1), self.decoder.slots})  # the widest touches all
+        for width in widths:
+            self.decoder.decode(slots[:width], [0] * width, [0] * width, [0] * width)
 
     def _take_inbox(self, block: bool) -> bool:
         """Move new tickets into the waiting line; False when told to stop and nothing is left to finish."""
@@ -277,17 +311,24 @@ class Engine:
         return min(_common_prefix(self._slot_tokens[slot], submission.prompt), len(submission.prompt) - 1)
 
     def _prefill(self, outbox) -> None:
-        budget = self.prefill_chunk
-        for pending in list(self._prefilling):
+        """One forward for every admitted prompt (up to `prefill_chunk` tokens in all, the rest next step)."""
+        budget, batch = self.prefill_chunk, []
+        for pending in self._prefilling:
             if budget <= 0:
-                return
+                break
+            chunk = pending.ticket.submission.prompt[pending.prefilled:pending.prefilled + budget]
+            batch.append((pending, chunk))
+            budget -= len(chunk)
+        if not batch:
+            return
+        logits = self.decoder.prefill_many([p.sequences[0].slot for p, _ in batch], [c for _, c in batch],
+                                           [p.prefilled for p, _ in batch],
+                                           [p.ticket.submission.adapter for p, _ in batch])
+        for (pending, chunk), last_logits in zip(batch, logits):
             submission = pending.ticket.submission
             first = pending.sequences[0]
-            chunk = submission.prompt[pending.prefilled:pending.prefilled + budget]
-            logits = self.decoder.prefill(first.slot, chunk, pending.prefilled, submission.adapter)
             self._slot_tokens[first.slot].extend(chunk)
             pending.prefilled += len(chunk)
-            budget -= len(chunk)
             if pending.prefilled < len(submission.prompt):
                 continue
             self._prefilling.remove(pending)
@@ -298,8 +339,8 @@ class Engine:
                     self._slot_adapter[sequence.slot] = submission.adapter
                 sequence.position = len(submission.prompt)
                 self._running.append(sequence)
-                self._accept(sequence, self._pick(sequence, logits), outbox)
-            _send(outbox)  # first tokens go out now, not after the other prefills and the decode step
+                self._accept(sequence, self._pick(sequence, last_logits), outbox)
+        _send(outbox)  # first tokens go out now, not after the decode step
 
     def _decode(self, outbox) -> None:
         if not self._running:
