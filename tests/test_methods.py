@@ -21,6 +21,7 @@ from lmforge.methods import apply_method, check_method, unwrap
 from lmforge.models import load_model, load_tokenizer
 from lmforge.render import render_example, render_prompt
 from lmforge.train import train
+from test_train import observe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = [{"role": "user", "content": "What is 3 plus 3?"}]
@@ -59,25 +60,12 @@ def logits_of(model, tokenizer) -> torch.Tensor:
 def run_method(llama_dir, tmp_path, settings: dict):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(c) + "\n" for c in conversations(8)))
-    seen: dict = {}
-    real_apply, real_save = train_module.apply_method, train_module.save_artifact
-
-    def observe_apply(model, method):
-        model = real_apply(model, method)
-        seen["initial"] = {n: p.detach().clone() for n, p in model.named_parameters()}
-        return model
-
-    def observe_save(run, model, tokenizer, method, **extra):
-        seen["model"] = model
-        return real_save(run, model, tokenizer, method, **extra)
-
     config = Config.model_validate({
         "name": "m", "model": {"name_or_path": llama_dir}, "method": settings, "data": {"train": [str(data)]},
         "train": {"output_dir": str(tmp_path / "run"), "batch_size": 4, "max_steps": 3, "logging_steps": 1,
                   "learning_rate": 1e-3 if settings["type"] in ("full", "freeze") else 2e-2}})
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_module, "apply_method", observe_apply)
-        patch.setattr(train_module, "save_artifact", observe_save)
+        seen = observe(patch)  # the real apply_method / save_artifact, watched
         run = train(config)
     return SimpleNamespace(run=run, **seen)
 

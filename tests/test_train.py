@@ -75,9 +75,9 @@ def observe(monkeypatch) -> dict:
         seen["initial"] = {name: p.detach().clone() for name, p in model.named_parameters()}
         return model
 
-    def save_artifact(run, model, tokenizer, method):
+    def save_artifact(run, model, tokenizer, method, **extra):
         seen["model"] = model
-        return real_save(run, model, tokenizer, method)
+        return real_save(run, model, tokenizer, method, **extra)
 
     monkeypatch.setattr(train_module, "apply_method", apply_method)
     monkeypatch.setattr(train_module, "save_artifact", save_artifact)
