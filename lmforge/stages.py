@@ -59,7 +59,7 @@ class LossOutput:
 
 @dataclass
 class StageData:
-    train: list[Any]  # units: Example (sft), list[Example] (a pt block), (chosen, rejected), (Example, desirable)
+    train: list[Any]  # units: Example (sft), list[Example] (a pt block), (chosen, rejected), (Example, desirable, KL row)
     val: list[Any]
     report: dict
 
@@ -164,8 +164,13 @@ def _labelled(tokenizer, items, cutoff_len: int):
         stats.truncated += cut is not example
         kept.append((cut, item.desirable))
     stats.kept = len(kept)
-    return kept, {**stats.__dict__, "desirable": sum(d for _, d in kept), "tokens": sum(len(e.input_ids)
-                  for e, _ in kept), "supervised_tokens": sum(e.num_supervised for e, _ in kept)}
+    if len(kept) == 1:
+        raise DataError("kto needs at least 2 replies in train and in val (data.val_size): its KL estimate pairs each prompt with another example's reply")
+    # each reply's KL row: its prompt + the next example's reply, fixed here so it does not depend on the batch size
+    units = [(example, desirable, _mismatched(example, kept[(i + 1) % len(kept)][0]))
+             for i, (example, desirable) in enumerate(kept)]
+    return units, {**stats.__dict__, "desirable": sum(d for _, d in kept), "tokens": sum(len(e.input_ids)
+                   for e, _ in kept), "supervised_tokens": sum(e.num_supervised for e, _ in kept)}
 
 
 # ---------------------------------------------------------------------------------------------- batches
@@ -178,10 +183,8 @@ def make_batch(stage: str, units: list, padded: bool, pad_id: int = 0):
         return collate([piece for block in units for piece in block], padded, pad_id)
     if stage in PAIR_STAGES:
         return StageBatch(collate([c for c, _ in units] + [r for _, r in units], padded, pad_id), len(units))
-    examples = [e for e, _ in units]
-    kl = [_mismatched(examples[i], examples[(i + 1) % len(examples)]) for i in range(len(examples))]
-    return StageBatch(collate(examples, padded, pad_id), len(units),
-                      torch.tensor([d for _, d in units]), collate(kl, padded, pad_id))
+    return StageBatch(collate([e for e, _, _ in units], padded, pad_id), len(units),
+                      torch.tensor([d for _, d, _ in units]), collate([kl for _, _, kl in units], padded, pad_id))
 
 
 def _mismatched(prompt_of: Example, reply_of: Example) -> Example:

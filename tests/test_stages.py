@@ -248,3 +248,26 @@ def test_preference_data_for_sft_says_which_stage(tmp_path):
 
     with pytest.raises(DataError, match=r"pairs\.jsonl:1: .*preference pair.*stage dpo"):
         read_stage_data(run)
+
+
+def test_kto_kl_rows_pair_each_prompt_with_another_reply_at_any_batch_size(bundled_model_dir):
+    """KTO's KL estimate needs unrelated prompt/reply pairs; they are fixed per example over the whole dataset, so a
+    batch of one still gets a mismatched row (not its own reply, which would make the KL equal the reward)."""
+    from lmforge.data.preference import LabelledReply
+    from lmforge.conversation import Conversation
+    from lmforge.models import load_tokenizer
+    from lmforge.stages import _labelled
+
+    tokenizer = load_tokenizer(bundled_model_dir)
+    items = [LabelledReply(Conversation.from_dicts([{"role": "user", "content": f"question {i}"},
+                                                   {"role": "assistant", "content": f"answer {i} " * (i + 1)}]),
+                           bool(i % 2)) for i in range(3)]
+    units, report = _labelled(tokenizer, items, 256)
+    assert report["kept"] == 3 and report["desirable"] == 1
+    for i, (example, _, kl) in enumerate(units):
+        text = tokenizer.decode(kl.input_ids)
+        assert f"question {i}" in text and f"answer {(i + 1) % 3}" in text and f"answer {i} " not in text
+    batch = make_batch("kto", units[:1], padded=False)
+    assert batch.kl_rows.input_ids.tolist() != batch.rows.input_ids.tolist()
+    with pytest.raises(DataError, match="at least 2 replies"):
+        _labelled(tokenizer, items[:1], 256)
