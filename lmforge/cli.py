@@ -363,7 +363,7 @@ def cmd_serve(args) -> int:
         "admin_keys": args.admin_key, "requests_per_minute": args.requests_per_minute,
         "tokens_per_minute": args.tokens_per_minute, "max_concurrent": args.max_concurrent,
         "served_model_name": args.served_model_name, "kill_switch_file": args.kill_switch_file,
-        "cors_origins": args.cors_origin})
+        "cors_origins": args.cors_origin, "threads": args.threads, "decode_dtype": args.decode_dtype})
     settings.check_bind()  # before minutes of loading, not after
     adapters = {**settings.adapters, **parse_adapters(args.adapter)}
     run_server(build_engine(args.target, args.model, adapters, settings), settings)
@@ -394,6 +394,9 @@ def add_serve(verbs) -> None:
     serve.add_argument("--served-model-name", metavar="NAME", help="the name clients use for the model or run")
     serve.add_argument("--kill-switch-file", metavar="FILE", help="while FILE exists, answer 503 (degraded mode)")
     serve.add_argument("--cors-origin", action="append", metavar="ORIGIN", help="allow browser calls from ORIGIN")
+    serve.add_argument("--threads", type=int, metavar="N", help="torch threads for the model (default: cores - 1)")
+    serve.add_argument("--decode-dtype", choices=["float32", "float16"],
+                       help="float16: faster single-stream decode on CPU, replies can differ slightly (default float32)")
     serve.set_defaults(func=cmd_serve)
 
 

@@ -23,6 +23,10 @@ from ..methods import QUANTIZATION_FILE
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PACKED_WEIGHTS = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+# Below this many rows a float16 copy of a weight is multiplied instead of the float32 one (Decoder(float16=True)):
+# torch's float16 matrix-vector kernel reads half the bytes and is ~2.5x faster at 1 row, but past ~4 rows its
+# matrix-matrix path is slower than float32 (benchmarks/RESULTS.md, "Serving").
+FLOAT16_MAX_ROWS = 4
 FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
          "down": ("down_proj",)}
 
@@ -33,18 +37,22 @@ class Linear:
 
     The weight is kept pre-packed in oneDNN's blocked layout when torch has oneDNN: decode steps multiply a few rows
     by every weight, a memory-bound product where MKL's small-batch path was 2x slower at 2-8 rows
-    (benchmarks/RESULTS.md). The packed copy replaces the plain one, so memory does not double.
+    (benchmarks/RESULTS.md). The packed copy replaces the plain one, so memory does not double. With `float16`, a
+    half-precision copy is kept too and used for products of fewer than FLOAT16_MAX_ROWS rows (single-stream decode).
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, float16: bool = False):
         self.out_features = weight.shape[0]
         self.bias = bias
         self.lora: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.half = weight.to(torch.float16) if float16 else None
         self.packed = PACKED_WEIGHTS and weight.dtype == torch.float32
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.packed else weight
 
     def __call__(self, x: torch.Tensor, groups: list[tuple[int, torch.Tensor | None]]) -> torch.Tensor:
-        if self.packed:
+        if self.half is not None and x.shape[0] < FLOAT16_MAX_ROWS:
+            out = _half_precision_linear(x, self.half, self.bias)
+        elif self.packed:
             out = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         else:
             out = F.linear(x, self.weight, self.bias)
@@ -79,7 +87,7 @@ class Decoder:
     contiguous range of slots (a view, no gather) without touching a slot that is being prefilled.
     """
 
-    def __init__(self, model, slots: int, max_len: int):
+    def __init__(self, model, slots: int, max_len: int, float16: bool = False):
         config = model.config
         self.model_type = config.model_type
         if self.model_type not in SUPPORTED_TYPES:
@@ -100,8 +108,8 @@ class Decoder:
         self.adapter_names: list[str] = []
         self.embed = inner.embed_tokens.weight.detach()
         self.final_norm = inner.norm.weight.detach()
-        self.lm_head = Linear(model.get_output_embeddings().weight.detach())
-        self.layers = [_layer(layer) for layer in inner.layers]
+        self.lm_head = Linear(model.get_output_embeddings().weight.detach(), float16=float16)
+        self.layers = [_layer(layer, float16) for layer in inner.layers]
         positions = torch.arange(max_len + 1)[None]
         cos, sin = inner.rotary_emb(self.embed[:1], positions)  # transformers' own RoPE (scaling types included)
         self.cos, self.sin = cos[0].float(), sin[0].float()
@@ -271,29 +279,29 @@ def load_adapter_into(decoder: Decoder, model, name: str, adapter_dir: Path) -> 
         peft_model.unload()  # back to the plain base model, which the decoder's weights come from
 
 
-def _layer(layer) -> Layer:
+def _layer(layer, float16: bool) -> Layer:
     attention, mlp = layer.self_attn, layer.mlp
     return Layer(
         input_norm=layer.input_layernorm.weight.detach(),
         post_norm=layer.post_attention_layernorm.weight.detach(),
-        qkv=_fused_linear([attention.q_proj, attention.k_proj, attention.v_proj]),
-        o=_fused_linear([attention.o_proj]),
-        gate_up=_fused_linear([mlp.gate_proj, mlp.up_proj]),
-        down=_fused_linear([mlp.down_proj]),
+        qkv=_fused_linear([attention.q_proj, attention.k_proj, attention.v_proj], float16),
+        o=_fused_linear([attention.o_proj], float16),
+        gate_up=_fused_linear([mlp.gate_proj, mlp.up_proj], float16),
+        down=_fused_linear([mlp.down_proj], float16),
         q_norm=attention.q_norm.weight.detach() if hasattr(attention, "q_norm") else None,
         k_norm=attention.k_norm.weight.detach() if hasattr(attention, "k_norm") else None,
     )
 
 
-def _fused_linear(modules) -> Linear:
+def _fused_linear(modules, float16: bool) -> Linear:
     modules = [getattr(m, "base_layer", m) for m in modules]  # a PEFT-wrapped model: the base weights
     weight = torch.cat([m.weight.detach() for m in modules]) if len(modules) > 1 else modules[0].weight.detach()
     biases = [m.bias for m in modules]
     if all(b is None for b in biases):
-        return Linear(weight.contiguous())
+        return Linear(weight.contiguous(), float16=float16)
     bias = torch.cat([b.detach() if b is not None else torch.zeros(m.weight.shape[0])
                       for b, m in zip(biases, modules)])
-    return Linear(weight.contiguous(), bias)
+    return Linear(weight.contiguous(), bias, float16=float16)
 
 
 def _fuse_lora(pairs, out_features: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -343,6 +351,14 @@ def _zeros_on_demand(shape) -> torch.Tensor:
     import numpy
 
     return torch.from_numpy(numpy.zeros(shape, dtype=numpy.float32))
+
+
+def _half_precision_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T with float16 weights: each row is scaled to at most 1 first, so no activation can overflow
+    float16's range (65504), and the float32-accumulated result is scaled back."""
+    scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-12)
+    out = F.linear((x / scale).to(torch.float16), weight).float().mul_(scale)
+    return out if bias is None else out.add_(bias)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

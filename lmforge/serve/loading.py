@@ -64,7 +64,8 @@ def build_engine(target: str | None, model: str | None, adapters: dict[str, str]
     base_tokenizer = load_tokenizer(base_path)
     limit = min(base.config.max_position_embeddings, getattr(base.config, "sliding_window", None) or 1 << 30)
     context = settings.context_length or min(limit, DEFAULT_CONTEXT)
-    decoder = Decoder(base, slots=settings.max_concurrent, max_len=context)
+    decoder = Decoder(base, slots=settings.max_concurrent, max_len=context,
+                      float16=settings.decode_dtype == "float16")
     served = {}
     if run_adapter is None:
         served[served_base] = _served(served_base, 0, base_tokenizer)
