@@ -179,8 +179,9 @@ class Decoder:
                  torch.arange(start, start + count)[:, None] >= torch.arange(start + count)[None]
                  for start, count in zip(starts, counts)]  # [T, start+T]
         hidden = self.embed[torch.tensor([t for tokens in token_lists for t in tokens])][:, None]  # [R, 1, D]
+        rope = self._rope(positions[:, None])
         for index, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, hidden, positions[:, None], groups)  # [R, heads, 1, hd]
+            q, k, v = self._qkv(layer, hidden, rope, groups)  # [R, heads, 1, hd]
             self.k_cache[index][row_slots, :, positions] = k[:, :, 0]
             self.v_cache[index][row_slots, :, positions] = v[:, :, 0]
             parts = []
@@ -215,8 +216,9 @@ class Decoder:
         groups = _adapter_groups(row_adapters)
         rows = torch.arange(width)
         hidden = self.embed[row_tokens][:, None]  # [W, 1, D]
+        rope = self._rope(row_positions[:, None])
         for index, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, hidden, row_positions[:, None], groups)
+            q, k, v = self._qkv(layer, hidden, rope, groups)
             self.k_cache[index, :width][rows, :, row_positions] = k[:, :, 0]
             self.v_cache[index, :width][rows, :, row_positions] = v[:, :, 0]
             keys = self.k_cache[index, :width, :, :length]
@@ -231,18 +233,26 @@ class Decoder:
         self.k_cache[:, target, :, :length] = self.k_cache[:, source, :, :length]
         self.v_cache[:, target, :, :length] = self.v_cache[:, source, :, :length]
 
-    def _qkv(self, layer: Layer, hidden: torch.Tensor, positions: torch.Tensor, groups):
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin at these positions [B, T] → [B, T, 1, hd], once per forward (every layer uses them)."""
+        return self.cos[positions][:, :, None], self.sin[positions][:, :, None]
+
+    def _qkv(self, layer: Layer, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], groups):
         batch, count, _ = hidden.shape
         flat = _rms_norm(hidden, layer.input_norm, self.eps).view(batch * count, -1)
         qkv = layer.qkv(flat, _expand_groups(groups, count)).view(batch, count, -1)
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        q = qkv[..., :q_size].view(batch, count, self.heads, self.head_dim)
-        k = qkv[..., q_size:q_size + kv_size].view(batch, count, self.kv_heads, self.head_dim)
         v = qkv[..., q_size + kv_size:].view(batch, count, self.kv_heads, self.head_dim)
-        if layer.q_norm is not None:
+        cos, sin = rope
+        if layer.q_norm is None:  # q and k side by side in qkv: one rotation for both heads' sets
+            qk = qkv[..., :q_size + kv_size].view(batch, count, self.heads + self.kv_heads, self.head_dim)
+            qk = qk * cos + _rotate_half(qk) * sin
+            q, k = qk[:, :, :self.heads], qk[:, :, self.heads:]
+        else:
+            q = qkv[..., :q_size].view(batch, count, self.heads, self.head_dim)
+            k = qkv[..., q_size:q_size + kv_size].view(batch, count, self.kv_heads, self.head_dim)
             q, k = _rms_norm(q, layer.q_norm, self.eps), _rms_norm(k, layer.k_norm, self.eps)
-        cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]  # [B, T, 1, hd]
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def _finish_layer(self, layer: Layer, hidden: torch.Tensor, attended: torch.Tensor, groups) -> torch.Tensor:
@@ -362,7 +372,7 @@ def _half_precision_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    return F.rms_norm(x, weight.shape, weight, eps)  # weight * x / sqrt(mean(x²) + eps), as transformers' RMSNorm
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
