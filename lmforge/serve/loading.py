@@ -1,7 +1,12 @@
-"""What a server serves: a run dir, an export/model dir or a base model, plus named LoRA adapters → one engine.
+"""What a server serves: a run dir, an export/model dir, an adapter dir or a base model, plus named LoRA adapters →
+one engine.
 
 Every served name (the base, the run, each adapter) maps to a ServedModel: its adapter index in the decoder, its
-tokenizer (with the chat template it was trained with) and the token ids that end a reply. Must not know about HTTP.
+tokenizer (with the chat template it was trained with) and the token ids that end a reply. Which decoder runs it:
+the lean decoder.Decoder for a base model and LoRA adapters applied per request beside it, and for a served target
+of another mergeable method (DoRA, LoHa, LoKr, IA3) merged into the base in memory; model_decoder.ModelDecoder (the
+model's own forward) for what cannot be merged (prefix / P-tuning / prompt tuning, bottleneck adapters, adapters on
+a quantised base). Must not know about HTTP.
 """
 
 from __future__ import annotations
@@ -12,17 +17,24 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import RunDir, choose_weights
+from .. import adapters as bottleneck
+from ..checkpoint import RunDir, RunWeights, choose_weights
 from ..errors import ModelError, UserError
+from ..generate import load_for_inference, load_run_weights, run_config
+from ..methods import save_trained, unwrap
 from ..models import load_model, load_tokenizer, resolve_model
 from ..render import end_of_turn_ids
+from ..virtual_tokens import VirtualTokenModel
 from .decoder import Decoder, load_adapter_into
 from .engine import Engine
+from .model_decoder import ModelDecoder
 
 DEFAULT_CONTEXT = 4096
 
@@ -40,6 +52,18 @@ class ServedModel:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
 
+@dataclass
+class Target:
+    """What `lmforge serve TARGET` (or --model) names, decided before any weights load."""
+
+    base_name: str  # served name of the model the decoder runs: the base, an export, a full / freeze run
+    base_path: str | None  # where that model loads from (None: `load` loads it)
+    name: str | None = None  # the run's or adapter dir's served name
+    lora: Path | None = None  # a LoRA adapter dir, applied per request beside the base
+    method: str | None = None  # an adapter of any other method (dora, loha, prefix, …): served alone, by `load`
+    load: Callable[[], tuple] | None = None  # → (model, tokenizer) in float32, when base_path is not the weights
+
+
 def parse_adapters(values: list[str] | None) -> dict[str, str]:
     """--adapter NAME=DIR (repeatable) → {name: dir}."""
     adapters: dict[str, str] = {}
@@ -54,24 +78,44 @@ def parse_adapters(values: list[str] | None) -> dict[str, str]:
 
 
 def build_engine(target: str | None, model: str | None, adapters: dict[str, str], settings) -> Engine:
-    """Load the base once, add every adapter, and return an engine (not started) that knows every served name."""
+    """Load the served model once, add every adapter, and return an engine (not started) that knows every name."""
     if bool(target) == bool(model):
         raise UserError("serve a run or export dir (lmforge serve runs/NAME) or a base model (--model NAME), "
                         "not both and not neither")
-    base_name, base_path, run_adapter, run_name = _resolve_target(target, model)
-    served_base = settings.served_model_name or base_name
-    base = load_model(base_path, torch.float32).eval()  # fp32: bf16 matmuls are far slower on CPU
-    base_tokenizer = load_tokenizer(base_path)
-    limit = min(base.config.max_position_embeddings, getattr(base.config, "sliding_window", None) or 1 << 30)
-    context = settings.context_length or min(limit, DEFAULT_CONTEXT)
-    decoder = Decoder(base, slots=settings.max_concurrent, max_len=context,
-                      float16=settings.decode_dtype == "float16")
+    for name, directory in adapters.items():  # before minutes of loading
+        _check_shareable(name, Path(directory))
+    served_target = _resolve_target(target, model)
+    if served_target.method and adapters:
+        raise UserError(f"--adapter {', '.join(adapters)}: {served_target.name} ({served_target.method}) is served "
+                        f"as a model of its own, not as the base plus per-request LoRA adapters, so no adapter can "
+                        f"be served beside it; serve the adapters from another `lmforge serve`")
+    if served_target.load is None:
+        path = served_target.base_path
+        loaded, tokenizer = load_model(path, torch.float32).eval(), load_tokenizer(path)  # fp32: bf16 is slow on CPU
+    else:
+        loaded, tokenizer = served_target.load()
+    if served_target.method:
+        name = settings.served_model_name or served_target.name
+        decoder = _adapted_decoder(loaded, name, served_target, settings)
+        served = {name: _served(name, 0, tokenizer)}
+    else:
+        decoder = _fast_decoder(loaded, settings)
+        served = _base_and_loras(decoder, loaded, tokenizer, served_target, adapters, settings)
+    threads = settings.threads or max(1, (os.cpu_count() or 2) - 1)
+    return Engine(decoder, served, max_queue=settings.max_queue, prefill_chunk=settings.prefill_chunk,
+                  threads=threads)
+
+
+def _base_and_loras(decoder: Decoder, base, base_tokenizer, target: Target, adapters: dict[str, str],
+                    settings) -> dict[str, ServedModel]:
+    """The base under its name (or the configured one), and each LoRA adapter (a LoRA run first) as decoder rows."""
     served = {}
-    if run_adapter is None:
+    if target.lora is None:
+        served_base = settings.served_model_name or target.base_name
         served[served_base] = _served(served_base, 0, base_tokenizer)
     else:  # a LoRA run: its base under the base's name, and the run under the run's (or the configured) name
-        served[base_name] = _served(base_name, 0, base_tokenizer)
-        adapters = {settings.served_model_name or run_name: str(run_adapter), **adapters}
+        served[target.base_name] = _served(target.base_name, 0, base_tokenizer)
+        adapters = {settings.served_model_name or target.name: str(target.lora), **adapters}
     for name, directory in adapters.items():
         if name in served:
             raise UserError(f"adapter name {name!r} is already the name of the served model; pick another")
@@ -83,44 +127,132 @@ def build_engine(target: str | None, model: str | None, adapters: dict[str, str]
                              f"base model's {decoder.vocab_size}: it was trained with added tokens; merge and export "
                              f"it, then serve the export dir")
         served[name] = _served(name, decoder.adapter_index(name), tokenizer)
-    threads = settings.threads or max(1, (os.cpu_count() or 2) - 1)
-    return Engine(decoder, served, max_queue=settings.max_queue, prefill_chunk=settings.prefill_chunk,
-                  threads=threads)
+    return served
 
 
-def _resolve_target(target: str | None, model: str | None) -> tuple[str, str, Path | None, str | None]:
-    """(base served name, base model path, the run's adapter dir or None, the run's name or None)."""
+def _adapted_decoder(model, name: str, target: Target, settings):
+    """A target of a method other than LoRA, loaded whole: merged into the base weights for the lean decoder when
+    peft can merge it, else run through the model's own forward. One note line on stderr says which."""
+    from peft import PeftModel
+
+    quantized = bool(getattr(unwrap(model), "lmforge_quantization", None))
+    alone = f"the plain base {target.base_name} is not served beside it"
+    if isinstance(model, PeftModel) and not quantized:
+        try:
+            merged = model.merge_and_unload()
+        except (AttributeError, NotImplementedError, ValueError) as error:
+            raise ModelError(f"{name} ({target.method}) cannot be merged into the base for serving: {error}. "
+                             f"Talk to it with `lmforge chat`") from None
+        print(f"note: {name} ({target.method}) is merged into the base weights in memory; {alone}", file=sys.stderr)
+        return _fast_decoder(merged, settings)
+    method = f"{target.method} on a quantised base" if quantized else target.method
+    print(f"note: {name} ({method}) is served through the model's own forward (slower, no cross-request batching); "
+          f"{alone}", file=sys.stderr)
+    return ModelDecoder(model, slots=settings.max_concurrent, max_len=_context_length(model, settings))
+
+
+def _fast_decoder(model, settings) -> Decoder:
+    return Decoder(model, slots=settings.max_concurrent, max_len=_context_length(model, settings),
+                   float16=settings.decode_dtype == "float16")
+
+
+def _context_length(model, settings) -> int:
+    """The configured context length, else the model's limit (less any virtual tokens) up to DEFAULT_CONTEXT."""
+    config = model.config
+    limit = min(config.max_position_embeddings, getattr(config, "sliding_window", None) or 1 << 30)
+    if isinstance(model, VirtualTokenModel):
+        limit -= model.virtual
+    return settings.context_length or min(limit, DEFAULT_CONTEXT)
+
+
+def _resolve_target(target: str | None, model: str | None) -> Target:
     if model:
-        return _display_name(model), resolve_model(model), None, None
+        return Target(_display_name(model), resolve_model(model))
     path = Path(target)
     if not path.exists():
         raise UserError(f"{target} does not exist: name a run dir (runs/NAME), an export dir, or use --model NAME")
     if (path / "config.json").is_file():  # an export or any HF model dir
-        return path.resolve().name, resolve_model(str(path)), None, None
+        return Target(path.resolve().name, resolve_model(str(path)))
+    name = path.resolve().name
     if (path / "adapter_config.json").is_file():  # an adapter dir on its own
-        base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-        return _display_name(base), resolve_model(base), path, path.resolve().name
+        return _adapter_target(path, name)
     run = RunDir(path)
-    artifact = _run_weights_dir(run)
-    if (artifact / "adapter_config.json").is_file():
-        base = json.loads((artifact / "adapter_config.json").read_text())["base_model_name_or_path"]
-        return _display_name(base), resolve_model(base), artifact, path.resolve().name
-    return path.resolve().name, str(artifact), None, None
-
-
-def _run_weights_dir(run: RunDir) -> Path:
-    """The run's weights chat and export would use (the best checkpoint when `lmforge eval --all-checkpoints` named
-    one, else the final artifact), as an adapter or model dir; a checkpoint is written out once to a temp dir."""
-    from ..generate import load_run_weights
-
     weights = choose_weights(run)
     print(f"{run.root.name}: using {weights.reason}", file=sys.stderr)
+    if not weights.is_checkpoint and not (weights.path / "adapter_config.json").is_file():
+        return Target(name, str(weights.path))  # a full / freeze run's model/
+    config = run_config(run)
+    method = config.method
+    label = "dora" if method.dora else method.type
     if not weights.is_checkpoint:
-        return weights.path
+        return _adapter_target(weights.path, name, label)
+    if method.type in ("lora", "qlora") and not method.dora:  # per-request LoRA rows need an adapter dir
+        return _adapter_target(_written_out(weights), name, label)
+    load = partial(load_run_weights, weights, "float32")
+    if not method.peft:  # a full / freeze checkpoint: a whole model, served as the base
+        return Target(name, None, load=load)
+    base = config.model.name_or_path
+    return Target(_display_name(base), resolve_model(base), name, method=label, load=load)
+
+
+def _adapter_target(directory: Path, name: str, method: str | None = None) -> Target:
+    """A LoRA adapter dir → rows beside the base; any other method's (`method` names it; default: from the dir's
+    adapter_config.json) → loaded whole on its base."""
+    config = json.loads((directory / "adapter_config.json").read_text())
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{directory}/adapter_config.json names no base model: add the base model's name or path "
+                        f"to it as base_model_name_or_path")
+    if _per_request_lora(config):
+        return Target(_display_name(base), resolve_model(base), name, lora=directory)
+    return Target(_display_name(base), resolve_model(base), name, method=method or _method_label(config),
+                  load=partial(load_for_inference, model=base, adapter=str(directory), dtype="float32"))
+
+
+def _check_shareable(name: str, directory: Path) -> None:
+    """An --adapter beside other served names must be a LoRA the decoder applies per request; refuse any other
+    method with what to do instead (load_adapter_into reports a dir that is no adapter at all)."""
+    path = directory / "adapter_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    if _per_request_lora(config):
+        return
+    merge = "" if _unmergeable(config) else f", or merge it into its base with `lmforge export {directory} -o OUT` " \
+                                             f"and serve OUT"
+    raise ModelError(f"adapter {name!r} ({directory}) is a {_method_label(config)} adapter, which cannot share the "
+                     f"base with other served names (only LoRA adapters can): serve it on its own with "
+                     f"`lmforge serve {directory}`{merge}")
+
+
+def _per_request_lora(config: dict) -> bool:
+    """LoRA the decoder applies as rows beside the base (DoRA and whole trained modules need a merge)."""
+    return config.get("peft_type") == "LORA" and not config.get("use_dora") and not config.get("modules_to_save")
+
+
+def _unmergeable(config: dict) -> bool:
+    """Virtual tokens and bottleneck adapters are not a change to existing weights."""
+    from peft.config import PromptLearningConfig
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    kind = config.get("peft_type")
+    return kind == bottleneck.PEFT_TYPE or issubclass(PEFT_TYPE_TO_CONFIG_MAPPING.get(kind, object),
+                                                      PromptLearningConfig)
+
+
+def _method_label(config: dict) -> str:
+    if config.get("peft_type") == bottleneck.PEFT_TYPE:
+        return "bottleneck adapter"
+    return "DoRA" if config.get("use_dora") else str(config.get("peft_type", "?"))
+
+
+def _written_out(weights: RunWeights) -> Path:
+    """A LoRA checkpoint as an adapter dir (converted to a plain LoRA on the original base, as the final adapter
+    is), written once to a temp dir removed at exit."""
     model, tokenizer = load_run_weights(weights, "float32")
     out = Path(tempfile.mkdtemp(prefix=f"lmforge-serve-{weights.label}-"))
     atexit.register(shutil.rmtree, out, ignore_errors=True)
-    model.save_pretrained(out)
+    save_trained(model, out)
     tokenizer.save_pretrained(out)
     return out
 
