@@ -372,7 +372,8 @@ def cmd_serve(args) -> int:
 
 def add_serve(verbs) -> None:
     serve = verbs.add_parser(
-        "serve", help="OpenAI-compatible API (+ chat page at /) for a run of any method, an export, or a model + LoRA adapters",
+        "serve", help="OpenAI-compatible API (+ chat page at /) for a run of any method, an export, or a model "
+                      "+ LoRA adapters",
         description="Serve /v1/chat/completions, /v1/completions and /v1/models with continuous batching, API keys, "
                     "per-key rate limits, a bounded queue, a kill switch and Prometheus /metrics. Binds 127.0.0.1 "
                     "unless given keys. Every setting can also live in --config serve.yaml.",
