@@ -23,10 +23,6 @@ from ..methods import QUANTIZATION_FILE
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PACKED_WEIGHTS = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-# Below this many rows a float16 copy of a weight is multiplied instead of the float32 one (Decoder(float16=True)):
-# torch's float16 matrix-vector kernel reads half the bytes and is ~2.5x faster at 1 row, but past ~4 rows its
-# matrix-matrix path is slower than float32 (benchmarks/RESULTS.md, "Serving").
-FLOAT16_MAX_ROWS = 4
 FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
          "down": ("down_proj",)}
 
@@ -37,8 +33,11 @@ class Linear:
 
     The weight is kept pre-packed in oneDNN's blocked layout when torch has oneDNN: decode steps multiply a few rows
     by every weight, a memory-bound product where MKL's small-batch path was 2x slower at 2-8 rows
-    (benchmarks/RESULTS.md). The packed copy replaces the plain one, so memory does not double. With `float16`, a
-    half-precision copy is kept too and used for products of fewer than FLOAT16_MAX_ROWS rows (single-stream decode).
+    (benchmarks/RESULTS.md). The packed copy replaces the plain one, so memory does not double.
+
+    With `float16` the weight is kept in float16 only (half the bytes to read per decode step, half the memory).
+    Decode steps (`per_row`) then use torch's float16 kernel, which computes each row on its own — a reply does not
+    depend on what else is in the batch; prefill, many rows at once, multiplies a float32 copy made on the fly.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, float16: bool = False):
@@ -46,12 +45,15 @@ class Linear:
         self.bias = bias
         self.lora: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.half = weight.to(torch.float16) if float16 else None
-        self.packed = PACKED_WEIGHTS and weight.dtype == torch.float32
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.packed else weight
+        self.packed = PACKED_WEIGHTS and weight.dtype == torch.float32 and not float16
+        self.weight = None if float16 else \
+            torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.packed else weight
 
-    def __call__(self, x: torch.Tensor, groups: list[tuple[int, torch.Tensor | None]]) -> torch.Tensor:
-        if self.half is not None and x.shape[0] < FLOAT16_MAX_ROWS:
-            out = _half_precision_linear(x, self.half, self.bias)
+    def __call__(self, x: torch.Tensor, groups: list[tuple[int, torch.Tensor | None]],
+                 per_row: bool = False) -> torch.Tensor:
+        if self.half is not None:
+            out = _half_precision_linear(x, self.half, self.bias) if per_row else \
+                F.linear(x, self.half.float(), self.bias)
         elif self.packed:
             out = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         else:
@@ -181,7 +183,7 @@ class Decoder:
         hidden = self.embed[torch.tensor([t for tokens in token_lists for t in tokens])][:, None]  # [R, 1, D]
         rope = self._rope(positions[:, None])
         for index, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, hidden, rope, groups)  # [R, heads, 1, hd]
+            q, k, v = self._qkv(layer, hidden, rope, groups, per_row=False)  # [R, heads, 1, hd]
             self.k_cache[index][row_slots, :, positions] = k[:, :, 0]
             self.v_cache[index][row_slots, :, positions] = v[:, :, 0]
             parts = []
@@ -194,8 +196,8 @@ class Decoder:
                 else:
                     attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=True)
                 parts.append(attended[0].transpose(0, 1))  # [T, heads, hd]
-            hidden = self._finish_layer(layer, hidden, torch.cat(parts)[:, :, None], groups)
-        return self.lm_head(_rms_norm(hidden[ends - 1, 0], self.final_norm, self.eps), [])
+            hidden = self._finish_layer(layer, hidden, torch.cat(parts)[:, :, None], groups, per_row=False)
+        return self.lm_head(_rms_norm(hidden[ends - 1, 0], self.final_norm, self.eps), [], per_row=True)
 
     @torch.inference_mode()
     def decode(self, slots: list[int], tokens: list[int], positions: list[int], adapters: list[int]) -> torch.Tensor:
@@ -218,15 +220,15 @@ class Decoder:
         hidden = self.embed[row_tokens][:, None]  # [W, 1, D]
         rope = self._rope(row_positions[:, None])
         for index, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, hidden, rope, groups)
+            q, k, v = self._qkv(layer, hidden, rope, groups, per_row=True)
             self.k_cache[index, :width][rows, :, row_positions] = k[:, :, 0]
             self.v_cache[index, :width][rows, :, row_positions] = v[:, :, 0]
             keys = self.k_cache[index, :width, :, :length]
             values = self.v_cache[index, :width, :, :length]
             attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-            hidden = self._finish_layer(layer, hidden, attended, groups)
+            hidden = self._finish_layer(layer, hidden, attended, groups, per_row=True)
         last = _rms_norm(hidden[listed, 0], self.final_norm, self.eps)
-        return self.lm_head(last, [])
+        return self.lm_head(last, [], per_row=True)
 
     def copy_slot(self, source: int, target: int, length: int) -> None:
         """Share a prefilled prompt with another sequence (n > 1 choices of one request)."""
@@ -237,10 +239,11 @@ class Decoder:
         """cos and sin at these positions [B, T] → [B, T, 1, hd], once per forward (every layer uses them)."""
         return self.cos[positions][:, :, None], self.sin[positions][:, :, None]
 
-    def _qkv(self, layer: Layer, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], groups):
+    def _qkv(self, layer: Layer, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], groups,
+             per_row: bool):
         batch, count, _ = hidden.shape
         flat = _rms_norm(hidden, layer.input_norm, self.eps).view(batch * count, -1)
-        qkv = layer.qkv(flat, _expand_groups(groups, count)).view(batch, count, -1)
+        qkv = layer.qkv(flat, _expand_groups(groups, count), per_row).view(batch, count, -1)
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         v = qkv[..., q_size + kv_size:].view(batch, count, self.kv_heads, self.head_dim)
         cos, sin = rope
@@ -255,14 +258,15 @@ class Decoder:
             q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def _finish_layer(self, layer: Layer, hidden: torch.Tensor, attended: torch.Tensor, groups) -> torch.Tensor:
+    def _finish_layer(self, layer: Layer, hidden: torch.Tensor, attended: torch.Tensor, groups,
+                      per_row: bool) -> torch.Tensor:
         batch, count, width = hidden.shape
         rows = _expand_groups(groups, count)
         attended = attended.transpose(1, 2).reshape(batch * count, -1)
-        hidden = hidden + layer.o(attended, rows).view(batch, count, width)
-        gate_up = layer.gate_up(_rms_norm(hidden, layer.post_norm, self.eps).view(batch * count, -1), rows)
+        hidden = hidden + layer.o(attended, rows, per_row).view(batch, count, width)
+        gate_up = layer.gate_up(_rms_norm(hidden, layer.post_norm, self.eps).view(batch * count, -1), rows, per_row)
         gate, up = gate_up.chunk(2, dim=-1)
-        return hidden + layer.down(self.activation(gate) * up, rows).view(batch, count, width)
+        return hidden + layer.down(self.activation(gate) * up, rows, per_row).view(batch, count, width)
 
 
 def load_adapter_into(decoder: Decoder, model, name: str, adapter_dir: Path) -> None:
@@ -365,7 +369,8 @@ def _zeros_on_demand(shape) -> torch.Tensor:
 
 def _half_precision_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ weight.T with float16 weights: each row is scaled to at most 1 first, so no activation can overflow
-    float16's range (65504), and the float32-accumulated result is scaled back."""
+    float16's range (65504), and the float32-accumulated result is scaled back. Each output row depends only on its
+    input row (torch's float16 kernel has no cross-row blocking; tests/test_serve_engine.py checks it)."""
     scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-12)
     out = F.linear((x / scale).to(torch.float16), weight).float().mul_(scale)
     return out if bias is None else out.add_(bias)

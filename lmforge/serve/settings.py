@@ -43,9 +43,9 @@ class ServeSettings(BaseModel):
     threads: int | None = Field(None, ge=1, description="torch threads for the model; default: CPU cores - 1, so "
                                                      "HTTP keeps a core (on a busy machine, fewer threads are faster)")
     decode_dtype: Literal["float32", "float16"] = Field(
-        "float32", description="float16: also keep float16 weights, used for steps of 1-3 sequences (single-stream "
-                               "decode ~2x faster on CPU, 1.5x weight memory); replies can then differ from float32 "
-                               "ones where two tokens are near-tied")
+        "float32", description="float16: weights held in float16 (half the memory, half the bytes per decode step: "
+                               "single-stream decode ~2x faster on CPU; wide batches slower than float32); replies "
+                               "differ slightly from float32's, never with server load")
     prefill_chunk: int = Field(256, ge=1, description="prompt tokens prefilled per engine step (long prompts "
                                                       "are split so running streams keep flowing)")
 
