@@ -116,6 +116,7 @@ class Decoder:
         cos, sin = inner.rotary_emb(self.embed[:1], positions)  # transformers' own RoPE (scaling types included)
         self.cos, self.sin = cos[0].float(), sin[0].float()
         self.slots, self.max_len = slots, max_len
+        self.float16 = float16
         shape = (len(self.layers), slots, self.kv_heads, max_len + 1, self.head_dim)
         self.k_cache, self.v_cache = _zeros_on_demand(shape), _zeros_on_demand(shape)
 
@@ -223,12 +224,26 @@ class Decoder:
             q, k, v = self._qkv(layer, hidden, rope, groups, per_row=True)
             self.k_cache[index, :width][rows, :, row_positions] = k[:, :, 0]
             self.v_cache[index, :width][rows, :, row_positions] = v[:, :, 0]
-            keys = self.k_cache[index, :width, :, :length]
-            values = self.v_cache[index, :width, :, :length]
-            attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+            if self.float16:
+                attended = self._attend_each(index, q, slots, positions)
+            else:
+                keys = self.k_cache[index, :width, :, :length]
+                values = self.v_cache[index, :width, :, :length]
+                attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
             hidden = self._finish_layer(layer, hidden, attended, groups, per_row=True)
         last = _rms_norm(hidden[listed, 0], self.final_norm, self.eps)
         return self.lm_head(last, [], per_row=True)
+
+    def _attend_each(self, index: int, q: torch.Tensor, slots: list[int], positions: list[int]) -> torch.Tensor:
+        """Each listed row's attention over exactly its own keys. One call over the batch pads every row to the
+        longest, and the padded length changes the last bits of the sum; float16 weights then amplify that (a bit
+        flipped in rounding an activation), so a reply would depend on what else runs. This keeps it from doing so."""
+        attended = torch.zeros_like(q)  # idle rows stay zero
+        for slot, position in zip(slots, positions):
+            keys = self.k_cache[index, slot:slot + 1, :, :position + 1]
+            values = self.v_cache[index, slot:slot + 1, :, :position + 1]
+            attended[slot:slot + 1] = F.scaled_dot_product_attention(q[slot:slot + 1], keys, values, enable_gqa=True)
+        return attended
 
     def copy_slot(self, source: int, target: int, length: int) -> None:
         """Share a prefilled prompt with another sequence (n > 1 choices of one request)."""
