@@ -2,19 +2,28 @@
 `generate` in the same run.
 
 Measures (1) the peer: transformers generate, batch 1, one prompt after another — tokens/s and time to first token;
-(2) lmforge, one client streaming — decode tokens/s after the first token, and TTFT; (3) lmforge, N concurrent
-clients — aggregate generated tokens/s, p50/p95 latency and TTFT, and that every reply equals the single-stream
-greedy reply for its prompt (nothing lost, duplicated or mixed up). Bounded: fixed request counts, max_tokens, and a
-wall-clock limit. Greedy decoding, ignore end-of-turn so every reply has exactly --max-tokens tokens.
+(2) llama.cpp (llama-cpp-python, where installed) on the very GGUF file the bundled model comes from, batch 1 —
+decode tokens/s and TTFT; (3) `lmforge serve` in its own process, one client streaming — decode tokens/s after the first token, and TTFT;
+(4) lmforge, N concurrent clients — aggregate generated tokens/s, p50/p95 latency and TTFT, and that every reply
+equals the single-stream greedy reply for its prompt (nothing lost, duplicated or mixed up). (3) and (4) run once per
+--decode-dtype, with the server's start-up time and peak RSS. Bounded: fixed request counts, max_tokens, and a
+wall-clock limit. Greedy decoding, end of text ignored (`ignore_eos`) so every reply has exactly --max-tokens tokens.
+Every side gets the same --threads.
 
-    python benchmarks/serve.py [--clients 8] [--requests-per-client 2] [--max-tokens 64] [--json out.json]
+    python benchmarks/serve.py [--clients 8] [--requests-per-client 2] [--max-tokens 64] [--threads N]
+                               [--decode-dtype float32 --decode-dtype float16] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import signal
+import socket
+import subprocess
+import tempfile
 import statistics
 import sys
 import threading
@@ -50,6 +59,29 @@ def peer_generate(model, tokenizer, prompts: list[str], max_tokens: int) -> dict
             "requests": len(rows)}
 
 
+def peer_llama_cpp(gguf_path: Path, tokenizer, prompts: list[str], max_tokens: int, threads: int) -> dict | None:
+    """llama.cpp through llama-cpp-python, batch 1, on the GGUF file itself (Q4_1): decode tokens/s and TTFT."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    from lmforge.render import render_prompt
+
+    llm = Llama(model_path=str(gguf_path), n_ctx=1024, n_threads=threads, n_batch=512, verbose=False)
+    never_stop = {llm.token_eos(): -1e9}  # exactly max_tokens, as on the other sides
+    rows = []
+    for text in prompts:
+        ids = render_prompt(tokenizer, [{"role": "user", "content": text}])
+        start, stamps = time.perf_counter(), []
+        for _ in llm.create_completion(ids, max_tokens=max_tokens, temperature=0, stream=True,
+                                       logit_bias=never_stop):
+            stamps.append(time.perf_counter())
+        llm.reset()
+        rows.append((stamps[0] - start, (len(stamps) - 1) / (stamps[-1] - stamps[0])))
+    return {"decode_tokens_per_s": statistics.median(r[1] for r in rows), "ttft_s": statistics.median(r[0] for r in rows),
+            "requests": len(rows), "weights": gguf_path.name}
+
+
 def stream_one(url: str, prompt: str, max_tokens: int) -> dict:
     import openai
 
@@ -57,7 +89,8 @@ def stream_one(url: str, prompt: str, max_tokens: int) -> dict:
     start = time.perf_counter()
     stamps, text = [], ""
     for chunk in client.completions.create(model="bench", prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                           stream=True, stream_options={"include_usage": True}):
+                                           stream=True, stream_options={"include_usage": True},
+                                           extra_body={"ignore_eos": True}):
         if chunk.choices and chunk.choices[0].text:
             stamps.append(time.perf_counter())
             text += chunk.choices[0].text
@@ -73,49 +106,32 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--requests-per-client", type=int, default=2)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--peer-requests", type=int, default=4)
-    parser.add_argument("--time-limit", type=float, default=600, help="seconds for the concurrent phase")
-    parser.add_argument("--json", metavar="FILE", help="also write the figures here")
-    args = parser.parse_args()
-
-    from lmforge.models import load_model, load_tokenizer, resolve_model
-    from lmforge.serve.app import create_app
-    from lmforge.serve.loading import build_engine
-    from lmforge.serve.settings import ServeSettings
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from test_serve_support import live_server  # uvicorn in a thread on a free loopback port
-
-    threads = max(1, (__import__("os").cpu_count() or 2) - 1)  # what lmforge serve uses by default
-    torch.set_num_threads(threads)  # the peer gets the same threads: a like-for-like comparison
-    path = resolve_model(args.model)
-    tokenizer = load_tokenizer(path)
-    model = load_model(path, torch.float32).eval()
-    print(f"peer: transformers generate, batch 1, {args.peer_requests} prompts × {args.max_tokens} tokens…",
-          flush=True)
-    peer = peer_generate(model, tokenizer, PROMPTS[:args.peer_requests], args.max_tokens)
-    del model
-    print(f"  {peer['tokens_per_s']:.1f} tokens/s, TTFT {peer['ttft_s']:.2f} s", flush=True)
-
-    settings = ServeSettings(max_concurrent=args.clients, served_model_name="bench", max_queue=4 * args.clients)
-    engine = build_engine(None, path, {}, settings)
-    engine.models["bench"].text_stop_ids = frozenset()  # no end of text: exactly max_tokens per reply
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.clients * args.requests_per_client)]
-    with live_server(create_app(engine, settings)) as (url, _):
+def measure_lmforge(args, path: str, dtype: str, threads: int, peer: dict) -> dict:
+    """`lmforge serve` in its own process (as users run it) with this decode_dtype: one client streaming, then
+    args.clients concurrent clients; the server's peak RSS at the end."""
+    port = free_port()
+    log = Path(tempfile.gettempdir()) / f"lmforge-bench-serve-{dtype}.log"
+    command = [sys.executable, "-m", "lmforge", "serve", "--model", path, "--port", str(port), "--threads",
+               str(threads), "--decode-dtype", dtype, "--max-concurrent", str(args.clients),
+               "--served-model-name", "bench"]
+    print(f"lmforge (decode_dtype {dtype}): {' '.join(command[2:])}  (log: {log})", flush=True)
+    started = time.perf_counter()
+    with open(log, "w") as out:
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, server, log)
+        start_up = time.perf_counter() - started
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.clients * args.requests_per_client)]
         stream_one(url, PROMPTS[0], 4)  # warm-up
-        print("lmforge: one client streaming…", flush=True)
+        print("  one client streaming…", flush=True)
         singles = {p: stream_one(url, p, args.max_tokens) for p in dict.fromkeys(prompts)}
         single_tps = statistics.median(r["decode_tokens_per_s"] for r in singles.values())
         single_ttft = statistics.median(r["ttft"] for r in singles.values())
         print(f"  decode {single_tps:.1f} tokens/s, TTFT {single_ttft:.2f} s", flush=True)
 
-        print(f"lmforge: {args.clients} concurrent clients × {args.requests_per_client} requests…", flush=True)
+        print(f"  {args.clients} concurrent clients × {args.requests_per_client} requests…", flush=True)
         deadline = time.monotonic() + args.time_limit
         lock, results = threading.Lock(), []
 
@@ -131,6 +147,10 @@ def main() -> int:
         with ThreadPoolExecutor(args.clients) as pool:
             list(pool.map(client, range(args.clients)))
         wall = time.perf_counter() - start
+        peak_rss = peak_rss_gb(server.pid)
+    finally:
+        server.send_signal(signal.SIGINT)  # graceful stop, as Ctrl-C
+        server.wait(timeout=60)
     mismatched = sum(result["text"] != singles[prompt]["text"] for prompt, result in results)
     concurrent = {
         "clients": args.clients, "requests": len(results), "expected_requests": len(prompts),
@@ -141,18 +161,91 @@ def main() -> int:
         "ttft_p50_s": percentile([r["ttft"] for _, r in results], 0.5),
         "ttft_p95_s": percentile([r["ttft"] for _, r in results], 0.95),
     }
+    print(f"  {concurrent['tokens_per_s']:.1f} tokens/s aggregate, TTFT p95 {concurrent['ttft_p95_s']:.2f} s, "
+          f"{mismatched} of {len(results)} replies differ from single-stream", flush=True)
+    return {"single_stream": {"decode_tokens_per_s": single_tps, "ttft_s": single_ttft}, "concurrent": concurrent,
+            "speedup_vs_peer": concurrent["tokens_per_s"] / peer["tokens_per_s"],
+            "server_start_s": start_up, "server_peak_rss_gb": peak_rss,
+            "ok": mismatched == 0 and len(results) == len(prompts)}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_ready(url: str, server: subprocess.Popen, log: Path, timeout: float = 600) -> None:
+    from urllib.error import URLError
+    from urllib.request import urlopen
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"lmforge serve exited with {server.returncode}; see {log}")
+        try:
+            with urlopen(f"{url}/ready", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"lmforge serve not ready after {timeout:.0f} s; see {log}")
+
+
+def peak_rss_gb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024 ** 2
+    return float("nan")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--peer-requests", type=int, default=4)
+    parser.add_argument("--time-limit", type=float, default=600, help="seconds for the concurrent phase")
+    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                        help="torch / llama.cpp threads on every side (default: what lmforge serve uses, cores - 1)")
+    parser.add_argument("--decode-dtype", action="append", choices=["float32", "float16"],
+                        help="lmforge's decode_dtype; repeat to measure several in one run (default float32)")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures here")
+    args = parser.parse_args()
+
+    from lmforge.models import BUILTIN_MODELS, load_model, load_tokenizer, resolve_model
+
+    threads = args.threads
+    torch.set_num_threads(threads)  # every side gets the same threads: a like-for-like comparison
+    path = resolve_model(args.model)
+    tokenizer = load_tokenizer(path)
+    model = load_model(path, torch.float32).eval()
+    print(f"peer: transformers generate, batch 1, {args.peer_requests} prompts × {args.max_tokens} tokens…",
+          flush=True)
+    peer = peer_generate(model, tokenizer, PROMPTS[:args.peer_requests], args.max_tokens)
+    del model
+    print(f"  {peer['tokens_per_s']:.1f} tokens/s, TTFT {peer['ttft_s']:.2f} s", flush=True)
+
+    llama_cpp = peer_llama_cpp(BUILTIN_MODELS["smollm2-135m-instruct"].find_gguf(Path(".")), tokenizer,
+                               PROMPTS[:args.peer_requests], args.max_tokens, threads) \
+        if args.model == "smollm2-135m-instruct" else None
+    if llama_cpp:
+        print(f"  llama.cpp: {llama_cpp['decode_tokens_per_s']:.1f} tokens/s, TTFT {llama_cpp['ttft_s']:.2f} s",
+              flush=True)
     figures = {
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs, {threads} torch thread(s)",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {threads} thread(s) on every side",
         "model": args.model, "max_tokens": args.max_tokens, "peer_generate_batch1": peer,
-        "lmforge_single_stream": {"decode_tokens_per_s": single_tps, "ttft_s": single_ttft},
-        "lmforge_concurrent": concurrent,
-        "speedup_vs_peer": concurrent["tokens_per_s"] / peer["tokens_per_s"],
+        "peer_llama_cpp_batch1": llama_cpp or "not installed (pip install llama-cpp-python)",
     }
+    for dtype in args.decode_dtype or ["float32"]:
+        figures[f"lmforge_{dtype}"] = measure_lmforge(args, path, dtype, threads, peer)
+    ok = all(f"lmforge_{d}" not in figures or figures[f"lmforge_{d}"]["ok"] for d in ("float32", "float16"))
     print(json.dumps(figures, indent=2))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)
-    ok = mismatched == 0 and len(results) == len(prompts)
     return 0 if ok else 1
 
 

@@ -83,6 +83,24 @@ def test_stream_equals_non_stream_with_usage(server, models):
     assert completion.choices[0].text and streamed == completion.choices[0].text
 
 
+def test_ignore_eos_generates_max_tokens(server):
+    """vLLM's `ignore_eos` (benchmarks use it): the reply runs to max_tokens past an end-of-text token."""
+    url, engine = server
+    c = client(url)
+    first = c.completions.create(model="tiny", prompt="The court held", max_tokens=1, temperature=0)
+    token = engine.models["tiny"].tokenizer.encode(first.choices[0].text, add_special_tokens=False)[0]
+    before = engine.models["tiny"].text_stop_ids
+    engine.models["tiny"].text_stop_ids = frozenset({token})  # that first token now ends the text
+    try:
+        stopped = c.completions.create(model="tiny", prompt="The court held", max_tokens=8, temperature=0)
+        kept = c.completions.create(model="tiny", prompt="The court held", max_tokens=8, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    finally:
+        engine.models["tiny"].text_stop_ids = before
+    assert (stopped.usage.completion_tokens, stopped.choices[0].finish_reason) == (0, "stop")
+    assert (kept.usage.completion_tokens, kept.choices[0].finish_reason) == (8, "length")
+
+
 def test_n_choices_and_seed(server):
     c = client(server[0])
     greedy = _chat(c, n=3)

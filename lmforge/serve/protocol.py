@@ -90,6 +90,7 @@ class _Sampling(BaseModel):
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # vLLM's extension (extra_body): no stop at end of text / turn, max_tokens tokens
     # Accepted by OpenAI, not by us: refused by name when set, never silently ignored.
     logit_bias: dict[str, float] | None = None
     logprobs: Any = None

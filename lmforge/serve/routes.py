@@ -123,7 +123,8 @@ async def _complete(request: Request, schema: type[BaseModel], chat: bool):
     sampling = Sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty)
     submission = Submission(prompt=prompt, adapter=served.adapter, choices=[sampling] * body.n,
-                            stop_ids=served.chat_stop_ids if chat else served.text_stop_ids,
+                            stop_ids=frozenset() if body.ignore_eos else
+                            served.chat_stop_ids if chat else served.text_stop_ids,
                             deadline=time.monotonic() + settings.request_timeout)
     try:
         ticket = state.engine.submit(submission, asyncio.get_running_loop())
