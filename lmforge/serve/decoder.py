@@ -293,8 +293,8 @@ def load_adapter_into(decoder: Decoder, model, name: str, adapter_dir: Path) -> 
     kind = json.loads((adapter_dir / "adapter_config.json").read_text()).get("peft_type", "?")
     if kind != "LORA":  # prefix / prompt / p-tuning, IA3, LoHa, LoKr, bottleneck adapters
         raise ModelError(f"adapter {name!r} ({adapter_dir}) is a {kind} adapter; the server batches LoRA adapters "
-                         f"only. Merge it into the base with `lmforge export RUN_DIR -o OUT` and serve OUT, or talk "
-                         f"to it with `lmforge chat` (prefix, prompt and p-tuning cannot be merged)")
+                         f"only. Serve it on its own with `lmforge serve {adapter_dir}` (merged in memory, or through "
+                         f"the model's own forward for prefix, prompt and p-tuning)")
     if (adapter_dir / QUANTIZATION_FILE).is_file():
         print(f"note: adapter {name!r} was trained on a quantised (QLoRA) base; it is served on the full-precision "
               f"base, so replies can differ slightly from training-time outputs", file=sys.stderr)
