@@ -11,7 +11,7 @@ wall-clock limit. Greedy decoding, end of text ignored (`ignore_eos`) so every r
 Every side gets the same --threads.
 
     python benchmarks/serve.py [--clients 8] [--requests-per-client 2] [--max-tokens 64] [--threads N]
-                               [--decode-dtype float32 --decode-dtype float16] [--json out.json]
+                               [--decode-dtype float16 --decode-dtype float32] [--json out.json]
 """
 
 from __future__ import annotations
@@ -210,8 +210,9 @@ def main() -> int:
     parser.add_argument("--time-limit", type=float, default=600, help="seconds for the concurrent phase")
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                         help="torch / llama.cpp threads on every side (default: what lmforge serve uses, cores - 1)")
-    parser.add_argument("--decode-dtype", action="append", choices=["float32", "float16"],
-                        help="lmforge's decode_dtype; repeat to measure several in one run (default float32)")
+    parser.add_argument("--decode-dtype", action="append", choices=["auto", "float32", "float16"],
+                        help="lmforge's decode_dtype; repeat to measure several in one run (default: float16, "
+                             "then float32)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures here")
     args = parser.parse_args()
 
@@ -239,9 +240,10 @@ def main() -> int:
         "model": args.model, "max_tokens": args.max_tokens, "peer_generate_batch1": peer,
         "peer_llama_cpp_batch1": llama_cpp or "not installed (pip install llama-cpp-python)",
     }
-    for dtype in args.decode_dtype or ["float32"]:
+    dtypes = args.decode_dtype or ["float16", "float32"]
+    for dtype in dtypes:
         figures[f"lmforge_{dtype}"] = measure_lmforge(args, path, dtype, threads, peer)
-    ok = all(f"lmforge_{d}" not in figures or figures[f"lmforge_{d}"]["ok"] for d in ("float32", "float16"))
+    ok = all(figures[f"lmforge_{dtype}"]["ok"] for dtype in dtypes)
     print(json.dumps(figures, indent=2))
     if args.json:
         with open(args.json, "w") as f:

@@ -363,7 +363,8 @@ def cmd_serve(args) -> int:
         "admin_keys": args.admin_key, "requests_per_minute": args.requests_per_minute,
         "tokens_per_minute": args.tokens_per_minute, "max_concurrent": args.max_concurrent,
         "served_model_name": args.served_model_name, "kill_switch_file": args.kill_switch_file,
-        "cors_origins": args.cors_origin, "threads": args.threads, "decode_dtype": args.decode_dtype})
+        "cors_origins": args.cors_origin, "threads": args.threads, "decode_dtype": args.decode_dtype,
+        "backend": args.backend})
     settings.check_bind()  # before minutes of loading, not after
     adapters = {**settings.adapters, **parse_adapters(args.adapter)}
     run_server(build_engine(args.target, args.model, adapters, settings), settings)
@@ -396,9 +397,12 @@ def add_serve(verbs) -> None:
     serve.add_argument("--kill-switch-file", metavar="FILE", help="while FILE exists, answer 503 (degraded mode)")
     serve.add_argument("--cors-origin", action="append", metavar="ORIGIN", help="allow browser calls from ORIGIN")
     serve.add_argument("--threads", type=int, metavar="N", help="torch threads for the model (default: cores - 1)")
-    serve.add_argument("--decode-dtype", choices=["float32", "float16"],
-                       help="float16: half the weight memory, ~2x faster single-stream decode on CPU, slower wide "
-                            "batches; replies differ slightly from float32's (default float32)")
+    serve.add_argument("--backend", choices=["lmforge", "vllm"],
+                       help="vllm: vLLM's engine (GPU machines, pip install vllm) behind the same API, keys and "
+                            "limits (default lmforge: the built-in engine)")
+    serve.add_argument("--decode-dtype", choices=["auto", "float32", "float16"],
+                       help="weights in float16 (half the memory, ~2x faster on CPU) or float32 (replies exactly as "
+                            "`lmforge chat`); default auto: float16 on x86-64, else float32")
     serve.set_defaults(func=cmd_serve)
 
 

@@ -23,6 +23,8 @@ from ..methods import QUANTIZATION_FILE
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PACKED_WEIGHTS = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+FLOAT16_KERNELS = "fbgemm" in torch.backends.quantized.supported_engines  # x86-64 builds of torch
+FLOAT16_LINEAR = torch.ops.quantized.linear_dynamic_fp16.default if FLOAT16_KERNELS else None  # no per-call lookup
 FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
          "down": ("down_proj",)}
 
@@ -35,25 +37,27 @@ class Linear:
     by every weight, a memory-bound product where MKL's small-batch path was 2x slower at 2-8 rows
     (benchmarks/RESULTS.md). The packed copy replaces the plain one, so memory does not double.
 
-    With `float16` the weight is kept in float16 only (half the bytes to read per decode step, half the memory).
-    Decode steps (`per_row`) then use torch's float16 kernel, which computes each row on its own — a reply does not
-    depend on what else is in the batch; prefill, many rows at once, multiplies a float32 copy made on the fly.
+    With `float16` the weight is packed for FBGEMM's float16 GEMM (torch's dynamic-quantisation kernel): float16
+    weights, float32 activations and sums. Half the bytes to read per decode step and half the memory; activations
+    keep float32's range and precision; and each output row depends only on its input row (the kernel blocks the
+    same way at any batch width), so a reply does not depend on what else is in the batch.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, float16: bool = False):
         self.out_features = weight.shape[0]
         self.bias = bias
         self.lora: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.half = weight.to(torch.float16) if float16 else None
+        self.float16 = float16
         self.packed = PACKED_WEIGHTS and weight.dtype == torch.float32 and not float16
-        self.weight = None if float16 else \
-            torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.packed else weight
+        if float16:
+            _check_float16_range(weight)
+            self.weight = torch.ops.quantized.linear_prepack_fp16(weight.float(), bias)
+        else:
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.packed else weight
 
-    def __call__(self, x: torch.Tensor, groups: list[tuple[int, torch.Tensor | None]],
-                 per_row: bool = False) -> torch.Tensor:
-        if self.half is not None:
-            out = _half_precision_linear(x, self.half, self.bias) if per_row else \
-                F.linear(x, self.half.float(), self.bias)
+    def __call__(self, x: torch.Tensor, groups: list[tuple[int, torch.Tensor | None]]) -> torch.Tensor:
+        if self.float16:
+            out = FLOAT16_LINEAR(x, self.weight)  # bias included
         elif self.packed:
             out = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         else:
@@ -184,7 +188,7 @@ class Decoder:
         hidden = self.embed[torch.tensor([t for tokens in token_lists for t in tokens])][:, None]  # [R, 1, D]
         rope = self._rope(positions[:, None])
         for index, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, hidden, rope, groups, per_row=False)  # [R, heads, 1, hd]
+            q, k, v = self._qkv(layer, hidden, rope, groups)  # [R, heads, 1, hd]
             self.k_cache[index][row_slots, :, positions] = k[:, :, 0]
             self.v_cache[index][row_slots, :, positions] = v[:, :, 0]
             parts = []
@@ -197,8 +201,8 @@ class Decoder:
                 else:
                     attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=True)
                 parts.append(attended[0].transpose(0, 1))  # [T, heads, hd]
-            hidden = self._finish_layer(layer, hidden, torch.cat(parts)[:, :, None], groups, per_row=False)
-        return self.lm_head(_rms_norm(hidden[ends - 1, 0], self.final_norm, self.eps), [], per_row=True)
+            hidden = self._finish_layer(layer, hidden, torch.cat(parts)[:, :, None], groups)
+        return self.lm_head(_rms_norm(hidden[ends - 1, 0], self.final_norm, self.eps), [])
 
     @torch.inference_mode()
     def decode(self, slots: list[int], tokens: list[int], positions: list[int], adapters: list[int]) -> torch.Tensor:
@@ -221,7 +225,7 @@ class Decoder:
         hidden = self.embed[row_tokens][:, None]  # [W, 1, D]
         rope = self._rope(row_positions[:, None])
         for index, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, hidden, rope, groups, per_row=True)
+            q, k, v = self._qkv(layer, hidden, rope, groups)
             self.k_cache[index, :width][rows, :, row_positions] = k[:, :, 0]
             self.v_cache[index, :width][rows, :, row_positions] = v[:, :, 0]
             if self.float16:
@@ -230,19 +234,21 @@ class Decoder:
                 keys = self.k_cache[index, :width, :, :length]
                 values = self.v_cache[index, :width, :, :length]
                 attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-            hidden = self._finish_layer(layer, hidden, attended, groups, per_row=True)
+            hidden = self._finish_layer(layer, hidden, attended, groups)
         last = _rms_norm(hidden[listed, 0], self.final_norm, self.eps)
-        return self.lm_head(last, [], per_row=True)
+        return self.lm_head(last, [])
 
     def _attend_each(self, index: int, q: torch.Tensor, slots: list[int], positions: list[int]) -> torch.Tensor:
         """Each listed row's attention over exactly its own keys. One call over the batch pads every row to the
-        longest, and the padded length changes the last bits of the sum; float16 weights then amplify that (a bit
-        flipped in rounding an activation), so a reply would depend on what else runs. This keeps it from doing so."""
+        longest, and the padded length changes the last bits of the sums, so a reply would depend on what else runs
+        (the float16 linears are row-invariant, so this keeps the whole step so)."""
+        parts = [F.scaled_dot_product_attention(q[slot:slot + 1], self.k_cache[index, slot:slot + 1, :, :position + 1],
+                                                self.v_cache[index, slot:slot + 1, :, :position + 1], enable_gqa=True)
+                 for slot, position in zip(slots, positions)]
+        if slots == list(range(q.shape[0])):  # every row listed, in order
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
         attended = torch.zeros_like(q)  # idle rows stay zero
-        for slot, position in zip(slots, positions):
-            keys = self.k_cache[index, slot:slot + 1, :, :position + 1]
-            values = self.v_cache[index, slot:slot + 1, :, :position + 1]
-            attended[slot:slot + 1] = F.scaled_dot_product_attention(q[slot:slot + 1], keys, values, enable_gqa=True)
+        attended[torch.tensor(slots)] = torch.cat(parts)
         return attended
 
     def copy_slot(self, source: int, target: int, length: int) -> None:
@@ -254,11 +260,10 @@ class Decoder:
         """cos and sin at these positions [B, T] → [B, T, 1, hd], once per forward (every layer uses them)."""
         return self.cos[positions][:, :, None], self.sin[positions][:, :, None]
 
-    def _qkv(self, layer: Layer, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], groups,
-             per_row: bool):
+    def _qkv(self, layer: Layer, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], groups):
         batch, count, _ = hidden.shape
         flat = _rms_norm(hidden, layer.input_norm, self.eps).view(batch * count, -1)
-        qkv = layer.qkv(flat, _expand_groups(groups, count), per_row).view(batch, count, -1)
+        qkv = layer.qkv(flat, _expand_groups(groups, count)).view(batch, count, -1)
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         v = qkv[..., q_size + kv_size:].view(batch, count, self.kv_heads, self.head_dim)
         cos, sin = rope
@@ -273,15 +278,14 @@ class Decoder:
             q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def _finish_layer(self, layer: Layer, hidden: torch.Tensor, attended: torch.Tensor, groups,
-                      per_row: bool) -> torch.Tensor:
+    def _finish_layer(self, layer: Layer, hidden: torch.Tensor, attended: torch.Tensor, groups) -> torch.Tensor:
         batch, count, width = hidden.shape
         rows = _expand_groups(groups, count)
         attended = attended.transpose(1, 2).reshape(batch * count, -1)
-        hidden = hidden + layer.o(attended, rows, per_row).view(batch, count, width)
-        gate_up = layer.gate_up(_rms_norm(hidden, layer.post_norm, self.eps).view(batch * count, -1), rows, per_row)
+        hidden = hidden + layer.o(attended, rows).view(batch, count, width)
+        gate_up = layer.gate_up(_rms_norm(hidden, layer.post_norm, self.eps).view(batch * count, -1), rows)
         gate, up = gate_up.chunk(2, dim=-1)
-        return hidden + layer.down(self.activation(gate) * up, rows, per_row).view(batch, count, width)
+        return hidden + layer.down(self.activation(gate) * up, rows).view(batch, count, width)
 
 
 def load_adapter_into(decoder: Decoder, model, name: str, adapter_dir: Path) -> None:
@@ -382,13 +386,18 @@ def _zeros_on_demand(shape) -> torch.Tensor:
     return torch.from_numpy(numpy.zeros(shape, dtype=numpy.float32))
 
 
-def _half_precision_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T with float16 weights: each row is scaled to at most 1 first, so no activation can overflow
-    float16's range (65504), and the float32-accumulated result is scaled back. Each output row depends only on its
-    input row (torch's float16 kernel has no cross-row blocking; tests/test_serve_engine.py checks it)."""
-    scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-12)
-    out = F.linear((x / scale).to(torch.float16), weight).float().mul_(scale)
-    return out if bias is None else out.add_(bias)
+def holds_in_float16(model) -> bool:
+    """Whether decode_dtype auto can pick float16: torch has FBGEMM and every weight fits float16's range."""
+    return FLOAT16_KERNELS and all(p.abs().max() <= torch.finfo(torch.float16).max for p in model.parameters()
+                                   if p.dim() == 2)
+
+
+def _check_float16_range(weight: torch.Tensor) -> None:
+    if not FLOAT16_KERNELS:
+        raise ModelError("decode_dtype float16 needs torch's FBGEMM kernels (x86-64 CPUs); this torch has none. "
+                         "Use decode_dtype float32")
+    if weight.abs().max() > torch.finfo(torch.float16).max:
+        raise ModelError("this model has weights beyond float16's range (65504); use decode_dtype float32")
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

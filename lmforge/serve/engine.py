@@ -62,12 +62,15 @@ class Ticket:
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled_choices: set[int] = set()
         self.cancelled = False
+        self.on_cancel = None  # an engine that must act at once (vllm_engine.py) sets this; engine.py polls
 
     def cancel(self, choice: int | None = None) -> None:
         if choice is None:
             self.cancelled = True
         else:
             self.cancelled_choices.add(choice)
+        if self.on_cancel is not None:
+            self.on_cancel()
 
     def is_cancelled(self, choice: int) -> bool:
         return self.cancelled or choice in self.cancelled_choices
@@ -135,6 +138,10 @@ class Engine:
     @property
     def slots(self) -> int:
         return self.decoder.slots
+
+    @property
+    def max_len(self) -> int:
+        return self.decoder.max_len
 
     @property
     def running(self) -> int:

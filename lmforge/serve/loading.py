@@ -6,7 +6,8 @@ tokenizer (with the chat template it was trained with) and the token ids that en
 the lean decoder.Decoder for a base model and LoRA adapters applied per request beside it, and for a served target
 of another mergeable method (DoRA, LoHa, LoKr, IA3) merged into the base in memory; model_decoder.ModelDecoder (the
 model's own forward) for what cannot be merged (prefix / P-tuning / prompt tuning, bottleneck adapters, adapters on
-a quantised base). Must not know about HTTP.
+a quantised base). With `--backend vllm`: vllm_engine.VllmEngine, for a model dir plus LoRA adapter dirs. Must not
+know about HTTP.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ from ..methods import save_trained, unwrap
 from ..models import load_model, load_tokenizer, resolve_model
 from ..render import end_of_turn_ids
 from ..virtual_tokens import VirtualTokenModel
-from .decoder import Decoder, load_adapter_into
+from .decoder import Decoder, holds_in_float16, load_adapter_into
 from .engine import Engine
 from .model_decoder import ModelDecoder
+from .vllm_engine import VllmEngine, require_vllm
 
 DEFAULT_CONTEXT = 4096
 
@@ -77,7 +79,7 @@ def parse_adapters(values: list[str] | None) -> dict[str, str]:
     return adapters
 
 
-def build_engine(target: str | None, model: str | None, adapters: dict[str, str], settings) -> Engine:
+def build_engine(target: str | None, model: str | None, adapters: dict[str, str], settings) -> Engine | VllmEngine:
     """Load the served model once, add every adapter, and return an engine (not started) that knows every name."""
     if bool(target) == bool(model):
         raise UserError("serve a run or export dir (lmforge serve runs/NAME) or a base model (--model NAME), "
@@ -89,6 +91,8 @@ def build_engine(target: str | None, model: str | None, adapters: dict[str, str]
         raise UserError(f"--adapter {', '.join(adapters)}: {served_target.name} ({served_target.method}) is served "
                         f"as a model of its own, not as the base plus per-request LoRA adapters, so no adapter can "
                         f"be served beside it; serve the adapters from another `lmforge serve`")
+    if settings.backend == "vllm":
+        return _vllm_engine(served_target, adapters, settings)
     if served_target.load is None:
         path = served_target.base_path
         loaded, tokenizer = load_model(path, torch.float32).eval(), load_tokenizer(path)  # fp32: bf16 is slow on CPU
@@ -100,15 +104,21 @@ def build_engine(target: str | None, model: str | None, adapters: dict[str, str]
         served = {name: _served(name, 0, tokenizer)}
     else:
         decoder = _fast_decoder(loaded, settings)
-        served = _base_and_loras(decoder, loaded, tokenizer, served_target, adapters, settings)
+
+        def add_lora(name: str, path: Path) -> int:
+            load_adapter_into(decoder, loaded, name, path)
+            return decoder.adapter_index(name)
+
+        served = _base_and_loras(add_lora, decoder.vocab_size, tokenizer, served_target, adapters, settings)
     threads = settings.threads or max(1, (os.cpu_count() or 2) - 1)
     return Engine(decoder, served, max_queue=settings.max_queue, prefill_chunk=settings.prefill_chunk,
                   threads=threads)
 
 
-def _base_and_loras(decoder: Decoder, base, base_tokenizer, target: Target, adapters: dict[str, str],
-                    settings) -> dict[str, ServedModel]:
-    """The base under its name (or the configured one), and each LoRA adapter (a LoRA run first) as decoder rows."""
+def _base_and_loras(add_lora: Callable[[str, Path], int], vocab_size: int, base_tokenizer, target: Target,
+                    adapters: dict[str, str], settings) -> dict[str, ServedModel]:
+    """The base under its name (or the configured one), and each LoRA adapter (a LoRA run first) under its own,
+    added to the engine by `add_lora` (→ its adapter index)."""
     served = {}
     if target.lora is None:
         served_base = settings.served_model_name or target.base_name
@@ -120,14 +130,39 @@ def _base_and_loras(decoder: Decoder, base, base_tokenizer, target: Target, adap
         if name in served:
             raise UserError(f"adapter name {name!r} is already the name of the served model; pick another")
         path = Path(directory)
-        load_adapter_into(decoder, base, name, path)
+        index = add_lora(name, path)
         tokenizer = load_tokenizer(str(path)) if (path / "tokenizer_config.json").is_file() else base_tokenizer
-        if len(tokenizer) > decoder.vocab_size:
+        if len(tokenizer) > vocab_size:
             raise ModelError(f"adapter {name!r} brings a tokenizer with {len(tokenizer)} tokens, more than the "
-                             f"base model's {decoder.vocab_size}: it was trained with added tokens; merge and export "
+                             f"base model's {vocab_size}: it was trained with added tokens; merge and export "
                              f"it, then serve the export dir")
-        served[name] = _served(name, decoder.adapter_index(name), tokenizer)
+        served[name] = _served(name, index, tokenizer)
     return served
+
+
+def _vllm_engine(target: Target, adapters: dict[str, str], settings) -> VllmEngine:
+    """vLLM serves a model dir (a base, an export, a full / freeze run's model/) plus LoRA adapter dirs."""
+    from transformers import AutoConfig
+
+    if target.method or target.base_path is None:
+        what = f"a {target.method} run" if target.method else "a full-model checkpoint"
+        raise UserError(f"--backend vllm serves a model dir plus LoRA adapters; {target.name or target.base_name} "
+                        f"is {what}: merge it with `lmforge export {target.name or target.base_name} -o OUT` and "
+                        f"serve OUT, or drop --backend vllm")
+    require_vllm()
+    tokenizer = load_tokenizer(target.base_path)
+    config = AutoConfig.from_pretrained(target.base_path)
+    lora_dirs: dict[int, tuple[str, str]] = {}
+
+    def add_lora(name: str, path: Path) -> int:
+        if not (path / "adapter_config.json").is_file():
+            raise ModelError(f"adapter {name!r}: {path} is not a PEFT adapter dir (no adapter_config.json)")
+        lora_dirs[len(lora_dirs) + 1] = (name, str(path.resolve()))
+        return len(lora_dirs)
+
+    served = _base_and_loras(add_lora, config.vocab_size, tokenizer, target, adapters, settings)
+    return VllmEngine(target.base_path, served, lora_dirs, max_len=_context_length(config, settings),
+                      slots=settings.max_concurrent, max_queue=settings.max_queue, engine_args=settings.vllm_args)
 
 
 def _adapted_decoder(model, name: str, target: Target, settings):
@@ -153,12 +188,14 @@ def _adapted_decoder(model, name: str, target: Target, settings):
 
 def _fast_decoder(model, settings) -> Decoder:
     return Decoder(model, slots=settings.max_concurrent, max_len=_context_length(model, settings),
-                   float16=settings.decode_dtype == "float16")
+                   float16=settings.decode_dtype == "float16" or (settings.decode_dtype == "auto" and
+                                                                  holds_in_float16(model)))
 
 
 def _context_length(model, settings) -> int:
-    """The configured context length, else the model's limit (less any virtual tokens) up to DEFAULT_CONTEXT."""
-    config = model.config
+    """The configured context length, else the model's limit (less any virtual tokens) up to DEFAULT_CONTEXT.
+    `model` is a model, or just its config."""
+    config = getattr(model, "config", model)
     limit = min(config.max_position_embeddings, getattr(config, "sliding_window", None) or 1 << 30)
     if isinstance(model, VirtualTokenModel):
         limit -= model.virtual

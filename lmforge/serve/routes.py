@@ -117,7 +117,7 @@ async def _complete(request: Request, schema: type[BaseModel], chat: bool):
         raise ApiError(404, f"model {body.model!r} is not served here; available: {', '.join(state.engine.models)}",
                        param="model", code="model_not_found")
     prompt, field = _prompt_ids(served, body, chat)
-    max_tokens = _check_sizes(body, len(prompt), field, settings, state.engine.decoder.max_len, chat)
+    max_tokens = _check_sizes(body, len(prompt), field, settings, state.engine.max_len, chat)
     state.guard.admit(key, len(prompt))
     state.metrics.admitted(key, body.model, len(prompt))
     sampling = Sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -40,12 +40,17 @@ class ServeSettings(BaseModel):
     kill_switch_file: str | None = Field(None, description="while this file exists the API answers 503 (degraded)")
     degraded_message: str = "The assistant is temporarily unavailable. Please try again later."
     cors_origins: list[str] = Field([], description="origins allowed to call the API from a browser; none = off")
+    backend: Literal["lmforge", "vllm"] = Field(
+        "lmforge", description="lmforge: the built-in engine (CPU or GPU); vllm: vLLM's engine behind the same API "
+                               "and guard (GPU machines, `pip install vllm`)")
+    vllm_args: dict[str, Any] = Field({}, description="more vLLM engine arguments (AsyncEngineArgs) with --backend "
+                                                      "vllm, e.g. {tensor_parallel_size: 2, gpu_memory_utilization: 0.8}")
     threads: int | None = Field(None, ge=1, description="torch threads for the model; default: CPU cores - 1, so "
                                                      "HTTP keeps a core (on a busy machine, fewer threads are faster)")
-    decode_dtype: Literal["float32", "float16"] = Field(
-        "float32", description="float16: weights held in float16 (half the memory, half the bytes per decode step: "
-                               "single-stream decode ~2x faster on CPU; wide batches slower than float32); replies "
-                               "differ slightly from float32's, never with server load")
+    decode_dtype: Literal["auto", "float32", "float16"] = Field(
+        "auto", description="float16: weights held in float16 for FBGEMM's float16 GEMM (float32 activations): half "
+                            "the memory and ~2x the speed of float32 on CPU; replies differ slightly from float32's, "
+                            "never with server load. auto: float16 where torch has FBGEMM (x86-64), else float32")
     prefill_chunk: int = Field(256, ge=1, description="prompt tokens prefilled per engine step (long prompts "
                                                       "are split so running streams keep flowing)")
 
