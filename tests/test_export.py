@@ -6,6 +6,7 @@ leaves nothing that looks complete."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -155,6 +156,32 @@ def test_gguf_reads_back_with_transformers_to_the_same_logits_and_tokens(which, 
         assert render_prompt(gguf_tokenizer, messages) == render_prompt(tokenizer, messages)
         expected = logits(trained, tokenizer, messages)
         got = logits(model, tokenizer, messages)
+        assert relative_rms(expected, got) < tolerance
+        assert (expected.argmax(-1) == got.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
+@pytest.mark.parametrize("which, gguf_name, tolerance", [("llama", "model-f16.gguf", 1e-2),
+                                                         ("qwen2", "model-q8_0.gguf", 5e-2)])
+def test_gguf_runs_in_llama_cpp_to_the_same_logits(which, gguf_name, tolerance, request):
+    """The consumer users export for: llama.cpp itself (what Ollama runs) loads the file, tokenizes the rendered
+    prompt to the same ids, computes the trained model's logits, and carries the training chat template."""
+    from llama_cpp import Llama
+
+    if which == "llama":
+        run, out = request.getfixturevalue("llama_run"), request.getfixturevalue("llama_export")
+    else:
+        run, out = request.getfixturevalue("qwen2_export")
+    trained, tokenizer = load_for_inference(str(run), dtype="float32", checkpoint="final")
+    llm = Llama(model_path=str(out / gguf_name), n_ctx=256, n_threads=1, logits_all=True, verbose=False)
+    assert llm.metadata["tokenizer.chat_template"] == tokenizer.chat_template
+    for messages in (TWO_TURNS, WITH_SYSTEM):
+        ids = render_prompt(tokenizer, messages)
+        assert llm.tokenize(tokenizer.decode(ids).encode(), add_bos=False, special=True) == ids
+        llm.reset()
+        llm.eval(ids)
+        got = torch.tensor(llm.scores[:len(ids)])
+        expected = logits(trained, tokenizer, messages)
         assert relative_rms(expected, got) < tolerance
         assert (expected.argmax(-1) == got.argmax(-1)).float().mean() > 0.9
 
