@@ -87,7 +87,8 @@ def add_data_clean(data_verbs) -> None:
                     "OUT.report.html. Without --recipe: normalize, filter (empty turns, AI boilerplate markers, "
                     "repetition, blocklists), mask PII, exact and near-duplicate removal.",
         epilog="example: lmforge data clean data/qa.jsonl -o data/qa.clean.jsonl --recipe recipe.yaml")
-    clean.add_argument("input", metavar="IN", help=".jsonl or .json records (convert tables first: data convert)")
+    clean.add_argument("input", metavar="IN", help=".jsonl or .json records, or a folder of them (one dataset); "
+                                                   "convert tables first: data convert")
     clean.add_argument("-o", "--output", required=True, metavar="OUT", help="output .jsonl")
     clean.add_argument("--recipe", metavar="YAML", help="the steps to run, in order (default: the built-in recipe)")
     clean.add_argument("--to", default="messages", choices=("messages", "conversations", "alpaca", "sharegpt"),

@@ -40,7 +40,7 @@ def cleaned_dataset(spec: DatasetSpec, steps: list[Step]) -> tuple[DatasetSpec, 
     the same recipe before. Returns the cleaned dataset (messages shape) and a summary for the data report."""
     from .data.clean import clean_file
 
-    digest = hashlib.sha256(f"clean {__version__}".encode())
+    digest = hashlib.sha256(f"clean {__version__} folders-as-one".encode())  # folders were once cleaned per file
     files = dataset_files(spec.path)
     for path in files:
         digest.update(_file_digest(path))
@@ -52,9 +52,7 @@ def cleaned_dataset(spec: DatasetSpec, steps: list[Step]) -> tuple[DatasetSpec, 
     if not hit:
         staging = _staging(entry)
         try:
-            for index, path in enumerate(files):  # a folder dataset: its files cleaned one by one, then joined
-                clean_file(path, staging / f"part{index}.jsonl", recipe=steps, format_spec=spec.format)
-            _join_parts(staging, len(files), out.name)
+            clean_file(spec.path, staging / out.name, recipe=steps, format_spec=spec.format)  # a folder: as one
             _publish(staging, entry)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -63,29 +61,6 @@ def cleaned_dataset(spec: DatasetSpec, steps: list[Step]) -> tuple[DatasetSpec, 
                "rejected": report["rejected"], "report": str(entry / "clean.report.html"),
                "rejects": str(entry / "clean.rejects.jsonl") if report["rejected"] else None}
     return DatasetSpec(path=out, name=spec.name), summary
-
-
-def _join_parts(staging: Path, parts: int, name: str) -> None:
-    if parts == 1:
-        for suffix in ("jsonl", "rejects.jsonl", "report.json", "report.html"):
-            source = staging / f"part0.{suffix}"
-            if source.exists():
-                source.rename(staging / f"{Path(name).stem}.{suffix}")
-        return
-    totals = {"records_in": 0, "kept": 0, "rejected": 0, "parts": []}
-    with (staging / name).open("w", encoding="utf-8") as out, \
-            (staging / f"{Path(name).stem}.rejects.jsonl").open("w", encoding="utf-8") as rejects:
-        for index in range(parts):
-            out.write((staging / f"part{index}.jsonl").read_text(encoding="utf-8"))
-            if (staging / f"part{index}.rejects.jsonl").exists():
-                rejects.write((staging / f"part{index}.rejects.jsonl").read_text(encoding="utf-8"))
-            report = json.loads((staging / f"part{index}.report.json").read_text(encoding="utf-8"))
-            for key in ("records_in", "kept", "rejected"):
-                totals[key] += report[key]
-            totals["parts"].append(report)
-    (staging / f"{Path(name).stem}.report.json").write_text(json.dumps(totals, ensure_ascii=False, indent=2))
-    (staging / f"{Path(name).stem}.report.html").write_text(
-        "".join((staging / f"part{i}.report.html").read_text(encoding="utf-8") for i in range(parts)))
 
 
 # --- tokenisation ------------------------------------------------------------------------------------------------------

@@ -82,3 +82,20 @@ def test_a_missing_recipe_file_is_a_config_error(tmp_path, tokenizer):
     data = write(tmp_path / "d.jsonl", records(2))
     with pytest.raises(ConfigError, match="recipe file not found"):
         prepare_data(config(data, recipe=str(tmp_path / "nope.yaml")), tokenizer)
+
+
+def test_a_folder_dataset_is_cleaned_as_one_dataset(tmp_path, tokenizer):
+    """Duplicates across a folder's files are found (each file cleaned alone would keep both), and the folder gets
+    one report, one HTML page."""
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    alpaca = [{"instruction": q, "output": a} for q, a in QA[:5]]  # a dataset_info.json entry's default format
+    write(folder / "a.jsonl", alpaca[:3])
+    write(folder / "b.jsonl", alpaca[2:])  # starts with a.jsonl's last record
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"rent": {"file_name": "folder"}}))
+    prepared = prepare_data(config(Path("rent"), recipe="default", dataset_dir=str(tmp_path)), tokenizer)
+    [cleaning] = prepared.report["cleaning"].values()
+    assert (cleaning["records_in"], cleaning["kept"], cleaning["rejected"]) == (6, 5, 1)
+    rejects = [json.loads(line) for line in Path(cleaning["rejects"]).read_text().splitlines()]
+    assert [(r["step"], Path(r["line"].split(":")[0]).name) for r in rejects] == [("dedup.exact", "b.jsonl")]
+    assert Path(cleaning["report"]).read_text(encoding="utf-8").lower().count("<html") == 1

@@ -163,3 +163,16 @@ def test_empty_input(tmp_path, capsys, content, message):
     (tmp_path / "e.jsonl").write_text(content)
     assert main(["data", "clean", str(tmp_path / "e.jsonl"), "-o", str(tmp_path / "o.jsonl")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_folder_is_cleaned_as_one_dataset_written_outside_it(tmp_path, capsys):
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    row = {"messages": [{"role": "user", "content": "押金什么时候退？"},
+                        {"role": "assistant", "content": "退租交房验收后七日内退还押金。"}]}
+    for name in ("a.jsonl", "b.jsonl"):
+        (folder / name).write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert main(["data", "clean", str(folder), "-o", str(folder / "clean.jsonl")]) == 2
+    assert "inside the input folder" in capsys.readouterr().err
+    assert main(["data", "clean", str(folder), "-o", str(tmp_path / "clean.jsonl")]) == 0
+    assert len(read_jsonl(tmp_path / "clean.jsonl")) == 1  # b.jsonl's copy of a.jsonl's record is a duplicate

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import DataError, UserError
 from .convert import shape
+from .datasets import dataset_files
 from .dedup import ExactDeduper, NearDuplicateIndex, choose_keepers, embed_texts, semantic_clusters
 from .filters import build_filters, field_text, field_texts
 from .language import detect_language
@@ -112,13 +113,17 @@ class CleanReport:
 def clean_file(in_path: str | Path, out_path: str | Path, *, recipe: str | Path | list[Step] | None = None,
                to: str = "messages", num_proc: int = 1, strict: bool = False, html: bool = True,
                format_spec: FormatSpec = FormatSpec()) -> CleanReport:
-    """Clean one JSON/JSONL records file into OUT (JSONL), with OUT.rejects.jsonl, OUT.report.json and (html=True)
+    """Clean one JSON/JSONL records file — or a folder of them, read in name order as one dataset (so duplicates
+    across its files are found too) — into OUT (JSONL), with OUT.rejects.jsonl, OUT.report.json and (html=True)
     OUT.report.html beside it. All outputs are written under temporary names and renamed at the end.
     format_spec: how records are read (a dataset_info.json entry's format and columns); default: detected."""
     in_path, out_path = Path(in_path), Path(out_path)
     steps = recipe if isinstance(recipe, list) else load_recipe(recipe)
     if in_path.resolve() == out_path.resolve():
         raise UserError(f"-o {out_path} is the input file; write the cleaned data to a new file")
+    if in_path.is_dir() and out_path.resolve().parent == in_path.resolve():
+        raise UserError(f"-o {out_path} is inside the input folder {in_path}, whose files are all read as data; "
+                        f"write the cleaned data outside it")
     if num_proc < 1:
         raise UserError(f"--num-proc must be ≥ 1, got {num_proc}")
     started = time.perf_counter()
@@ -176,7 +181,8 @@ def _read(path: Path, report: CleanReport, reject, spec: FormatSpec) -> Iterator
         report.unreadable += 1
         reject(where, "read", reason, raw)
 
-    for record, where in read_records(path, on_bad_line=bad_line):
+    records = (pair for file in dataset_files(path) for pair in read_records(file, on_bad_line=bad_line))
+    for record, where in records:
         report.records_in += 1
         try:
             record = as_messages_record(record, where, spec)
