@@ -153,6 +153,23 @@ def test_a_prefix_runs_best_checkpoint_and_a_bottleneck_adapter_dir_are_served(t
     assert list(engine.models) == ["adapter"] and isinstance(engine.decoder, ModelDecoder)
 
 
+def test_an_architecture_the_fast_decoder_does_not_run_is_served_through_its_own_forward(tmp_path_factory,
+                                                                                         bundled_model_dir, capsys):
+    """Gemma 3 (the second bundled model; here a tiny one whose first layer sees a window of 8 tokens, shorter than
+    the prompts): a LoRA run on it is merged and served alone, token for token as chat decodes it; a per-request
+    --adapter beside it is refused with what to do."""
+    gemma = vivid_tiny_model("gemma3", load_tokenizer(bundled_model_dir), tmp_path_factory.mktemp("gemma") / "g3")
+    run = train_run(tmp_path_factory.mktemp("gemma-run"), gemma, "lora", max_steps=4)
+    capsys.readouterr()
+    engine = build_engine(str(run), None, {}, ServeSettings(max_concurrent=4))
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert isinstance(engine.decoder, ModelDecoder) and list(engine.models) == ["run"]
+    assert "this gemma3_text model is served through its own forward" in notes[-1]
+    served_equals_chat(engine, run)
+    with pytest.raises(UserError, match="per-request LoRA adapters need lmforge's fast decoder"):
+        build_engine(None, gemma, {"lora": str(run / "adapter")}, ServeSettings())
+
+
 # ------------------------------------------------------------------------------------------- refusals
 
 

@@ -6,7 +6,7 @@ tokenizer (with the chat template it was trained with) and the token ids that en
 the lean decoder.Decoder for a base model and LoRA adapters applied per request beside it, and for a served target
 of another mergeable method (DoRA, LoHa, LoKr, IA3) merged into the base in memory; model_decoder.ModelDecoder (the
 model's own forward) for what cannot be merged (prefix / P-tuning / prompt tuning, bottleneck adapters, adapters on
-a quantised base). With `--backend vllm`: vllm_engine.VllmEngine, for a model dir plus LoRA adapter dirs. Must not
+a quantised base) and for architectures the lean decoder does not run (Gemma 3, …). With `--backend vllm`: vllm_engine.VllmEngine, for a model dir plus LoRA adapter dirs. Must not
 know about HTTP.
 """
 
@@ -33,7 +33,7 @@ from ..methods import save_trained, unwrap
 from ..models import load_model, load_tokenizer, resolve_model
 from ..render import end_of_turn_ids
 from ..virtual_tokens import VirtualTokenModel
-from .decoder import Decoder, holds_in_float16, load_adapter_into
+from .decoder import SUPPORTED_TYPES, Decoder, holds_in_float16, load_adapter_into
 from .engine import Engine
 from .model_decoder import ModelDecoder
 from .vllm_engine import VllmEngine, require_vllm
@@ -93,6 +93,7 @@ def build_engine(target: str | None, model: str | None, adapters: dict[str, str]
                         f"be served beside it; serve the adapters from another `lmforge serve`")
     if settings.backend == "vllm":
         return _vllm_engine(served_target, adapters, settings)
+    served_target = _outside_fast_decoder(served_target, adapters)
     if served_target.load is None:
         path = served_target.base_path
         loaded, tokenizer = load_model(path, torch.float32).eval(), load_tokenizer(path)  # fp32: bf16 is slow on CPU
@@ -161,7 +162,7 @@ def _vllm_engine(target: Target, adapters: dict[str, str], settings) -> VllmEngi
         return len(lora_dirs)
 
     served = _base_and_loras(add_lora, config.vocab_size, tokenizer, target, adapters, settings)
-    return VllmEngine(target.base_path, served, lora_dirs, max_len=_context_length(config, settings),
+    return VllmEngine(target.base_path, served, lora_dirs, max_len=_context_length(config, settings, own_forward=True),
                       slots=settings.max_concurrent, max_queue=settings.max_queue, engine_args=settings.vllm_args)
 
 
@@ -183,20 +184,48 @@ def _adapted_decoder(model, name: str, target: Target, settings):
     method = f"{target.method} on a quantised base" if quantized else target.method
     print(f"note: {name} ({method}) is served through the model's own forward (slower, no cross-request batching); "
           f"{alone}", file=sys.stderr)
-    return ModelDecoder(model, slots=settings.max_concurrent, max_len=_context_length(model, settings))
+    return ModelDecoder(model, slots=settings.max_concurrent, max_len=_context_length(model, settings,
+                                                                                      own_forward=True))
 
 
-def _fast_decoder(model, settings) -> Decoder:
+def _outside_fast_decoder(target: Target, adapters: dict[str, str]) -> Target:
+    """An architecture the lean decoder does not run (Gemma 3, …) is served through its own forward, which cannot
+    apply adapters per request: a LoRA run is then merged and served alone, and extra --adapters are refused."""
+    if target.base_path is None or not (Path(target.base_path) / "config.json").is_file():
+        return target  # a checkpoint (loaded whole) or a hub id: _fast_decoder decides once the model is loaded
+    model_type = json.loads((Path(target.base_path) / "config.json").read_text()).get("model_type")
+    if model_type in SUPPORTED_TYPES:
+        return target
+    if adapters:
+        raise UserError(f"--adapter {', '.join(adapters)}: per-request LoRA adapters need lmforge's fast decoder, "
+                        f"which runs {', '.join(SUPPORTED_TYPES)} models; {target.base_name} is {model_type!r}. "
+                        f"Serve each adapter on its own (lmforge serve DIR), or use --backend vllm on a GPU machine")
+    if target.lora is None:
+        return target
+    return Target(target.base_name, target.base_path, target.name, method="LoRA",
+                  load=partial(load_for_inference, model=target.base_path, adapter=str(target.lora), dtype="float32"))
+
+
+def _fast_decoder(model, settings) -> Decoder | ModelDecoder:
+    """The lean Decoder for the architectures it runs; any other is served through the model's own forward."""
+    model_type = model.config.model_type
+    if model_type not in SUPPORTED_TYPES:
+        print(f"note: lmforge's fast decoder runs {', '.join(SUPPORTED_TYPES)} models; this {model_type} model is "
+              f"served through its own forward (slower, no cross-request batching)", file=sys.stderr)
+        return ModelDecoder(model, slots=settings.max_concurrent,
+                            max_len=_context_length(model, settings, own_forward=True))
     return Decoder(model, slots=settings.max_concurrent, max_len=_context_length(model, settings),
                    float16=settings.decode_dtype == "float16" or (settings.decode_dtype == "auto" and
                                                                   holds_in_float16(model)))
 
 
-def _context_length(model, settings) -> int:
+def _context_length(model, settings, own_forward: bool = False) -> int:
     """The configured context length, else the model's limit (less any virtual tokens) up to DEFAULT_CONTEXT.
-    `model` is a model, or just its config."""
+    `model` is a model, or just its config. The lean decoder stops at a sliding window; the model's own forward
+    (`own_forward`) and vLLM apply the window themselves."""
     config = getattr(model, "config", model)
-    limit = min(config.max_position_embeddings, getattr(config, "sliding_window", None) or 1 << 30)
+    window = None if own_forward else getattr(config, "sliding_window", None)
+    limit = min(config.max_position_embeddings, window or 1 << 30)
     if isinstance(model, VirtualTokenModel):
         limit -= model.virtual
     return settings.context_length or min(limit, DEFAULT_CONTEXT)
