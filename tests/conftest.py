@@ -67,10 +67,10 @@ def qwen_tokenizer(base_dir: str):
 
 
 def make_tiny_model(kind: str, tokenizer, out_dir: Path, seed: int = 0) -> str:
-    """Build a tiny random model of `kind` ("llama", "qwen2" or "gemma3": a window of 8 tokens on its first layer)
-    for `tokenizer`, save both, return the dir."""
-    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+    """Build a tiny random model of `kind` ("llama", "qwen2", "gemma3": a window of 8 tokens on its first layer, or
+    "granite": an architecture lmforge serve's fast decoder does not run) for `tokenizer`, save both, return the dir."""
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GraniteConfig, GraniteForCausalLM, LlamaConfig,
+                              LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
     common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
@@ -84,6 +84,8 @@ def make_tiny_model(kind: str, tokenizer, out_dir: Path, seed: int = 0) -> str:
     elif kind == "gemma3":
         model = Gemma3ForCausalLM(Gemma3TextConfig(**common, head_dim=16, sliding_window=8,
                                                    layer_types=["sliding_attention", "full_attention"]))
+    elif kind == "granite":
+        model = GraniteForCausalLM(GraniteConfig(**common, embedding_multiplier=2.0, logits_scaling=4.0))
     else:
         raise ValueError(kind)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -153,21 +153,32 @@ def test_a_prefix_runs_best_checkpoint_and_a_bottleneck_adapter_dir_are_served(t
     assert list(engine.models) == ["adapter"] and isinstance(engine.decoder, ModelDecoder)
 
 
-def test_an_architecture_the_fast_decoder_does_not_run_is_served_through_its_own_forward(tmp_path_factory,
-                                                                                         bundled_model_dir, capsys):
+def test_gemma3_runs_on_the_fast_decoder_with_lora_adapters_per_request(tmp_path_factory, bundled_model_dir, capsys):
     """Gemma 3 (the second bundled model; here a tiny one whose first layer sees a window of 8 tokens, shorter than
-    the prompts): a LoRA run on it is merged and served alone, token for token as chat decodes it; a per-request
-    --adapter beside it is refused with what to do."""
+    the prompts): a LoRA run on it is served beside its base, token for token as chat decodes it."""
     gemma = vivid_tiny_model("gemma3", load_tokenizer(bundled_model_dir), tmp_path_factory.mktemp("gemma") / "g3")
     run = train_run(tmp_path_factory.mktemp("gemma-run"), gemma, "lora", max_steps=4)
+    engine = build_engine(str(run), None, {}, ServeSettings(max_concurrent=4))
+    assert isinstance(engine.decoder, Decoder) and list(engine.models) == ["g3", "run"]
+    assert engine.decoder.max_len > 8  # the window is applied per layer, not taken as the context length
+    served_equals_chat(engine, run)
+
+
+def test_an_architecture_the_fast_decoder_does_not_run_is_served_through_its_own_forward(tmp_path_factory,
+                                                                                         bundled_model_dir, capsys):
+    """Granite (llama-like, with multipliers the fast decoder does not apply): a LoRA run on it is merged and served
+    alone through the model's own forward, token for token as chat decodes it; a per-request --adapter beside it is
+    refused with what to do."""
+    granite = vivid_tiny_model("granite", load_tokenizer(bundled_model_dir), tmp_path_factory.mktemp("granite") / "g")
+    run = train_run(tmp_path_factory.mktemp("granite-run"), granite, "lora", max_steps=4)
     capsys.readouterr()
     engine = build_engine(str(run), None, {}, ServeSettings(max_concurrent=4))
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
     assert isinstance(engine.decoder, ModelDecoder) and list(engine.models) == ["run"]
-    assert "this gemma3_text model is served through its own forward" in notes[-1]
+    assert "this granite model is served through its own forward" in notes[-1]
     served_equals_chat(engine, run)
     with pytest.raises(UserError, match="per-request LoRA adapters need lmforge's fast decoder"):
-        build_engine(None, gemma, {"lora": str(run / "adapter")}, ServeSettings())
+        build_engine(None, granite, {"lora": str(run / "adapter")}, ServeSettings())
 
 
 # ------------------------------------------------------------------------------------------- refusals

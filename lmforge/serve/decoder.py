@@ -1,4 +1,5 @@
-"""The lean decoder the serving engine runs: Llama-family weights, a preallocated KV cache, LoRA rows by adapter.
+"""The lean decoder the serving engine runs: Llama-family and Gemma 3 weights, a preallocated KV cache, LoRA rows by
+adapter.
 
 A transformers forward spends most of a decode step in per-module Python; this one does the same arithmetic in a
 few fused ops per layer (q/k/v as one matmul, gate/up as one) over a cache preallocated per slot, so a step costs
@@ -20,7 +21,9 @@ from ..errors import ModelError
 from ..methods import QUANTIZATION_FILE
 
 # Families whose decoder layer is: RMSNorm → attention (RoPE, GQA) → residual → RMSNorm → gated MLP → residual.
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+# Gemma 3 adds: norms that scale by (1 + weight), a norm after attention and after the MLP, a scaled embedding, its own
+# attention scale, and sliding-window layers with their own RoPE (config.layer_types).
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PACKED_WEIGHTS = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 FLOAT16_KERNELS = "fbgemm" in torch.backends.quantized.supported_engines  # x86-64 builds of torch
@@ -77,13 +80,17 @@ class Linear:
 @dataclass
 class Layer:
     input_norm: torch.Tensor
-    post_norm: torch.Tensor
+    post_norm: torch.Tensor  # before the MLP
     qkv: Linear
     o: Linear
     gate_up: Linear
     down: Linear
-    q_norm: torch.Tensor | None = None  # qwen3 normalises each head's q and k before RoPE
+    q_norm: torch.Tensor | None = None  # qwen3 and gemma3 normalise each head's q and k before RoPE
     k_norm: torch.Tensor | None = None
+    attention_out_norm: torch.Tensor | None = None  # gemma3: on the attention's output, before the residual add
+    mlp_out_norm: torch.Tensor | None = None  # gemma3: on the MLP's output, before the residual add
+    window: int | None = None  # a sliding-window layer sees its last `window` keys
+    rope: str | None = None  # which RoPE table (gemma3: one per layer type)
 
 
 class Decoder:
@@ -96,29 +103,43 @@ class Decoder:
     def __init__(self, model, slots: int, max_len: int, float16: bool = False):
         config = model.config
         self.model_type = config.model_type
-        if self.model_type not in SUPPORTED_TYPES:
+        if not fast_decoder_runs(config):
             raise ModelError(f"lmforge serve runs {', '.join(SUPPORTED_TYPES)} models; this one is "
-                             f"{self.model_type!r}. Chat with it via `lmforge chat`, or export it to GGUF for llama.cpp")
+                             f"{self.model_type!r}; lmforge serve runs it through its own forward")
         inner = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = config.rms_norm_eps
         self.vocab_size = config.vocab_size
-        self.activation = _activation(config.hidden_act)
+        self.activation = _activation(getattr(config, "hidden_activation", None) or config.hidden_act)
+        self.scale = getattr(config, "query_pre_attn_scalar", None)  # None: SDPA's 1/sqrt(head_dim)
+        self.scale = self.scale ** -0.5 if self.scale else None
+        layer_types = getattr(config, "layer_types", None)
+        windowed = applies_windows(config)
         window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
-        limit = min(config.max_position_embeddings, window or config.max_position_embeddings)
+        limit = min(config.max_position_embeddings, config.max_position_embeddings if windowed else
+                    window or config.max_position_embeddings)
         if max_len > limit:
             raise ModelError(f"context length {max_len} is more than this model supports ({limit}); "
                              f"set context_length to at most {limit}")
         self.adapter_names: list[str] = []
         self.embed = inner.embed_tokens.weight.detach()
-        self.final_norm = inner.norm.weight.detach()
+        self.embed_scale = float(getattr(inner.embed_tokens, "embed_scale", 1.0))  # gemma3: sqrt(hidden size)
+        offset = 1.0 if self.model_type.startswith("gemma") else 0.0  # gemma's norms scale by (1 + weight)
+        self.final_norm = inner.norm.weight.detach() + offset
         self.lm_head = Linear(model.get_output_embeddings().weight.detach(), float16=float16)
-        self.layers = [_layer(layer, float16) for layer in inner.layers]
+        self.layers = [_layer(layer, float16, offset) for layer in inner.layers]
         positions = torch.arange(max_len + 1)[None]
-        cos, sin = inner.rotary_emb(self.embed[:1], positions)  # transformers' own RoPE (scaling types included)
-        self.cos, self.sin = cos[0].float(), sin[0].float()
+        self.ropes = {}  # layer type (None: every layer) → cos, sin: transformers' own RoPE (scaling types included)
+        for index, layer in enumerate(self.layers):
+            if windowed:
+                layer.rope = layer_types[index]
+                layer.window = config.sliding_window if layer.rope == "sliding_attention" else None
+            if layer.rope not in self.ropes:
+                arguments = () if layer.rope is None else (layer.rope,)
+                cos, sin = inner.rotary_emb(self.embed[:1], positions, *arguments)
+                self.ropes[layer.rope] = cos[0].float(), sin[0].float()
         self.slots, self.max_len = slots, max_len
         self.float16 = float16
         shape = (len(self.layers), slots, self.kv_heads, max_len + 1, self.head_dim)
@@ -185,21 +206,27 @@ class Decoder:
         masks = [None if start == 0 else  # a fresh prompt uses is_causal; a later chunk sees what precedes it
                  torch.arange(start, start + count)[:, None] >= torch.arange(start + count)[None]
                  for start, count in zip(starts, counts)]  # [T, start+T]
-        hidden = self.embed[torch.tensor([t for tokens in token_lists for t in tokens])][:, None]  # [R, 1, D]
-        rope = self._rope(positions[:, None])
+        windows = {layer.window for layer in self.layers if layer.window}
+        window_masks = {window: [_window_mask(start, count, window) for start, count in zip(starts, counts)]
+                        for window in windows}
+        hidden = self._embed(torch.tensor([t for tokens in token_lists for t in tokens]))[:, None]  # [R, 1, D]
+        ropes = {name: self._rope(table, positions[:, None]) for name, table in self.ropes.items()}
         for index, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, hidden, rope, groups)  # [R, heads, 1, hd]
+            q, k, v = self._qkv(layer, hidden, ropes[layer.rope], groups)  # [R, heads, 1, hd]
             self.k_cache[index][row_slots, :, positions] = k[:, :, 0]
             self.v_cache[index][row_slots, :, positions] = v[:, :, 0]
             parts = []
-            for slot, start, count, offset, mask in zip(slots, starts, counts, offsets, masks):
+            for slot, start, count, offset, mask in zip(slots, starts, counts, offsets,
+                                                        window_masks[layer.window] if layer.window else masks):
                 query = q[offset:offset + count, :, 0].transpose(0, 1)[None]  # [1, heads, T, hd]
                 keys = self.k_cache[index, slot:slot + 1, :, :start + count]
                 values = self.v_cache[index, slot:slot + 1, :, :start + count]
                 if mask is None:
-                    attended = F.scaled_dot_product_attention(query, keys, values, is_causal=True, enable_gqa=True)
+                    attended = F.scaled_dot_product_attention(query, keys, values, is_causal=True, enable_gqa=True,
+                                                              scale=self.scale)
                 else:
-                    attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=True)
+                    attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=True,
+                                                              scale=self.scale)
                 parts.append(attended[0].transpose(0, 1))  # [T, heads, hd]
             hidden = self._finish_layer(layer, hidden, torch.cat(parts)[:, :, None], groups)
         return self.lm_head(_rms_norm(hidden[ends - 1, 0], self.final_norm, self.eps), [])
@@ -219,32 +246,40 @@ class Decoder:
         length = max(positions) + 1
         visible = torch.arange(length)[None] <= row_positions[:, None]  # [width, length]
         visible[:, 0] = True  # idle rows (scratch position) see one column, never none (that would be NaN)
-        mask = visible[:, None, None, :]
+        masks = {None: visible[:, None, None, :]}
+        for window in {layer.window for layer in self.layers if layer.window}:  # and within the window
+            recent = torch.arange(length)[None] > row_positions[:, None] - window
+            masks[window] = (visible & (recent | (row_positions[:, None] == self.max_len)))[:, None, None, :]
         groups = _adapter_groups(row_adapters)
         rows = torch.arange(width)
-        hidden = self.embed[row_tokens][:, None]  # [W, 1, D]
-        rope = self._rope(row_positions[:, None])
+        hidden = self._embed(row_tokens)[:, None]  # [W, 1, D]
+        ropes = {name: self._rope(table, row_positions[:, None]) for name, table in self.ropes.items()}
         for index, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, hidden, rope, groups)
+            q, k, v = self._qkv(layer, hidden, ropes[layer.rope], groups)
             self.k_cache[index, :width][rows, :, row_positions] = k[:, :, 0]
             self.v_cache[index, :width][rows, :, row_positions] = v[:, :, 0]
             if self.float16:
-                attended = self._attend_each(index, q, slots, positions)
+                attended = self._attend_each(index, q, slots, positions, layer.window)
             else:
                 keys = self.k_cache[index, :width, :, :length]
                 values = self.v_cache[index, :width, :, :length]
-                attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+                attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=masks[layer.window],
+                                                          enable_gqa=True, scale=self.scale)
             hidden = self._finish_layer(layer, hidden, attended, groups)
         last = _rms_norm(hidden[listed, 0], self.final_norm, self.eps)
         return self.lm_head(last, [])
 
-    def _attend_each(self, index: int, q: torch.Tensor, slots: list[int], positions: list[int]) -> torch.Tensor:
+    def _attend_each(self, index: int, q: torch.Tensor, slots: list[int], positions: list[int],
+                     window: int | None) -> torch.Tensor:
         """Each listed row's attention over exactly its own keys. One call over the batch pads every row to the
         longest, and the padded length changes the last bits of the sums, so a reply would depend on what else runs
         (the float16 linears are row-invariant, so this keeps the whole step so)."""
-        parts = [F.scaled_dot_product_attention(q[slot:slot + 1], self.k_cache[index, slot:slot + 1, :, :position + 1],
-                                                self.v_cache[index, slot:slot + 1, :, :position + 1], enable_gqa=True)
-                 for slot, position in zip(slots, positions)]
+        first = [max(0, position + 1 - window) if window else 0 for position in positions]
+        parts = [F.scaled_dot_product_attention(q[slot:slot + 1],
+                                                self.k_cache[index, slot:slot + 1, :, start:position + 1],
+                                                self.v_cache[index, slot:slot + 1, :, start:position + 1],
+                                                enable_gqa=True, scale=self.scale)
+                 for slot, position, start in zip(slots, positions, first)]
         if slots == list(range(q.shape[0])):  # every row listed, in order
             return parts[0] if len(parts) == 1 else torch.cat(parts)
         attended = torch.zeros_like(q)  # idle rows stay zero
@@ -256,9 +291,15 @@ class Decoder:
         self.k_cache[:, target, :, :length] = self.k_cache[:, source, :, :length]
         self.v_cache[:, target, :, :length] = self.v_cache[:, source, :, :length]
 
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def _rope(table: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin at these positions [B, T] → [B, T, 1, hd], once per forward (every layer uses them)."""
-        return self.cos[positions][:, :, None], self.sin[positions][:, :, None]
+        cos, sin = table
+        return cos[positions][:, :, None], sin[positions][:, :, None]
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = self.embed[tokens]
+        return rows * self.embed_scale if self.embed_scale != 1.0 else rows
 
     def _qkv(self, layer: Layer, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], groups):
         batch, count, _ = hidden.shape
@@ -282,10 +323,16 @@ class Decoder:
         batch, count, width = hidden.shape
         rows = _expand_groups(groups, count)
         attended = attended.transpose(1, 2).reshape(batch * count, -1)
-        hidden = hidden + layer.o(attended, rows).view(batch, count, width)
+        attention_out = layer.o(attended, rows).view(batch, count, width)
+        if layer.attention_out_norm is not None:
+            attention_out = _rms_norm(attention_out, layer.attention_out_norm, self.eps)
+        hidden = hidden + attention_out
         gate_up = layer.gate_up(_rms_norm(hidden, layer.post_norm, self.eps).view(batch * count, -1), rows)
         gate, up = gate_up.chunk(2, dim=-1)
-        return hidden + layer.down(self.activation(gate) * up, rows).view(batch, count, width)
+        mlp_out = layer.down(self.activation(gate) * up, rows).view(batch, count, width)
+        if layer.mlp_out_norm is not None:
+            mlp_out = _rms_norm(mlp_out, layer.mlp_out_norm, self.eps)
+        return hidden + mlp_out
 
 
 def load_adapter_into(decoder: Decoder, model, name: str, adapter_dir: Path) -> None:
@@ -312,17 +359,25 @@ def load_adapter_into(decoder: Decoder, model, name: str, adapter_dir: Path) -> 
         peft_model.unload()  # back to the plain base model, which the decoder's weights come from
 
 
-def _layer(layer, float16: bool) -> Layer:
+def _layer(layer, float16: bool, offset: float) -> Layer:
+    """offset: 1.0 for gemma's norms, which scale by (1 + weight)."""
     attention, mlp = layer.self_attn, layer.mlp
+    gemma = hasattr(layer, "pre_feedforward_layernorm")
+
+    def norm(module) -> torch.Tensor:
+        return module.weight.detach() + offset
+
     return Layer(
-        input_norm=layer.input_layernorm.weight.detach(),
-        post_norm=layer.post_attention_layernorm.weight.detach(),
+        input_norm=norm(layer.input_layernorm),
+        post_norm=norm(layer.pre_feedforward_layernorm if gemma else layer.post_attention_layernorm),
+        attention_out_norm=norm(layer.post_attention_layernorm) if gemma else None,
+        mlp_out_norm=norm(layer.post_feedforward_layernorm) if gemma else None,
         qkv=_fused_linear([attention.q_proj, attention.k_proj, attention.v_proj], float16),
         o=_fused_linear([attention.o_proj], float16),
         gate_up=_fused_linear([mlp.gate_proj, mlp.up_proj], float16),
         down=_fused_linear([mlp.down_proj], float16),
-        q_norm=attention.q_norm.weight.detach() if hasattr(attention, "q_norm") else None,
-        k_norm=attention.k_norm.weight.detach() if hasattr(attention, "k_norm") else None,
+        q_norm=norm(attention.q_norm) if hasattr(attention, "q_norm") else None,
+        k_norm=norm(attention.k_norm) if hasattr(attention, "k_norm") else None,
     )
 
 
@@ -386,6 +441,18 @@ def _zeros_on_demand(shape) -> torch.Tensor:
     return torch.from_numpy(numpy.zeros(shape, dtype=numpy.float32))
 
 
+def fast_decoder_runs(config) -> bool:
+    """Whether Decoder runs this architecture (else the server uses the model's own forward)."""
+    return (config.model_type in SUPPORTED_TYPES and not getattr(config, "final_logit_softcapping", None)
+            and not getattr(config, "attn_logit_softcapping", None))
+
+
+def applies_windows(config) -> bool:
+    """Whether Decoder applies this model's sliding windows itself (per layer, config.layer_types); without them a
+    windowed model is served up to its window only."""
+    return "sliding_attention" in (getattr(config, "layer_types", None) or [])
+
+
 def holds_in_float16(model) -> bool:
     """Whether decode_dtype auto can pick float16: torch has FBGEMM and every weight fits float16's range."""
     return FLOAT16_KERNELS and all(p.abs().max() <= torch.finfo(torch.float16).max for p in model.parameters()
@@ -398,6 +465,12 @@ def _check_float16_range(weight: torch.Tensor) -> None:
                          "Use decode_dtype float32")
     if weight.abs().max() > torch.finfo(torch.float16).max:
         raise ModelError("this model has weights beyond float16's range (65504); use decode_dtype float32")
+
+
+def _window_mask(start: int, count: int, window: int) -> torch.Tensor:
+    """[T, start+T]: query at position p sees keys p - window < k <= p (transformers' sliding-window mask)."""
+    queries, keys = torch.arange(start, start + count)[:, None], torch.arange(start + count)[None]
+    return (keys <= queries) & (keys > queries - window)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

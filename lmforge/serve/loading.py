@@ -6,8 +6,8 @@ tokenizer (with the chat template it was trained with) and the token ids that en
 the lean decoder.Decoder for a base model and LoRA adapters applied per request beside it, and for a served target
 of another mergeable method (DoRA, LoHa, LoKr, IA3) merged into the base in memory; model_decoder.ModelDecoder (the
 model's own forward) for what cannot be merged (prefix / P-tuning / prompt tuning, bottleneck adapters, adapters on
-a quantised base) and for architectures the lean decoder does not run (Gemma 3, …). With `--backend vllm`: vllm_engine.VllmEngine, for a model dir plus LoRA adapter dirs. Must not
-know about HTTP.
+a quantised base) and for architectures the lean decoder does not run. With `--backend vllm`: vllm_engine.VllmEngine,
+for a model dir plus LoRA adapter dirs. Must not know about HTTP.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 from .. import adapters as bottleneck
 from ..checkpoint import RunDir, RunWeights, choose_weights
@@ -33,7 +34,8 @@ from ..methods import save_trained, unwrap
 from ..models import load_model, load_tokenizer, resolve_model
 from ..render import end_of_turn_ids
 from ..virtual_tokens import VirtualTokenModel
-from .decoder import SUPPORTED_TYPES, Decoder, holds_in_float16, load_adapter_into
+from .decoder import (SUPPORTED_TYPES, Decoder, applies_windows, fast_decoder_runs, holds_in_float16,
+                      load_adapter_into)
 from .engine import Engine
 from .model_decoder import ModelDecoder
 from .vllm_engine import VllmEngine, require_vllm
@@ -143,8 +145,6 @@ def _base_and_loras(add_lora: Callable[[str, Path], int], vocab_size: int, base_
 
 def _vllm_engine(target: Target, adapters: dict[str, str], settings) -> VllmEngine:
     """vLLM serves a model dir (a base, an export, a full / freeze run's model/) plus LoRA adapter dirs."""
-    from transformers import AutoConfig
-
     if target.method or target.base_path is None:
         what = f"a {target.method} run" if target.method else "a full-model checkpoint"
         raise UserError(f"--backend vllm serves a model dir plus LoRA adapters; {target.name or target.base_name} "
@@ -189,13 +189,14 @@ def _adapted_decoder(model, name: str, target: Target, settings):
 
 
 def _outside_fast_decoder(target: Target, adapters: dict[str, str]) -> Target:
-    """An architecture the lean decoder does not run (Gemma 3, …) is served through its own forward, which cannot
+    """An architecture the lean decoder does not run (Gemma 2, Phi, …) is served through its own forward, which cannot
     apply adapters per request: a LoRA run is then merged and served alone, and extra --adapters are refused."""
     if target.base_path is None or not (Path(target.base_path) / "config.json").is_file():
         return target  # a checkpoint (loaded whole) or a hub id: _fast_decoder decides once the model is loaded
-    model_type = json.loads((Path(target.base_path) / "config.json").read_text()).get("model_type")
-    if model_type in SUPPORTED_TYPES:
+    config = AutoConfig.from_pretrained(target.base_path)
+    if fast_decoder_runs(config):
         return target
+    model_type = config.model_type
     if adapters:
         raise UserError(f"--adapter {', '.join(adapters)}: per-request LoRA adapters need lmforge's fast decoder, "
                         f"which runs {', '.join(SUPPORTED_TYPES)} models; {target.base_name} is {model_type!r}. "
@@ -208,21 +209,22 @@ def _outside_fast_decoder(target: Target, adapters: dict[str, str]) -> Target:
 
 def _fast_decoder(model, settings) -> Decoder | ModelDecoder:
     """The lean Decoder for the architectures it runs; any other is served through the model's own forward."""
-    model_type = model.config.model_type
-    if model_type not in SUPPORTED_TYPES:
-        print(f"note: lmforge's fast decoder runs {', '.join(SUPPORTED_TYPES)} models; this {model_type} model is "
-              f"served through its own forward (slower, no cross-request batching)", file=sys.stderr)
+    if not fast_decoder_runs(model.config):
+        print(f"note: lmforge's fast decoder runs {', '.join(SUPPORTED_TYPES)} models; this {model.config.model_type} "
+              f"model is served through its own forward (slower, no cross-request batching)", file=sys.stderr)
         return ModelDecoder(model, slots=settings.max_concurrent,
                             max_len=_context_length(model, settings, own_forward=True))
-    return Decoder(model, slots=settings.max_concurrent, max_len=_context_length(model, settings),
+    return Decoder(model, slots=settings.max_concurrent,
+                   max_len=_context_length(model, settings, own_forward=applies_windows(model.config)),
                    float16=settings.decode_dtype == "float16" or (settings.decode_dtype == "auto" and
                                                                   holds_in_float16(model)))
 
 
 def _context_length(model, settings, own_forward: bool = False) -> int:
     """The configured context length, else the model's limit (less any virtual tokens) up to DEFAULT_CONTEXT.
-    `model` is a model, or just its config. The lean decoder stops at a sliding window; the model's own forward
-    (`own_forward`) and vLLM apply the window themselves."""
+    `model` is a model, or just its config. Where the engine does not apply the model's sliding window itself, the
+    context stops at the window; `own_forward`: it does (the model's own forward, vLLM, Decoder on per-layer
+    windows)."""
     config = getattr(model, "config", model)
     window = None if own_forward else getattr(config, "sliding_window", None)
     limit = min(config.max_position_embeddings, window or 1 << 30)

@@ -1,9 +1,10 @@
 """The fallback decoder: serves a model through its own transformers forward, for methods the lean Decoder cannot
 express — prefix / P-tuning v2 / prompt tuning (virtual tokens, added once per sequence by
 virtual_tokens.VirtualTokenModel), bottleneck adapters (extra modules inside the model), adapters on a quantised
-base, and architectures it does not run (Gemma 3's sliding-window layers are masked by the model itself; the cache
-keeps every key, so a slot can still be cut back to a shared prefix). Correctness over speed: one transformers DynamicCache per slot, and every prefill chunk and every decode step is
-one forward per listed slot (no cross-slot batching), the arithmetic of generate.py's decode loop. It offers the
+base, and architectures it does not run (sliding-window layers are masked by the model itself; the cache keeps
+every key, so a slot can still be cut back to a shared prefix). Correctness over speed: one transformers
+DynamicCache per slot, and every prefill chunk and every decode step is one forward per listed slot (no cross-slot
+batching), the arithmetic of generate.py's decode loop. It offers the
 engine-facing interface of decoder.Decoder (slots, max_len, vocab_size, adapter_index, prefill_many, decode,
 copy_slot), so the engine runs it unchanged. Must not know about requests, sampling, queues or HTTP.
 """

@@ -44,7 +44,8 @@ class ServeSettings(BaseModel):
         "lmforge", description="lmforge: the built-in engine (CPU or GPU); vllm: vLLM's engine behind the same API "
                                "and guard (GPU machines, `pip install vllm`)")
     vllm_args: dict[str, Any] = Field({}, description="more vLLM engine arguments (AsyncEngineArgs) with --backend "
-                                                      "vllm, e.g. {tensor_parallel_size: 2, gpu_memory_utilization: 0.8}")
+                                                      "vllm, e.g. {tensor_parallel_size: 2, "
+                                                      "gpu_memory_utilization: 0.8}")
     threads: int | None = Field(None, ge=1, description="torch threads for the model; default: CPU cores - 1, so "
                                                      "HTTP keeps a core (on a busy machine, fewer threads are faster)")
     decode_dtype: Literal["auto", "float32", "float16"] = Field(
