@@ -40,14 +40,21 @@ PROMPTS = [f"Question {i}: in two sentences, what does a contract clause about {
                                       "amendments", "entire agreement"])]
 
 
-def peer_generate(model, tokenizer, prompts: list[str], max_tokens: int) -> dict:
-    """transformers generate, one prompt at a time (what a toolkit's HF-backend server does per request)."""
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """The question under the chat template, or as plain text for a base model without one."""
     from lmforge.render import render_prompt
 
+    if getattr(tokenizer, "chat_template", None):
+        return render_prompt(tokenizer, [{"role": "user", "content": text}])
+    return tokenizer(text)["input_ids"]
+
+
+def peer_generate(model, tokenizer, prompts: list[str], max_tokens: int) -> dict:
+    """transformers generate, one prompt at a time (what a toolkit's HF-backend server does per request)."""
     rows = []
     model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False)  # warm-up, like the server's
     for text in prompts:
-        ids = torch.tensor([render_prompt(tokenizer, [{"role": "user", "content": text}])])
+        ids = torch.tensor([prompt_ids(tokenizer, text)])
         start = time.perf_counter()
         model.generate(ids, max_new_tokens=1, do_sample=False)
         first = time.perf_counter() - start
@@ -65,13 +72,11 @@ def peer_llama_cpp(gguf_path: Path, tokenizer, prompts: list[str], max_tokens: i
         from llama_cpp import Llama
     except ImportError:
         return None
-    from lmforge.render import render_prompt
-
     llm = Llama(model_path=str(gguf_path), n_ctx=1024, n_threads=threads, n_batch=512, verbose=False)
     never_stop = {llm.token_eos(): -1e9}  # exactly max_tokens, as on the other sides
     rows = []
     for text in prompts:
-        ids = render_prompt(tokenizer, [{"role": "user", "content": text}])
+        ids = prompt_ids(tokenizer, text)
         start, stamps = time.perf_counter(), []
         for _ in llm.create_completion(ids, max_tokens=max_tokens, temperature=0, stream=True,
                                        logit_bias=never_stop):
@@ -238,7 +243,9 @@ def main() -> int:
     figures = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {threads} thread(s) on every side",
         "model": args.model, "max_tokens": args.max_tokens, "peer_generate_batch1": peer,
-        "peer_llama_cpp_batch1": llama_cpp or "not installed (pip install llama-cpp-python)",
+        "peer_llama_cpp_batch1": llama_cpp or ("not installed (pip install llama-cpp-python)"
+                                               if args.model == "smollm2-135m-instruct" else
+                                               "not run: the llama.cpp peer uses smollm2-135m-instruct's own GGUF"),
     }
     dtypes = args.decode_dtype or ["float16", "float32"]
     for dtype in dtypes:

@@ -67,8 +67,9 @@ def qwen_tokenizer(base_dir: str):
 
 
 def make_tiny_model(kind: str, tokenizer, out_dir: Path, seed: int = 0) -> str:
-    """Build a tiny random model of `kind` ("llama", "qwen2", "gemma3": a window of 8 tokens on its first layer, or
-    "granite": an architecture lmforge serve's fast decoder does not run) for `tokenizer`, save both, return the dir."""
+    """Build a tiny random model of `kind` for `tokenizer`, save both, return the dir: "llama", "qwen2",
+    "qwen2-window" and "gemma3" (one layer sees a window of 8 tokens), or "granite" (an architecture lmforge serve's
+    fast decoder does not run)."""
     from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GraniteConfig, GraniteForCausalLM, LlamaConfig,
                               LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
@@ -81,6 +82,8 @@ def make_tiny_model(kind: str, tokenizer, out_dir: Path, seed: int = 0) -> str:
         model = LlamaForCausalLM(LlamaConfig(**common))
     elif kind == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common))
+    elif kind == "qwen2-window":  # its second layer sees a window of 8 tokens
+        model = Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=True, sliding_window=8, max_window_layers=1))
     elif kind == "gemma3":
         model = Gemma3ForCausalLM(Gemma3TextConfig(**common, head_dim=16, sliding_window=8,
                                                    layer_types=["sliding_attention", "full_attention"]))

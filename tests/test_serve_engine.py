@@ -30,13 +30,15 @@ def _prompt(n: int, seed: int) -> list[int]:
     return torch.randint(10, 4000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-@pytest.mark.parametrize("kind, float16", [("llama", False), ("qwen2", False), ("gemma3", False), ("gemma3", True)])
+@pytest.mark.parametrize("kind, float16", [("llama", False), ("qwen2", False), ("qwen2-window", False),
+                                           ("gemma3", False), ("gemma3", True)])
 def test_decoder_logits_equal_transformers(kind, float16, tmp_path, bundled_model_dir):
     """Prefill in chunks and decode beside another sequence give transformers' logits (gemma3: its first layer's
-    window of 8 tokens is shorter than the prompt; float16: within the weights' rounding)."""
+    window of 8 tokens, and qwen2-window's second layer's, are shorter than the prompt; float16: within the weights'
+    rounding)."""
     from conftest import qwen_tokenizer
 
-    tokenizer = qwen_tokenizer(bundled_model_dir) if kind == "qwen2" else load_tokenizer(bundled_model_dir)
+    tokenizer = qwen_tokenizer(bundled_model_dir) if kind.startswith("qwen2") else load_tokenizer(bundled_model_dir)
     model = load_model(vivid_tiny_model(kind, tokenizer, tmp_path / kind), torch.float32).eval()
     ids = _prompt(24, 0)
     with torch.inference_mode():

@@ -104,8 +104,8 @@ class Decoder:
         config = model.config
         self.model_type = config.model_type
         if not fast_decoder_runs(config):
-            raise ModelError(f"lmforge serve runs {', '.join(SUPPORTED_TYPES)} models; this one is "
-                             f"{self.model_type!r}; lmforge serve runs it through its own forward")
+            raise ModelError(f"the fast decoder runs {', '.join(SUPPORTED_TYPES)} models without logit soft-capping; "
+                             f"serve this {self.model_type!r} model through its own forward (model_decoder.py)")
         inner = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
@@ -118,8 +118,8 @@ class Decoder:
         layer_types = getattr(config, "layer_types", None)
         windowed = applies_windows(config)
         window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
-        limit = min(config.max_position_embeddings, config.max_position_embeddings if windowed else
-                    window or config.max_position_embeddings)
+        limit = config.max_position_embeddings  # a model-wide window without per-layer types: context up to it
+        limit = limit if windowed else min(limit, window or limit)
         if max_len > limit:
             raise ModelError(f"context length {max_len} is more than this model supports ({limit}); "
                              f"set context_length to at most {limit}")
@@ -132,10 +132,12 @@ class Decoder:
         self.layers = [_layer(layer, float16, offset) for layer in inner.layers]
         positions = torch.arange(max_len + 1)[None]
         self.ropes = {}  # layer type (None: every layer) → cos, sin: transformers' own RoPE (scaling types included)
+        rope_per_type = bool(layer_types) and set(layer_types) <= set(getattr(config, "rope_parameters", None) or {})
         for index, layer in enumerate(self.layers):
             if windowed:
+                layer.window = config.sliding_window if layer_types[index] == "sliding_attention" else None
+            if rope_per_type:  # gemma3: local layers rotate with another base
                 layer.rope = layer_types[index]
-                layer.window = config.sliding_window if layer.rope == "sliding_attention" else None
             if layer.rope not in self.ropes:
                 arguments = () if layer.rope is None else (layer.rope,)
                 cos, sin = inner.rotary_emb(self.embed[:1], positions, *arguments)
