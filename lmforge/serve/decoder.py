@@ -22,8 +22,8 @@ from ..methods import QUANTIZATION_FILE
 
 # Families whose decoder layer is: RMSNorm → attention (RoPE, GQA) → residual → RMSNorm → gated MLP → residual.
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
-# Gemma 3 adds: norms that scale by (1 + weight), a norm after attention and after the MLP, a scaled embedding, its own
-# attention scale, and sliding-window layers with their own RoPE (config.layer_types).
+# Gemma 3 adds: norms that scale by (1 + weight), a norm after attention and after the MLP, a scaled embedding, its
+# own attention scale, and sliding-window layers with their own RoPE (config.layer_types).
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PACKED_WEIGHTS = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 FLOAT16_KERNELS = "fbgemm" in torch.backends.quantized.supported_engines  # x86-64 builds of torch
@@ -113,8 +113,8 @@ class Decoder:
         self.eps = config.rms_norm_eps
         self.vocab_size = config.vocab_size
         self.activation = _activation(getattr(config, "hidden_activation", None) or config.hidden_act)
-        self.scale = getattr(config, "query_pre_attn_scalar", None)  # None: SDPA's 1/sqrt(head_dim)
-        self.scale = self.scale ** -0.5 if self.scale else None
+        scalar = getattr(config, "query_pre_attn_scalar", None)  # gemma3's attention scale
+        self.scale = scalar ** -0.5 if scalar else None  # None: SDPA's 1/sqrt(head_dim)
         layer_types = getattr(config, "layer_types", None)
         windowed = applies_windows(config)
         window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None

@@ -106,7 +106,7 @@ def build_engine(target: str | None, model: str | None, adapters: dict[str, str]
         decoder = _adapted_decoder(loaded, name, served_target, settings)
         served = {name: _served(name, 0, tokenizer)}
     else:
-        decoder = _fast_decoder(loaded, settings)
+        decoder = _decoder_for(loaded, settings)
 
         def add_lora(name: str, path: Path) -> int:
             load_adapter_into(decoder, loaded, name, path)
@@ -180,7 +180,7 @@ def _adapted_decoder(model, name: str, target: Target, settings):
             raise ModelError(f"{name} ({target.method}) cannot be merged into the base for serving: {error}. "
                              f"Talk to it with `lmforge chat`") from None
         print(f"note: {name} ({target.method}) is merged into the base weights in memory; {alone}", file=sys.stderr)
-        return _fast_decoder(merged, settings)
+        return _decoder_for(merged, settings)
     method = f"{target.method} on a quantised base" if quantized else target.method
     print(f"note: {name} ({method}) is served through the model's own forward (slower, no cross-request batching); "
           f"{alone}", file=sys.stderr)
@@ -192,7 +192,7 @@ def _outside_fast_decoder(target: Target, adapters: dict[str, str]) -> Target:
     """An architecture the lean decoder does not run (Gemma 2, Phi, …) is served through its own forward, which cannot
     apply adapters per request: a LoRA run is then merged and served alone, and extra --adapters are refused."""
     if target.base_path is None or not (Path(target.base_path) / "config.json").is_file():
-        return target  # a checkpoint (loaded whole) or a hub id: _fast_decoder decides once the model is loaded
+        return target  # a checkpoint (loaded whole) or a hub id: _decoder_for decides once the model is loaded
     config = AutoConfig.from_pretrained(target.base_path)
     if fast_decoder_runs(config):
         return target
@@ -207,8 +207,9 @@ def _outside_fast_decoder(target: Target, adapters: dict[str, str]) -> Target:
                   load=partial(load_for_inference, model=target.base_path, adapter=str(target.lora), dtype="float32"))
 
 
-def _fast_decoder(model, settings) -> Decoder | ModelDecoder:
-    """The lean Decoder for the architectures it runs; any other is served through the model's own forward."""
+def _decoder_for(model, settings) -> Decoder | ModelDecoder:
+    """The decoder for a whole model (a base, or a target merged into it): the lean Decoder for the architectures it
+    runs, else the model's own forward."""
     if not fast_decoder_runs(model.config):
         print(f"note: lmforge's fast decoder runs {', '.join(SUPPORTED_TYPES)} models; this {model.config.model_type} "
               f"model is served through its own forward (slower, no cross-request batching)", file=sys.stderr)
