@@ -80,13 +80,18 @@ def run_child(args) -> dict:
     import torch
     from transformers import get_scheduler
 
-    from lmforge.batching import DataOrder
     from lmforge.config import Config
-    from lmforge.losses import sft_loss_sum
-    from lmforge.methods import apply_method, trainable_summary
-    from lmforge.models import load_model, load_tokenizer, pick_dtype, resolve_model
-    from lmforge.stages import make_batch
-    from lmforge.train import prepare_data, prepare_for_training, train_step
+    from lmforge.model.loader import (
+        load_model,
+        load_tokenizer,
+        pick_dtype,
+        resolve_model,
+    )
+    from lmforge.model.methods import apply_method, trainable_summary
+    from lmforge.train.batching import DataOrder
+    from lmforge.train.loop import prepare_data, prepare_for_training, train_step
+    from lmforge.train.losses import sft_loss_sum
+    from lmforge.train.stages import make_batch
 
     torch.set_num_threads(args.threads)
     method = METHODS[args.child]

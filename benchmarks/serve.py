@@ -22,14 +22,14 @@ import os
 import platform
 import signal
 import socket
-import subprocess
-import tempfile
 import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 
@@ -42,7 +42,7 @@ PROMPTS = [f"Question {i}: in two sentences, what does a contract clause about {
 
 def prompt_ids(tokenizer, text: str) -> list[int]:
     """The question under the chat template, or as plain text for a base model without one."""
-    from lmforge.render import render_prompt
+    from lmforge.data.render import render_prompt
 
     if getattr(tokenizer, "chat_template", None):
         return render_prompt(tokenizer, [{"role": "user", "content": text}])
@@ -221,7 +221,12 @@ def main() -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the figures here")
     args = parser.parse_args()
 
-    from lmforge.models import BUILTIN_MODELS, load_model, load_tokenizer, resolve_model
+    from lmforge.model.loader import (
+        BUILTIN_MODELS,
+        load_model,
+        load_tokenizer,
+        resolve_model,
+    )
 
     threads = args.threads
     torch.set_num_threads(threads)  # every side gets the same threads: a like-for-like comparison

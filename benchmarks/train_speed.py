@@ -72,10 +72,10 @@ def interleave(lists: list[list]) -> list:
 
 def prepare_batches(args) -> tuple[list[list[dict]], dict]:
     """Read → render (chat template, loss on the reply) → truncate/drop at cutoff → seeded shuffle → batches."""
-    from lmforge.batching import DataOrder
     from lmforge.data.datasets import load_conversations, resolve_dataset
-    from lmforge.models import load_tokenizer, resolve_model
-    from lmforge.render import ensure_chat_template, render_dataset
+    from lmforge.data.render import ensure_chat_template, render_dataset
+    from lmforge.model.loader import load_tokenizer, resolve_model
+    from lmforge.train.batching import DataOrder
 
     files = args.data or DEFAULT_DATA
     missing = [str(f) for f in files if not Path(f).is_file()]
@@ -154,12 +154,12 @@ def run_lmforge(batches: list[list[dict]], args) -> dict:
     import torch
     from transformers import get_scheduler
 
-    from lmforge.batching import pack
     from lmforge.config import MethodConfig
-    from lmforge.methods import apply_method
-    from lmforge.models import load_model, resolve_model
-    from lmforge.render import Example
-    from lmforge.train import prepare_for_training, train_step
+    from lmforge.data.render import Example
+    from lmforge.model.loader import load_model, resolve_model
+    from lmforge.model.methods import apply_method
+    from lmforge.train.batching import pack
+    from lmforge.train.loop import prepare_for_training, train_step
 
     examples = [[Example(e["input_ids"], e["labels"]) for e in batch] for batch in batches]
     model = load_model(resolve_model(args.model), torch.float32)
@@ -198,10 +198,17 @@ def run_peer(batches: list[list[dict]], args) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from torch.utils.data import SequentialSampler
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, PrinterCallback,
-                              Trainer, TrainerCallback, TrainingArguments)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        PrinterCallback,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
-    from lmforge.models import resolve_model
+    from lmforge.model.loader import resolve_model
 
     class InOrderTrainer(Trainer):
         def _get_train_sampler(self, train_dataset=None):

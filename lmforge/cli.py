@@ -18,7 +18,15 @@ from .errors import UserError
 
 def cmd_train(args) -> int:
     from .config import load_config
-    from .train import train
+
+    if args.help_config is not None:
+        from .config.reference import reference
+
+        print(reference(args.help_config or None), end="")
+        return 0
+    if args.config is None:
+        raise UserError("lmforge train: give a config YAML (or --help-config to list every key)")
+    from .train.loop import train
 
     config = load_config(args.config, args.overrides)
     run = train(config)
@@ -138,7 +146,7 @@ def add_data_split(data_verbs) -> None:
 
 def cmd_data_inspect(args) -> int:
     from .data.inspect import format_report, inspect_dataset, report_json, use_colour
-    from .models import DEFAULT_MODEL
+    from .model.loader import DEFAULT_MODEL
 
     report = inspect_dataset(args.input, model=args.model or DEFAULT_MODEL, template=args.template,
                              cutoff_len=args.cutoff_len, train_on=args.train_on, samples=args.samples,
@@ -175,7 +183,7 @@ DATA_SUBCOMMANDS = [add_data_convert, add_data_clean, add_data_split, add_data_i
 
 
 def _eval_options(args):
-    from .evaluate import EvalOptions
+    from .eval.evaluate import EvalOptions
     from .generate import SamplingParams
 
     choices = [c.strip() for c in args.choices.split(",") if c.strip()] if args.choices else None
@@ -211,7 +219,13 @@ def _add_test_options(parser) -> None:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import (evaluate_run_or_model, format_metrics, format_sweep, load_test_set, sweep_checkpoints)
+    from .eval.evaluate import (
+        evaluate_run_or_model,
+        format_metrics,
+        format_sweep,
+        load_test_set,
+        sweep_checkpoints,
+    )
 
     if bool(args.run_dir) == bool(args.model):
         raise UserError("name a run dir (lmforge eval runs/NAME --data TEST) or a model (--model NAME "
@@ -268,8 +282,8 @@ def add_eval(verbs) -> None:
 def cmd_compare(args) -> int:
     from pathlib import Path
 
-    from .compare import JudgeSettings, compare
-    from .evaluate import load_test_set
+    from .eval.compare import JudgeSettings, compare
+    from .eval.evaluate import load_test_set
 
     judge = None
     if args.judge_url or args.judge_model:
@@ -310,7 +324,7 @@ def add_compare(verbs) -> None:
 def cmd_export(args) -> int:
     from pathlib import Path
 
-    from .export import ExportRequest, export, request_from_yaml, summary
+    from .export.pipeline import ExportRequest, export, request_from_yaml, summary
 
     options = dict(output=args.output, checkpoint=args.checkpoint, adapter_only=args.adapter_only, gguf=args.gguf,
                    dtype=args.dtype, shard_size_gb=args.shard_size, overwrite=args.overwrite)
@@ -408,7 +422,7 @@ def add_serve(verbs) -> None:
 
 
 def cmd_score(args) -> int:
-    from .reward import score_file
+    from .eval.reward import score_file
 
     summary = score_file(args.run_dir, _names(args.data), args.dataset_dir, args.output, args.checkpoint,
                          args.batch_size)
@@ -440,7 +454,7 @@ def add_score(verbs) -> None:
 
 
 def cmd_models(args) -> int:
-    from .models import format_models_table, list_models
+    from .model.loader import format_models_table, list_models
 
     print(format_models_table(list_models()))
     return 0
@@ -452,7 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     train = verbs.add_parser("train", help="fine-tune a model from a YAML config (ours or LLaMA-Factory's)")
-    train.add_argument("config", help="config YAML")
+    train.add_argument("config", nargs="?", help="config YAML")
+    train.add_argument("--help-config", nargs="?", const="", metavar="SECTION",
+                       choices=["", "model", "method", "data", "train", "preference"],
+                       help="print every config key (or one section's) with its default and meaning, then exit")
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="override config keys, e.g. train.learning_rate=1e-4 or learning_rate=1e-4")
     train.set_defaults(func=cmd_train)

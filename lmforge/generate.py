@@ -18,12 +18,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import DynamicCache
 
-from .checkpoint import TRAINABLE_FILE, RunDir, RunWeights, choose_weights
 from .config import Config, load_config
+from .data.render import end_of_turn_ids, ensure_chat_template, render_prompt
 from .errors import ModelError, UserError
-from .methods import apply_method, load_base, load_saved_adapter
-from .models import load_model, load_tokenizer, pick_dtype, resolve_model
-from .render import end_of_turn_ids, ensure_chat_template, render_prompt
+from .model.loader import load_model, load_tokenizer, pick_dtype, resolve_model
+from .model.methods import apply_method, load_base, load_saved_adapter
+from .rundir import TRAINABLE_FILE, RunDir, RunWeights, choose_weights
 
 
 @dataclass
@@ -60,7 +60,7 @@ def load_run_weights(weights: RunWeights, dtype: str = "auto"):
     if weights.is_checkpoint:
         model, tokenizer = load_run_base(weights.run, dtype)
         if run_config(weights.run).train.stage == "rm":  # its checkpoints hold the value head too (unused here)
-            from .stages import attach_value_head
+            from .model.value_head import attach_value_head
 
             attach_value_head(model)
         load_trainable(model, weights.path)
@@ -95,7 +95,7 @@ def for_decoding(model):
     any other model as it is."""
     config = getattr(model, "active_peft_config", None)
     if config is not None and config.is_prompt_learning:
-        from .virtual_tokens import VirtualTokenModel
+        from .model.virtual_tokens import VirtualTokenModel
 
         return VirtualTokenModel(model)
     return model
@@ -104,7 +104,7 @@ def for_decoding(model):
 def load_trainable(model, checkpoint: Path) -> None:
     """Put a checkpoint's trainable tensors (checkpoints/step-N/trainable.safetensors) into a model from
     load_run_base(); every trainable tensor must be there, with its shape."""
-    from .virtual_tokens import VirtualTokenModel
+    from .model.virtual_tokens import VirtualTokenModel
 
     if isinstance(model, VirtualTokenModel):  # the tensors are named as in the PEFT model it wraps
         model = model.peft_model

@@ -35,7 +35,7 @@ QWEN_TEMPLATE = (
 
 @pytest.fixture(scope="session")
 def bundled_model_dir() -> str:
-    from lmforge.models import DEFAULT_MODEL, resolve_model
+    from lmforge.model.loader import DEFAULT_MODEL, resolve_model
 
     return resolve_model(DEFAULT_MODEL)
 
@@ -43,13 +43,13 @@ def bundled_model_dir() -> str:
 @pytest.fixture
 def tokenizer(bundled_model_dir):
     """A fresh copy of the bundled (SmolLM2) tokenizer, safe to modify."""
-    from lmforge.models import load_tokenizer
+    from lmforge.model.loader import load_tokenizer
 
     return load_tokenizer(bundled_model_dir)
 
 
 def llama3_tokenizer(base_dir: str):
-    from lmforge.models import load_tokenizer
+    from lmforge.model.loader import load_tokenizer
 
     tok = load_tokenizer(base_dir)
     tok.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
@@ -59,7 +59,7 @@ def llama3_tokenizer(base_dir: str):
 
 
 def qwen_tokenizer(base_dir: str):
-    from lmforge.models import load_tokenizer
+    from lmforge.model.loader import load_tokenizer
 
     tok = load_tokenizer(base_dir)
     tok.chat_template = QWEN_TEMPLATE
@@ -70,8 +70,16 @@ def make_tiny_model(kind: str, tokenizer, out_dir: Path, seed: int = 0) -> str:
     """Build a tiny random model of `kind` for `tokenizer`, save both, return the dir: "llama", "qwen2",
     "qwen2-window" and "gemma3" (one layer sees a window of 8 tokens), or "granite" (an architecture lmforge serve's
     fast decoder does not run)."""
-    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GraniteConfig, GraniteForCausalLM, LlamaConfig,
-                              LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+    from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        GraniteConfig,
+        GraniteForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
@@ -110,7 +118,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory, bundled_model_dir) -> str:
     """A tiny Llama built once per module (training never writes into the base model dir)."""
-    from lmforge.models import load_tokenizer
+    from lmforge.model.loader import load_tokenizer
 
     return make_tiny_model("llama", load_tokenizer(bundled_model_dir), tmp_path_factory.mktemp("base") / "tiny-llama")
 

@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 import torch
 
-from lmforge.batching import DataOrder, eval_batches, pack
-from lmforge.render import IGNORE_INDEX, Example
+from lmforge.data.render import IGNORE_INDEX, Example
+from lmforge.train.batching import DataOrder, eval_batches, pack
 
 X = IGNORE_INDEX  # no loss
 

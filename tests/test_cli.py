@@ -14,8 +14,8 @@ import yaml
 from lmforge import cli
 from lmforge.config import Config
 from lmforge.generate import SamplingParams, load_for_inference, reply
-from lmforge.models import BUILTIN_MODELS
-from lmforge.train import train
+from lmforge.model.loader import BUILTIN_MODELS
+from lmforge.train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 

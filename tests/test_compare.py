@@ -12,16 +12,22 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-
 from conftest import make_tiny_model
+
 from lmforge import cli
-from lmforge.compare import JudgeSettings, combine, compare, parse_verdict, resolve_contender
 from lmforge.config import Config
 from lmforge.errors import UserError
-from lmforge.evaluate import EvalOptions, load_test_set
+from lmforge.eval.compare import (
+    JudgeSettings,
+    combine,
+    compare,
+    parse_verdict,
+    resolve_contender,
+)
+from lmforge.eval.evaluate import EvalOptions, load_test_set
 from lmforge.generate import SamplingParams
-from lmforge.models import load_tokenizer
-from lmforge.train import train
+from lmforge.model.loader import load_tokenizer
+from lmforge.train.loop import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,14 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import make_tiny_model
 from safetensors import safe_open
 
-from conftest import make_tiny_model
 from lmforge import cli
 from lmforge.config import load_config
 from lmforge.errors import ConfigError
-from lmforge.models import load_tokenizer
-
+from lmforge.model.loader import load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -246,3 +245,16 @@ def test_llamafactory_yaml_trains_end_to_end_through_the_cli(tmp_path, monkeypat
     resolved = load_config(run / "config.yaml")
     assert resolved.data.train == ["my_data"] and resolved.method.lora_target == "all"
 
+
+
+def test_every_config_key_is_documented_in_help_config(capsys):
+    """`lmforge train --help-config` prints every key with its default and meaning, from the schema itself."""
+    from lmforge import cli
+    from lmforge.config import known_paths
+
+    assert cli.main(["train", "--help-config"]) == 0
+    text = capsys.readouterr().out
+    for path in known_paths():
+        assert f"  {path}  (default: " in text, path
+    assert "(no description)" not in text
+    assert "Peak learning rate" in text

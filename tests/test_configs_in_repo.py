@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lmforge.compat import is_export_yaml
 from lmforge.config import load_config
-from lmforge.export import request_from_yaml
-from lmforge.stages import read_stage_data
+from lmforge.config.llamafactory import is_export_yaml
+from lmforge.export.pipeline import request_from_yaml
+from lmforge.train.stages import read_stage_data
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_CONFIGS = sorted((REPO / "configs").glob("*.yaml"))

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
-import lmforge.data_cache as data_cache
+import lmforge.data.cache as data_cache
 from lmforge.config import Config
 from lmforge.errors import ConfigError
-from lmforge.train import prepare_data
-
+from lmforge.train.loop import prepare_data
 
 
 @pytest.fixture(autouse=True)

@@ -4,8 +4,15 @@ it leaves alone; the metadata condition language refuses anything but comparison
 import pytest
 
 from lmforge.data.expressions import compile_condition
-from lmforge.data.filters import (BUILTIN_LISTS, TERM_DIR, FilterOptions, TokenFilter, build_filters, load_terms,
-                                  run_filters)
+from lmforge.data.filters import (
+    BUILTIN_LISTS,
+    TERM_DIR,
+    FilterOptions,
+    TokenFilter,
+    build_filters,
+    load_terms,
+    run_filters,
+)
 from lmforge.data.language import detect_language
 from lmforge.data.normalize import NormalizeOptions, normalize_record, normalize_text
 from lmforge.errors import ConfigError, DataError, UserError

@@ -7,8 +7,16 @@ import random
 import numpy as np
 import pytest
 
-from lmforge.data.dedup import (ExactDeduper, NearDuplicateIndex, choose_keepers, embed_texts, normalize_text,
-                                normalized_key, semantic_clusters, union_clusters)
+from lmforge.data.dedup import (
+    ExactDeduper,
+    NearDuplicateIndex,
+    choose_keepers,
+    embed_texts,
+    normalize_text,
+    normalized_key,
+    semantic_clusters,
+    union_clusters,
+)
 from lmforge.errors import ConfigError
 
 WORDS = ("the of and to in is you that it was for on are as with they at be this have from or one had by word but "

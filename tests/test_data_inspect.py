@@ -11,7 +11,13 @@ import pytest
 from conftest import llama3_tokenizer, make_tiny_model
 
 from lmforge.cli import main
-from lmforge.data.inspect import PLAIN_MARKS, SHOWN_PROBLEMS, format_report, format_segments, inspect_dataset
+from lmforge.data.inspect import (
+    PLAIN_MARKS,
+    SHOWN_PROBLEMS,
+    format_report,
+    format_segments,
+    inspect_dataset,
+)
 
 
 def msgs(*pairs: tuple[str, str]) -> dict:

@@ -7,7 +7,12 @@ from pathlib import Path
 import pytest
 
 from lmforge.conversation import Conversation
-from lmforge.data.datasets import DatasetSpec, load_conversations, load_many, resolve_dataset
+from lmforge.data.datasets import (
+    DatasetSpec,
+    load_conversations,
+    load_many,
+    resolve_dataset,
+)
 from lmforge.data.formats import FormatSpec, convert, detect_format
 from lmforge.data.sources import read_records
 from lmforge.errors import DataError

@@ -11,7 +11,7 @@ import torch
 from lmforge.cli import main as cli_main
 from lmforge.config import load_config
 from lmforge.generate import SamplingParams, load_for_inference, reply
-from lmforge.train import train
+from lmforge.train.loop import train
 
 pytestmark = pytest.mark.e2e
 
@@ -42,7 +42,8 @@ def test_lora_on_bundled_model_learns_reloads_and_chats(tmp_path, write_jsonl, b
     assert "pineapple" in answer.lower()
 
     from peft import PeftModel
-    from lmforge.models import load_model
+
+    from lmforge.model.loader import load_model
     plain = PeftModel.from_pretrained(load_model(bundled_model_dir, torch.float32), str(run.adapter)).eval()
     ids = torch.tensor([tokenizer("The secret word is")["input_ids"]])
     with torch.no_grad():

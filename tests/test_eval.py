@@ -14,14 +14,22 @@ import pytest
 import torch
 
 from lmforge import cli
-from lmforge.checkpoint import RunDir, _prune, choose_weights
 from lmforge.config import Config
+from lmforge.data.render import IGNORE_INDEX, render_example
 from lmforge.errors import DataError, UserError
-from lmforge.evaluate import (EvalOptions, evaluate_model, load_test_set, pick_best, reference_losses,
-                              selection_metric, sweep_checkpoints, write_eval)
+from lmforge.eval.evaluate import (
+    EvalOptions,
+    evaluate_model,
+    load_test_set,
+    pick_best,
+    reference_losses,
+    selection_metric,
+    sweep_checkpoints,
+    write_eval,
+)
 from lmforge.generate import SamplingParams, load_for_inference, replies, reply
-from lmforge.render import IGNORE_INDEX, render_example
-from lmforge.train import train
+from lmforge.rundir import RunDir, _prune, choose_weights
+from lmforge.train.loop import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -21,18 +21,28 @@ from pathlib import Path
 import jinja2
 import pytest
 import torch
+from conftest import make_tiny_model, qwen_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-from conftest import make_tiny_model, qwen_tokenizer
 from lmforge.cli import main
 from lmforge.config import Config
 from lmforge.conversation import Conversation
-from lmforge.export import ExportRequest, export
+from lmforge.data.render import (
+    end_of_turn_ids,
+    render_example,
+    render_prompt,
+    render_text,
+)
+from lmforge.export.modelfile import (
+    TemplateNotExpressible,
+    derive_turn_format,
+    ollama_prompt,
+    read_modelfile,
+)
+from lmforge.export.pipeline import ExportRequest, export
 from lmforge.generate import load_for_inference
-from lmforge.modelfile import TemplateNotExpressible, derive_turn_format, ollama_prompt, read_modelfile
-from lmforge.models import load_model, load_tokenizer, sha256_of
-from lmforge.render import end_of_turn_ids, render_example, render_prompt, render_text
-from lmforge.train import train
+from lmforge.model.loader import load_model, load_tokenizer, sha256_of
+from lmforge.train.loop import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

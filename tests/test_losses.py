@@ -11,17 +11,17 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from lmforge.attention import register
-from lmforge.batching import pack
-from lmforge.fused_mlp import use_lean_mlp
-from lmforge.heap import trim_heap_between_layers
 from lmforge.config import MethodConfig
 from lmforge.conversation import Conversation
-from lmforge import losses
-from lmforge.losses import sft_loss_sum, supervised_hidden
-from lmforge.methods import apply_method
-from lmforge.models import load_model, load_tokenizer
-from lmforge.render import IGNORE_INDEX, Example, render_example
+from lmforge.data.render import IGNORE_INDEX, Example, render_example
+from lmforge.model.lean_mlp import use_lean_mlp
+from lmforge.model.loader import load_model, load_tokenizer
+from lmforge.model.methods import apply_method
+from lmforge.model.packed_attention import register
+from lmforge.train import losses
+from lmforge.train.batching import pack
+from lmforge.train.heap import trim_heap_between_layers
+from lmforge.train.losses import sft_loss_sum, supervised_hidden
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"}],

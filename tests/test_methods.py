@@ -9,19 +9,19 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_train import observe
 
-import lmforge.train as train_module
-from lmforge.batching import collate, pack
+import lmforge.train.loop as train_module
 from lmforge.config import Config, MethodConfig, load_config
 from lmforge.conversation import Conversation
-from lmforge.losses import sft_loss_sum
+from lmforge.data.render import render_example, render_prompt
 from lmforge.errors import ConfigError
 from lmforge.generate import SamplingParams, load_for_inference, reply
-from lmforge.methods import apply_method, check_method, unwrap
-from lmforge.models import load_model, load_tokenizer
-from lmforge.render import render_example, render_prompt
-from lmforge.train import train
-from test_train import observe
+from lmforge.model.loader import load_model, load_tokenizer
+from lmforge.model.methods import apply_method, check_method, unwrap
+from lmforge.train.batching import collate, pack
+from lmforge.train.loop import train
+from lmforge.train.losses import sft_loss_sum
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = [{"role": "user", "content": "What is 3 plus 3?"}]

@@ -8,8 +8,14 @@ import math
 
 import pytest
 
-from lmforge.metrics import (detect_choices, exact_match, extract_choice, mean_scores, score_example,
-                             similarity_scores)
+from lmforge.eval.scoring import (
+    detect_choices,
+    exact_match,
+    extract_choice,
+    mean_scores,
+    score_example,
+    similarity_scores,
+)
 
 
 def f1(p: float, r: float) -> float:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lmforge import models
 from lmforge.errors import ModelError, UserError
+from lmforge.model import loader as models
 
 
 @pytest.fixture

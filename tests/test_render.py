@@ -12,9 +12,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from lmforge.conversation import Conversation
-from lmforge.errors import ConfigError
-from lmforge.models import load_tokenizer
-from lmforge.render import (
+from lmforge.data.render import (
     IGNORE_INDEX,
     NAMED_TEMPLATES,
     end_of_turn_ids,
@@ -24,6 +22,8 @@ from lmforge.render import (
     render_prompt,
     render_text,
 )
+from lmforge.errors import ConfigError
+from lmforge.model.loader import load_tokenizer
 
 CONVERSATIONS = {
     "two_turns": [

@@ -8,13 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
+from test_serve_support import http, live_server, make_adapter, vivid_tiny_model
 
 from lmforge.errors import ConfigError
-from lmforge.models import load_model, load_tokenizer
+from lmforge.model.loader import load_model, load_tokenizer
 from lmforge.serve.app import create_app
 from lmforge.serve.loading import build_engine
 from lmforge.serve.settings import ServeSettings, load_settings
-from test_serve_support import http, live_server, make_adapter, vivid_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 KEY, ADMIN = "test-key-alice", "test-admin-key"
@@ -67,7 +67,7 @@ def test_models_lists_base_and_adapters(server):
 
 
 def test_stream_equals_non_stream_with_usage(server, models):
-    from lmforge.render import render_prompt
+    from lmforge.data.render import render_prompt
 
     c = client(server[0])
     whole = _chat(c)

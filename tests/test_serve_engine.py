@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_serve_support import make_adapter, vivid_tiny_model
 
-from lmforge.models import load_model, load_tokenizer
+from lmforge.model.loader import load_model, load_tokenizer
 from lmforge.serve.decoder import Decoder, load_adapter_into
 from lmforge.serve.engine import Engine, Sampling, Submission
 from lmforge.serve.settings import ServeSettings
-from test_serve_support import make_adapter, vivid_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

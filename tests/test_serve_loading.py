@@ -12,20 +12,20 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_eval import train_run
+from test_serve_engine import _run
+from test_serve_support import vivid_tiny_model
 
-from lmforge.checkpoint import RunDir
+from lmforge.data.render import render_prompt
 from lmforge.errors import ModelError, UserError
 from lmforge.generate import SamplingParams, generate_tokens, load_for_inference
-from lmforge.models import load_model, load_tokenizer
-from lmforge.render import render_prompt
+from lmforge.model.loader import load_model, load_tokenizer
+from lmforge.rundir import RunDir
 from lmforge.serve.decoder import Decoder
 from lmforge.serve.engine import Sampling, Submission
 from lmforge.serve.loading import _resolve_target, build_engine
 from lmforge.serve.model_decoder import ModelDecoder
 from lmforge.serve.settings import ServeSettings
-from test_eval import train_run
-from test_serve_engine import _run
-from test_serve_support import vivid_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 QUESTIONS = ["What colour is item 3?", "Is item 1 green?", "Describe item 2."]

@@ -8,12 +8,12 @@ import shutil
 
 import openai
 import pytest
+from test_serve_support import live_server, vivid_tiny_model
 
-from lmforge.models import load_tokenizer
+from lmforge.model.loader import load_tokenizer
 from lmforge.serve.app import create_app
 from lmforge.serve.loading import build_engine
 from lmforge.serve.settings import ServeSettings
-from test_serve_support import live_server, vivid_tiny_model
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [pytest.mark.usefixtures("one_thread"),

@@ -19,9 +19,8 @@ import torch
 
 
 def vivid_tiny_model(kind: str, tokenizer, out_dir: Path, seed: int = 0) -> str:
-    from transformers import AutoModelForCausalLM
-
     from conftest import make_tiny_model
+    from transformers import AutoModelForCausalLM
 
     path = make_tiny_model(kind, tokenizer, out_dir, seed=seed)
     model = AutoModelForCausalLM.from_pretrained(path)

@@ -10,15 +10,15 @@ import json
 
 import openai
 import pytest
+from test_cli import assert_user_error, run_cli
+from test_serve_support import live_server, make_adapter, vivid_tiny_model
 
 from lmforge.errors import UserError
-from lmforge.models import load_tokenizer
+from lmforge.model.loader import load_tokenizer
 from lmforge.serve.app import create_app
 from lmforge.serve.loading import build_engine
 from lmforge.serve.settings import ServeSettings
 from lmforge.serve.vllm_engine import max_lora_rank, new_events
-from test_cli import assert_user_error, run_cli
-from test_serve_support import live_server, make_adapter, vivid_tiny_model
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 

@@ -16,11 +16,17 @@ from lmforge.config import Config, load_config
 from lmforge.data.datasets import resolve_dataset
 from lmforge.data.preference import load_labelled, load_pairs
 from lmforge.errors import DataError
+from lmforge.eval.reward import load_reward_model, score
 from lmforge.generate import SamplingParams, load_for_inference, reply
-from lmforge.losses import bradley_terry_loss, dpo_loss, kto_loss, orpo_loss, simpo_loss
-from lmforge.reward import load_reward_model, score
-from lmforge.stages import _pt_blocks, make_batch
-from lmforge.train import train
+from lmforge.train.loop import train
+from lmforge.train.losses import (
+    bradley_terry_loss,
+    dpo_loss,
+    kto_loss,
+    orpo_loss,
+    simpo_loss,
+)
+from lmforge.train.stages import _pt_blocks, make_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -244,7 +250,7 @@ def test_llamafactory_preference_keys(tmp_path):
 def test_preference_data_for_sft_says_which_stage(tmp_path):
     data = write(tmp_path / "pairs.jsonl", pairs(2))
     run = stage_config("unused", tmp_path, "sft", data)
-    from lmforge.stages import read_stage_data
+    from lmforge.train.stages import read_stage_data
 
     with pytest.raises(DataError, match=r"pairs\.jsonl:1: .*preference pair.*stage dpo"):
         read_stage_data(run)
@@ -253,10 +259,10 @@ def test_preference_data_for_sft_says_which_stage(tmp_path):
 def test_kto_kl_rows_pair_each_prompt_with_another_reply_at_any_batch_size(bundled_model_dir):
     """KTO's KL estimate needs unrelated prompt/reply pairs; they are fixed per example over the whole dataset, so a
     batch of one still gets a mismatched row (not its own reply, which would make the KL equal the reward)."""
-    from lmforge.data.preference import LabelledReply
     from lmforge.conversation import Conversation
-    from lmforge.models import load_tokenizer
-    from lmforge.stages import _labelled
+    from lmforge.data.preference import LabelledReply
+    from lmforge.model.loader import load_tokenizer
+    from lmforge.train.stages import _labelled
 
     tokenizer = load_tokenizer(bundled_model_dir)
     items = [LabelledReply(Conversation.from_dicts([{"role": "user", "content": f"question {i}"},

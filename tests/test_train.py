@@ -12,20 +12,20 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import make_tiny_model
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-import lmforge.train as train_module
-from conftest import make_tiny_model
-from lmforge.batching import DataOrder
-from lmforge.checkpoint import STATE_FILE, RunDir, complete_checkpoints, resolve_resume
+import lmforge.train.loop as train_module
 from lmforge.config import Config, load_config
 from lmforge.conversation import Conversation
+from lmforge.data.render import end_of_turn_ids, render_example, render_prompt
 from lmforge.errors import ConfigError
 from lmforge.generate import SamplingParams, load_for_inference, replies, reply
-from lmforge.models import load_model, load_tokenizer
-from lmforge.render import end_of_turn_ids, render_example, render_prompt
-from lmforge.train import train
+from lmforge.model.loader import load_model, load_tokenizer
+from lmforge.rundir import STATE_FILE, RunDir, complete_checkpoints, resolve_resume
+from lmforge.train.batching import DataOrder
+from lmforge.train.loop import train
 
 PROMPT = [{"role": "user", "content": "What is 3 plus 3?"}]
 
@@ -65,7 +65,7 @@ def records(run: RunDir) -> list[dict]:
 
 
 def observe(monkeypatch) -> dict:
-    """Wrap lmforge.train's own apply_method/save_artifact (the real ones still run) to see the model it trains:
+    """Wrap lmforge.train.loop's own apply_method/save_artifact (the real ones still run) to see the model it trains:
     its parameters right after the method is applied, and the in-memory model at the end."""
     seen: dict = {}
     real_apply, real_save = train_module.apply_method, train_module.save_artifact

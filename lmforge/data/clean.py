@@ -25,11 +25,17 @@ import numpy as np
 from ..errors import DataError, UserError
 from .convert import shape
 from .datasets import dataset_files
-from .dedup import ExactDeduper, NearDuplicateIndex, choose_keepers, embed_texts, semantic_clusters
+from .dedup import (
+    ExactDeduper,
+    NearDuplicateIndex,
+    choose_keepers,
+    embed_texts,
+    semantic_clusters,
+)
 from .filters import build_filters, field_text, field_texts
-from .language import detect_language
-from .formats import convert as convert_record
 from .formats import FormatSpec, detect_format
+from .formats import convert as convert_record
+from .language import detect_language
 from .normalize import normalize_text
 from .outputs import OutputFiles, reason_kind, sibling_path
 from .pii import mask_pii
@@ -156,7 +162,7 @@ def clean_file(in_path: str | Path, out_path: str | Path, *, recipe: str | Path 
         outputs.add(sibling_path(out_path, "report.json"),
                     json.dumps(report.to_dict(), ensure_ascii=False, indent=2) + "\n")
         if html:
-            from .report import render_clean_report
+            from .clean_report import render_clean_report
 
             outputs.add(sibling_path(out_path, "report.html"), render_clean_report(report))
         outputs.commit()

@@ -410,7 +410,7 @@ def _embedder_dir(model: str) -> Path:
     path = Path(model).expanduser()
     if (path / "config.json").is_file():
         return path
-    from ..models import BUILTIN_MODELS, resolve_model
+    from ..model.loader import BUILTIN_MODELS, resolve_model
 
     if model in BUILTIN_MODELS:  # the target model's own hidden states, mean-pooled
         return Path(resolve_model(model))

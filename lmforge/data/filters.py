@@ -15,11 +15,24 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ..errors import ConfigError, DataError, UserError
 from .expressions import Condition, compile_condition
-from .language import CANDIDATE_LANGUAGES, cjk_text, detect_language, is_cjk, language_code
+from .language import (
+    CANDIDATE_LANGUAGES,
+    cjk_text,
+    detect_language,
+    is_cjk,
+    language_code,
+)
 
 TERM_DIR = Path(__file__).parent / "blocklists"
 BUILTIN_LISTS = {"markers": ("markers_en.txt", "markers_zh.txt"), "blocklist": ("en.txt", "zh.txt")}
@@ -465,7 +478,7 @@ class TokenFilter:
 
     def _load(self):
         if self._backend is None:
-            from ..models import load_tokenizer, resolve_model
+            from ..model.loader import load_tokenizer, resolve_model
 
             try:
                 tokenizer = load_tokenizer(resolve_model(self.tokenizer))

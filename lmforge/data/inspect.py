@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass, field, replace
 
 from ..conversation import Conversation
 from ..errors import ConfigError, DataError
-from ..render import IGNORE_INDEX, Example, ensure_chat_template, render_example
 from .datasets import dataset_files, resolve_dataset
 from .formats import FormatSpec, convert, detect_format
+from .render import IGNORE_INDEX, Example, ensure_chat_template, render_example
 from .sources import file_format_of, read_records
 
 PERCENTILES = (50, 90, 95, 99)
@@ -162,7 +162,7 @@ def _from_error(error: DataError, where: str) -> Problem:
 # --- tokens -------------------------------------------------------------------------------------------------------
 
 def _tokenizer(model: str, template: str | None):
-    from ..models import load_tokenizer, resolve_model
+    from ..model.loader import load_tokenizer, resolve_model
 
     tokenizer = load_tokenizer(resolve_model(model))
     try:

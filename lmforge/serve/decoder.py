@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModelError
-from ..methods import QUANTIZATION_FILE
+from ..model.methods import QUANTIZATION_FILE
 
 # Families whose decoder layer is: RMSNorm → attention (RoPE, GQA) → residual → RMSNorm → gated MLP → residual.
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")

@@ -26,16 +26,22 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from .. import adapters as bottleneck
-from ..checkpoint import RunDir, RunWeights, choose_weights
+from ..data.render import end_of_turn_ids
 from ..errors import ModelError, UserError
 from ..generate import load_for_inference, load_run_weights, run_config
-from ..methods import save_trained, unwrap
-from ..models import load_model, load_tokenizer, resolve_model
-from ..render import end_of_turn_ids
-from ..virtual_tokens import VirtualTokenModel
-from .decoder import (SUPPORTED_TYPES, Decoder, applies_windows, fast_decoder_runs, holds_in_float16,
-                      load_adapter_into)
+from ..model import bottleneck
+from ..model.loader import load_model, load_tokenizer, resolve_model
+from ..model.methods import save_trained, unwrap
+from ..model.virtual_tokens import VirtualTokenModel
+from ..rundir import RunDir, RunWeights, choose_weights
+from .decoder import (
+    SUPPORTED_TYPES,
+    Decoder,
+    applies_windows,
+    fast_decoder_runs,
+    holds_in_float16,
+    load_adapter_into,
+)
 from .engine import Engine
 from .model_decoder import ModelDecoder
 from .vllm_engine import VllmEngine, require_vllm

@@ -15,7 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from ..errors import ModelError
-from ..virtual_tokens import VirtualTokenModel
+from ..model.virtual_tokens import VirtualTokenModel
 
 
 class ModelDecoder:

@@ -17,7 +17,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from jinja2 import TemplateError
 from pydantic import BaseModel, ValidationError
 
-from ..render import render_prompt
+from ..data.render import render_prompt
 from . import protocol
 from .engine import EngineBusy, EngineStopped, Sampling, Submission
 from .protocol import ApiError, ChatCompletionRequest, CompletionRequest

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from torch.utils.checkpoint import checkpoint
 
+from ..data.render import IGNORE_INDEX
+from ..model.methods import unwrap
 from .batching import Batch, PaddedBatch
-from .methods import unwrap
-from .render import IGNORE_INDEX
 
 CHUNK_ROWS = 256  # rows of logits alive at once: 256 × 49 152 × 4 B ≈ 50 MB for SmolLM2
 

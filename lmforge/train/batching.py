@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .render import IGNORE_INDEX, Example
+from ..data.render import IGNORE_INDEX, Example
 
 
 @dataclass

@@ -14,12 +14,26 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import STATE_FILE, RunDir, RunWeights, choose_weights
-from .errors import UserError
-from .evaluate import EvalOptions, TestSet, describe_weights, evaluate_model, format_metrics, write_eval
-from .generate import load_for_inference, load_run_weights
-from .metrics import LOWER_IS_BETTER
-from .report_html import best_values, delta, describe_generation, describe_model, figure, render_html
+from ..errors import UserError
+from ..generate import load_for_inference, load_run_weights
+from ..rundir import STATE_FILE, RunDir, RunWeights, choose_weights
+from .compare_report import (
+    best_values,
+    delta,
+    describe_generation,
+    describe_model,
+    figure,
+    render_html,
+)
+from .evaluate import (
+    EvalOptions,
+    TestSet,
+    describe_weights,
+    evaluate_model,
+    format_metrics,
+    write_eval,
+)
+from .scoring import LOWER_IS_BETTER
 
 LABEL_SPEC = re.compile(r"([A-Za-z0-9_.\-\u4e00-\u9fff]+)=(.+)")
 

@@ -24,16 +24,40 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import __version__
-from .checkpoint import RunDir, choose_weights
-from .compat import is_export_yaml, translate_export
-from .errors import ConfigError, UserError
-from .export_checks import logit_gap, logits_of, probe_ids, require_close, require_same_tokens, usable_probes
-from .generate import load_for_inference, load_run_weights
-from .gguf_export import GGUF_TYPES, bos_added, check_architecture, check_gguf_support, write_gguf
-from .modelfile import TemplateNotExpressible, build_modelfile, ollama_prompt, read_modelfile
-from .models import DTYPE_NAMES, load_model, load_tokenizer, resolve_model, sha256_of
-from .render import end_of_turn_ids, ensure_chat_template, render_text
+from .. import __version__
+from ..config.llamafactory import is_export_yaml, translate_export
+from ..data.render import end_of_turn_ids, ensure_chat_template, render_text
+from ..errors import ConfigError, UserError
+from ..generate import load_for_inference, load_run_weights
+from ..model.loader import (
+    DTYPE_NAMES,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+    sha256_of,
+)
+from ..rundir import RunDir, choose_weights
+from .checks import (
+    logit_gap,
+    logits_of,
+    probe_ids,
+    require_close,
+    require_same_tokens,
+    usable_probes,
+)
+from .gguf_writer import (
+    GGUF_TYPES,
+    bos_added,
+    check_architecture,
+    check_gguf_support,
+    write_gguf,
+)
+from .modelfile import (
+    TemplateNotExpressible,
+    build_modelfile,
+    ollama_prompt,
+    read_modelfile,
+)
 
 MANIFEST = "manifest.json"
 # Methods whose trained part is not a change to existing weights, so merge_and_unload has nothing to fold in.
@@ -394,7 +418,7 @@ def _stored_dtype(name: str | None) -> str | None:
 
 def data_fingerprint(config: dict) -> dict:
     """sha256 of every training/validation data file the run's config.yaml names, and one over all of them."""
-    from .data.datasets import dataset_files, resolve_dataset
+    from ..data.datasets import dataset_files, resolve_dataset
 
     data = config.get("data", {})
     files = []

@@ -12,18 +12,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from . import attention
-from .batching import pack
-from .checkpoint import RunDir, choose_weights
-from .conversation import Conversation
-from .errors import UserError
-from .render import render_example
-from .stages import VALUE_HEAD_FILE, attach_value_head, value_scores
+from ..conversation import Conversation
+from ..data.render import render_example
+from ..errors import UserError
+from ..model import packed_attention as attention
+from ..model.value_head import VALUE_HEAD_FILE, attach_value_head
+from ..rundir import RunDir, choose_weights
+from ..train.batching import pack
+from ..train.stages import value_scores
 
 
 def load_reward_model(run_dir: str | Path, checkpoint: str | None = None, dtype: str = "auto"):
     """(model with its value head, tokenizer) of a run trained with stage rm."""
-    from .generate import load_run_base, load_run_weights, load_trainable, run_config
+    from ..generate import load_run_base, load_run_weights, load_trainable, run_config
 
     run = RunDir(Path(run_dir))
     config = run_config(run)
@@ -72,8 +73,8 @@ def score_pairs(model, tokenizer, pairs, batch_size: int = 8) -> PairScores:
 def score_file(run_dir: str, data: list[str], dataset_dir: str | None = None, output: str | None = None,
                checkpoint: str | None = None, batch_size: int = 8) -> dict:
     """`lmforge score`: preference pairs → accuracy and per-pair scores; conversations → one score each."""
-    from .data.datasets import load_specs, resolve_many
-    from .data.preference import load_pairs
+    from ..data.datasets import load_specs, resolve_many
+    from ..data.preference import load_pairs
 
     pairs_data = _looks_like_pairs(data, dataset_dir)
     specs = resolve_many(data, dataset_dir, "pairs" if pairs_data else "sft")  # data errors before the model loads
@@ -94,7 +95,7 @@ def score_file(run_dir: str, data: list[str], dataset_dir: str | None = None, ou
 
 
 def _looks_like_pairs(data: list[str], dataset_dir: str | None) -> bool:
-    from .data.sources import read_records
+    from ..data.sources import read_records
 
     path = Path(data[0])
     if not path.is_file():  # a dataset_info.json name: its "ranking" flag decides

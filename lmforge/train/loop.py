@@ -19,24 +19,44 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from . import attention
+from ..config import Config
+from ..data.cache import cleaned_dataset, rendered_dataset
+from ..data.datasets import load_specs, resolve_many
+from ..data.recipe import load_recipe
+from ..data.render import Example, RenderStats, ensure_chat_template
+from ..errors import DataError
+from ..model import packed_attention as attention
+from ..model.lean_mlp import use_lean_mlp
+from ..model.loader import load_model, load_tokenizer, pick_dtype, resolve_model
+from ..model.methods import apply_method, check_method, load_base, trainable_summary
+from ..model.value_head import (
+    VALUE_HEAD_FILE,
+    attach_value_head,
+    detached_value_head,
+    value_head,
+)
+from ..rundir import (
+    RunDir,
+    load_checkpoint,
+    resolve_resume,
+    save_artifact,
+    save_checkpoint,
+)
 from .batching import DataOrder, eval_batches
-from .checkpoint import (RunDir, load_checkpoint, resolve_resume, save_artifact, save_checkpoint)
-from .config import Config
-from .data.datasets import load_specs, resolve_many
-from .data.recipe import load_recipe
-from .data_cache import cleaned_dataset, rendered_dataset
-from .errors import DataError
-from .fused_mlp import use_lean_mlp
 from .heap import trim_heap_between_layers
 from .losses import sft_loss_sum
-from .methods import apply_method, check_method, load_base, trainable_summary
-from .models import load_model, load_tokenizer, pick_dtype, resolve_model
 from .plots import plot_losses
-from .render import Example, RenderStats, ensure_chat_template
-from .stages import (VALUE_HEAD_FILE, LossOutput, Reference, StageData, attach_value_head, detached_value_head,
-                     hold_out, make_batch, needs_reference, prepare_stage_data, reference_needs_copy, stage_loss,
-                     value_head)
+from .stages import (
+    LossOutput,
+    Reference,
+    StageData,
+    hold_out,
+    make_batch,
+    needs_reference,
+    prepare_stage_data,
+    reference_needs_copy,
+    stage_loss,
+)
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from html import escape
 
-from .metrics import LOWER_IS_BETTER
+from .scoring import LOWER_IS_BETTER
 
 CSS = """
 :root { --ink:#1f2328; --muted:#656d76; --line:#d0d7de; --bg:#f6f8fa; --card:#fff; --good:#1a7f37; --bad:#cf222e;

@@ -18,17 +18,17 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .conversation import Conversation
-from .data.datasets import DatasetSpec, dataset_files
-from .data.recipe import Step
+from .. import __version__
+from ..conversation import Conversation
+from .datasets import DatasetSpec, dataset_files
+from .recipe import Step
 from .render import Example, RenderStats, render_dataset
 
 _RENDER_CODE = Path(__file__).with_name("render.py")
 
 
 def cache_root() -> Path:
-    from .models import lmforge_home
+    from ..model.loader import lmforge_home
 
     return lmforge_home() / "data"
 
@@ -38,7 +38,7 @@ def cache_root() -> Path:
 def cleaned_dataset(spec: DatasetSpec, steps: list[Step]) -> tuple[DatasetSpec, dict]:
     """`spec` run through the recipe `steps` (lmforge data clean), from the cache when the same files were cleaned with
     the same recipe before. Returns the cleaned dataset (messages shape) and a summary for the data report."""
-    from .data.clean import clean_file
+    from .clean import clean_file
 
     digest = hashlib.sha256(f"clean {__version__} folders-as-one".encode())  # folders were once cleaned per file
     files = dataset_files(spec.path)

@@ -17,18 +17,40 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__, attention
-from .batching import pack
-from .checkpoint import EVAL_FILE, PREDICTIONS_FILE, RunDir, RunWeights, choose_weights, complete_checkpoints
-from .conversation import Conversation
-from .data.datasets import load_many
-from .errors import DataError, UserError
-from .generate import SamplingParams, load_for_inference, load_run_base, load_run_weights, load_trainable, replies
-from .losses import supervised_hidden
-from .methods import unwrap
-from .metrics import (CHOICE_METRIC, GENERATION_METRICS, LOWER_IS_BETTER, detect_choices, mean_scores,
-                      normalize_answer, score_example)
-from .render import IGNORE_INDEX, Example, ensure_chat_template, render_example
+from .. import __version__
+from ..conversation import Conversation
+from ..data.datasets import load_many
+from ..data.render import IGNORE_INDEX, Example, ensure_chat_template, render_example
+from ..errors import DataError, UserError
+from ..generate import (
+    SamplingParams,
+    load_for_inference,
+    load_run_base,
+    load_run_weights,
+    load_trainable,
+    replies,
+)
+from ..model import packed_attention as attention
+from ..model.methods import unwrap
+from ..rundir import (
+    EVAL_FILE,
+    PREDICTIONS_FILE,
+    RunDir,
+    RunWeights,
+    choose_weights,
+    complete_checkpoints,
+)
+from ..train.batching import pack
+from ..train.losses import supervised_hidden
+from .scoring import (
+    CHOICE_METRIC,
+    GENERATION_METRICS,
+    LOWER_IS_BETTER,
+    detect_choices,
+    mean_scores,
+    normalize_answer,
+    score_example,
+)
 
 SELECTABLE_METRICS = ("auto", *LOWER_IS_BETTER, *GENERATION_METRICS, CHOICE_METRIC)
 

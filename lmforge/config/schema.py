@@ -1,24 +1,20 @@
-"""Typed configuration for a training run, grouped by concern (model, method, data, train).
+"""The typed schema of a training run, grouped by concern (model, method, data, train, preference).
 
-Owns: the schema (each field documented once, here), loading YAML, `key=value` overrides, and reporting every
-problem at once with a "did you mean". LLaMA-Factory's flat keys are translated by compat.py, not here.
-Must not load models or data.
+Owns: every field and its meaning (documented once, here, and printed by `lmforge train --help-config`).
+Must not read files: load.py reads YAML and overrides, llamafactory.py translates LLaMA-Factory's keys.
 """
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
-
-from .errors import ConfigError
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class ModelConfig(Section):
@@ -46,6 +42,7 @@ class MethodConfig(Section):
     lora_alpha: float | None = None
     """Defaults to 2 × lora_rank."""
     lora_dropout: float = 0.0
+    """Dropout on the LoRA branch's input during training (0 = none)."""
     lora_target: list[str] | Literal["all"] = "all"
     """Module names (q_proj, v_proj, …) or "all" for every linear layer of the decoder (lora, dora, qlora, loha, lokr,
     ia3; ia3 with "all" uses peft's defaults for the architecture: attention k/v and the MLP's down projection)."""
@@ -161,7 +158,9 @@ class PreferenceConfig(Section):
     simpo_gamma: float = 0.5
     """simpo: target reward margin."""
     kto_desirable_weight: float = 1.0
+    """kto: weight of the loss on replies labelled desirable."""
     kto_undesirable_weight: float = 1.0
+    """kto: weight of the loss on replies labelled undesirable."""
 
 
 class TrainConfig(Section):
@@ -171,22 +170,33 @@ class TrainConfig(Section):
     output_dir: str | None = None
     """Run directory. Default: runs/<name>."""
     seed: int = 42
+    """Seeds data order, initialisation and dropout; a run is reproducible from it."""
     learning_rate: float = 2e-4
+    """Peak learning rate of AdamW (after warm-up)."""
     num_train_epochs: float = 3.0
+    """Passes over the training data (fractions allowed); max_steps, when set, wins."""
     max_steps: int = -1
     """Optimizer steps; overrides num_train_epochs when > 0."""
     batch_size: int = 4
     """Examples per micro-batch (per_device_train_batch_size)."""
     gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step; the loss is normalised over the whole step, so this equals one batch this many times larger."""
     lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    """Learning-rate schedule after warm-up."""
     warmup_ratio: float = 0.0
+    """Share of the total steps spent warming the learning rate up from 0 (warmup_steps wins when set)."""
     warmup_steps: int = 0
+    """Steps spent warming the learning rate up from 0."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     max_grad_norm: float = 1.0
+    """Clip the gradients' global norm to this."""
     logging_steps: int = 10
+    """Write a line to metrics.jsonl (loss, learning rate, grad norm, tokens/s) every N steps."""
     eval_steps: int | None = None
     """Evaluate every N steps (and at the end) when there is validation data."""
     eval_batch_size: int = 8
+    """Examples per batch when computing the validation loss."""
     save_steps: int | None = None
     """Checkpoint every N steps (and on Ctrl-C)."""
     save_total_limit: int | None = None
@@ -194,6 +204,7 @@ class TrainConfig(Section):
     resume_from_checkpoint: str | None = None
     """A checkpoint dir, or "latest" for the newest complete one in output_dir."""
     overwrite_output_dir: bool = False
+    """Replace a previous run in output_dir (without it, a non-empty output_dir is refused unless resuming)."""
 
 
 class Config(Section):
@@ -237,120 +248,3 @@ def known_paths() -> list[str]:
     for section, cls in SECTIONS.items():
         paths += [f"{section}.{field}" for field in cls.model_fields]
     return paths
-
-
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML file (ours or LLaMA-Factory's flat one), apply key=value overrides, validate everything."""
-    from .compat import is_flat_llamafactory, translate_flat  # compat sits beside config: same layer
-
-    raw: dict = {}
-    source = "command line"
-    if path is not None:
-        source = str(path)
-        raw = _read_yaml(Path(path))
-    notes: list[str] = []
-    if is_flat_llamafactory(raw):
-        raw, notes = translate_flat(raw, source)
-    problems: list[str] = []
-    for item in overrides:
-        _apply_override(raw, item, problems)
-    problems += _unknown_keys(raw, source)
-    try:
-        config = Config.model_validate(raw)
-    except ValidationError as exc:
-        # Unknown keys and non-mapping sections are already listed above (with a "did you mean"); add the rest.
-        listed = {key for key, value in raw.items() if key in SECTIONS and not isinstance(value, dict)}
-        problems += [_describe_error(e) for e in exc.errors()
-                     if e["type"] != "extra_forbidden" and (e["loc"] or ("",))[0] not in listed]
-    if problems:
-        raise ConfigError(_format_problems(source, problems)) from None
-    for note in notes:
-        print(f"note: {note}")
-    return config
-
-
-def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
-    return data
-
-
-def _apply_override(raw: dict, item: str, problems: list[str]) -> None:
-    """Apply `a.b=value`; a flat LLaMA-Factory key (learning_rate=…) is translated to its place."""
-    from .compat import translate_flat
-
-    if "=" not in item:
-        problems.append(f"override {item!r} is not key=value")
-        return
-    key, text = item.split("=", 1)
-    value = yaml.safe_load(text) if text else None
-    if "." not in key and key not in Config.model_fields:
-        translated, _ = translate_flat({key: value}, "command line")
-        if translated.get("_unknown"):
-            problems.append(_unknown_message(key))
-            return
-        _merge(raw, translated)
-        return
-    node = raw
-    *parents, leaf = key.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            problems.append(f"override {key}: {part} is not a section")
-            return
-    node[leaf] = value
-
-
-def _merge(into: dict, extra: dict) -> None:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
-        else:
-            into[key] = value
-
-
-def _unknown_keys(raw: dict, source: str) -> list[str]:
-    problems = [_unknown_message(key) for key in raw.pop("_unknown", [])]
-    for key, value in raw.items():
-        if key in SECTIONS:
-            if not isinstance(value, dict):
-                problems.append(f"{key}: expected a section (mapping), got {value!r}")
-                continue
-            problems += [_unknown_message(f"{key}.{sub}") for sub in value if sub not in SECTIONS[key].model_fields]
-        elif key not in Config.model_fields:
-            problems.append(_unknown_message(key))
-    return problems
-
-
-def _unknown_message(key: str) -> str:
-    from .compat import FLAT_KEYS
-
-    # A flat LLaMA-Factory name is only valid at the top level; inside a section it would be unknown again.
-    candidates = known_paths() + ([] if "." in key else list(FLAT_KEYS))
-    leaf_matches = [p for p in known_paths() if p.split(".")[-1] == key.split(".")[-1]]
-    close = leaf_matches or difflib.get_close_matches(key, candidates, n=3, cutoff=0.6)
-    hint = f" — did you mean {' or '.join(close)}?" if close else ""
-    return f"unknown key {key!r}{hint}"
-
-
-def _describe_error(error: dict) -> str:
-    where = ".".join(str(part) for part in error["loc"]) or "config"
-    message = error["msg"].removeprefix("Value error, ")
-    if error["type"] in ("literal_error", "enum"):
-        return f"{where}: {message} (got {error.get('input')!r})"
-    return f"{where}: {message}"
-
-
-def _format_problems(source: str, problems: list[str]) -> str:
-    lines = "\n".join(f"  - {p}" for p in problems)
-    return f"{source}: {len(problems)} problem{'s' if len(problems) > 1 else ''} in the config:\n{lines}"

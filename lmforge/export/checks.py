@@ -11,9 +11,9 @@ import math
 
 import torch
 
-from .conversation import Conversation
-from .errors import ModelError
-from .render import render_example, render_prompt, render_text
+from ..conversation import Conversation
+from ..data.render import render_example, render_prompt, render_text
+from ..errors import ModelError
 
 # Largest allowed relative RMS difference of logits, ||got - expected|| / ||expected||, per stored precision.
 # Measured on a LoRA run of SmolLM2-135M: float32 merge 1.3e-6, float16 6.8e-4, bfloat16 6.5e-3, q8_0 GGUF 2.1e-2

@@ -13,7 +13,7 @@ import ctypes
 import ctypes.util
 from functools import lru_cache
 
-from .methods import unwrap
+from ..model.methods import unwrap
 
 EVERY_N_LAYERS = 4  # trimming costs page faults when the memory is reused: often enough to cap the peak, no more
 

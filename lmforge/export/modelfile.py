@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .render import end_of_turn_ids
+from ..data.render import end_of_turn_ids
 
 
 class TemplateNotExpressible(ValueError):

@@ -10,6 +10,9 @@ from __future__ import annotations
 import difflib
 from typing import Any, Callable
 
+from ..errors import ConfigError
+from .schema import SECTIONS
+
 # Keys that only exist in LLaMA-Factory's flat layout; one of them at the top level marks a flat file.
 _MARKERS = {"model_name_or_path", "stage", "finetuning_type", "dataset", "do_train", "per_device_train_batch_size"}
 
@@ -152,7 +155,6 @@ def is_flat_llamafactory(raw: dict) -> bool:
 
 def translate_flat(raw: dict, source: str) -> tuple[dict, list[str]]:
     """Return (our nested config dict, notes). Unknown keys are listed under "_unknown" for the caller to report."""
-    from .config import SECTIONS, ConfigError
 
     nested: dict = {}
     notes: list[str] = []
@@ -230,7 +232,6 @@ def is_export_yaml(raw: dict) -> bool:
 
 def translate_export(raw: dict, source: str) -> tuple[dict, list[str]]:
     """LLaMA-Factory export keys → {ExportRequest field: value}, notes. Unknown or unhonourable keys are errors."""
-    from .config import ConfigError
 
     fields: dict = {}
     notes: list[str] = []

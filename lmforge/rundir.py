@@ -14,9 +14,8 @@ import os
 import random
 import re
 import shutil
-from pathlib import Path
-
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -241,7 +240,7 @@ def save_artifact(run: RunDir, model, tokenizer, method: str, *,
     """Write adapter/ (an adapter dir: PEFT format, or lmforge's bottleneck adapters in the same layout) or model/
     (full / freeze: full weights), with the tokenizer and its chat template, and `extra` safetensors files (a reward
     model's value head)."""
-    from .methods import save_trained
+    from .model.methods import save_trained
 
     final = run.model if method in ("full", "freeze") else run.adapter
     tmp = run.root / f".tmp-{final.name}-{os.getpid()}"

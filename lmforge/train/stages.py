@@ -6,23 +6,31 @@ is the policy with its adapter off, or a frozen copy for full/freeze. Must not s
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ..config import Config
+from ..data.cache import rendered_dataset
+from ..data.datasets import resolve_many
+from ..data.documents import load_documents
+from ..data.preference import load_labelled, load_pairs
+from ..data.render import IGNORE_INDEX, Example, RenderStats
+from ..errors import DataError
+from ..model.methods import adapter_disabled, has_adapter
+from ..model.value_head import value_head
 from .batching import Batch, PaddedBatch, collate
-from .config import Config
-from .data.datasets import resolve_many
-from .data.preference import load_labelled, load_pairs
-from .data.text import load_documents
-from .data_cache import rendered_dataset
-from .errors import DataError
-from .losses import (bradley_terry_loss, dpo_loss, kto_loss, last_hidden, orpo_loss, sequence_logps, sft_loss_sum,
-                     simpo_loss)
-from .methods import adapter_disabled, has_adapter, unwrap
-from .render import IGNORE_INDEX, Example, RenderStats
+from .losses import (
+    bradley_terry_loss,
+    dpo_loss,
+    kto_loss,
+    last_hidden,
+    orpo_loss,
+    sequence_logps,
+    sft_loss_sum,
+    simpo_loss,
+)
 
 PAIR_STAGES = ("rm", "dpo", "orpo", "simpo")
 DATA_SHAPE = {"pt": "text", "sft": "sft", "rm": "pairs", "dpo": "pairs", "orpo": "pairs", "simpo": "pairs",
@@ -80,7 +88,7 @@ def hold_out(items: list, val_size: float, seed: int) -> tuple[list, list]:
 
 def read_stage_data(config: Config) -> tuple[list, dict]:
     """The records of data.train in the shape the stage reads (conversations, pairs, labelled replies, documents)."""
-    from .data.datasets import load_specs
+    from ..data.datasets import load_specs
 
     data, shape = config.data, DATA_SHAPE[config.train.stage]
     specs = resolve_many(data.train, data.dataset_dir, shape)
@@ -281,34 +289,6 @@ def _reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- reward model head
-
-
-VALUE_HEAD = "lmforge_value_head"  # attribute of the transformers model, so checkpoints hold it like any parameter
-VALUE_HEAD_FILE = "value_head.safetensors"  # beside the trained weights in adapter/ or model/
-
-
-def attach_value_head(model) -> torch.nn.Linear:
-    base = unwrap(model)
-    head = torch.nn.Linear(base.config.hidden_size, 1).to(base.get_input_embeddings().weight.dtype)
-    torch.nn.init.normal_(head.weight, std=1 / (base.config.hidden_size + 1))
-    torch.nn.init.zeros_(head.bias)
-    setattr(base, VALUE_HEAD, head)
-    return head
-
-
-def value_head(model) -> torch.nn.Linear | None:
-    return getattr(unwrap(model), VALUE_HEAD, None)
-
-
-@contextmanager
-def detached_value_head(model):
-    """The model without its value head for the duration (so save_pretrained writes a plain causal LM)."""
-    base = unwrap(model)
-    head = base._modules.pop(VALUE_HEAD)
-    try:
-        yield head
-    finally:
-        setattr(base, VALUE_HEAD, head)
 
 
 def value_scores(model, rows: Batch) -> torch.Tensor:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .conversation import Conversation
-from .errors import ConfigError, DataError
+from ..conversation import Conversation
+from ..errors import ConfigError, DataError
 
 IGNORE_INDEX = -100
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from . import adapters
-from .config import MethodConfig
-from .errors import ConfigError, ModelError
+from ..config import MethodConfig
+from ..errors import ConfigError, ModelError
+from . import bottleneck as adapters
 
 QUANTIZATION_FILE = "lmforge_quantization.json"  # beside adapter_config.json: the base was quantised in training
 # bitsandbytes (imported by peft) warns on every import that an optional CPU kernel package from the Hugging Face Hub
@@ -119,7 +119,7 @@ def _require_bitsandbytes():
 def load_base(path: str, dtype: torch.dtype, method: MethodConfig):
     """The base model to train: as models.load_model loads it, or for qlora quantised while it loads (one tensor at a
     time, so peak memory is the quantised model's, not the full-precision one's)."""
-    from .models import load_model
+    from .loader import load_model
 
     if not method.bits:
         return load_model(path, dtype)

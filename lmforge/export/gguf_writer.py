@@ -18,8 +18,8 @@ import gguf
 import numpy as np
 import torch
 
-from .errors import ModelError
-from .render import end_of_turn_ids
+from ..data.render import end_of_turn_ids
+from ..errors import ModelError
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
 _FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -91,7 +91,9 @@ def pre_tokenizer_name(tokenizer) -> str:
     digest = sha256(str(tokenizer.encode(_CHECK_TEXT)).encode()).hexdigest()
     if digest in _PRE_TOKENIZERS:
         return _PRE_TOKENIZERS[digest]
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        GGUF_PRE_TOKENIZER_SPLITS,
+    )
 
     splits = re.findall(r'"Split", "pattern": \{"Regex": ("(?:[^"\\]|\\.)*")', pre_tokenizer)
     if len(splits) == 1:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 
-
 class VirtualTokenModel(torch.nn.Module):
     def __init__(self, peft_model):
         super().__init__()

@@ -1,0 +1,128 @@
+"""Reading a run's configuration: a YAML file (ours, or LLaMA-Factory's flat one) plus `key=value` overrides.
+
+Owns: YAML parsing with file:line errors, overrides, and reporting every problem at once with a "did you mean".
+The schema is schema.py's; LLaMA-Factory's key names are llamafactory.py's.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from ..errors import ConfigError
+from .llamafactory import FLAT_KEYS, is_flat_llamafactory, translate_flat
+from .schema import SECTIONS, Config, known_paths
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file (ours or LLaMA-Factory's flat one), apply key=value overrides, validate everything."""
+    raw: dict = {}
+    source = "command line"
+    if path is not None:
+        source = str(path)
+        raw = _read_yaml(Path(path))
+    notes: list[str] = []
+    if is_flat_llamafactory(raw):
+        raw, notes = translate_flat(raw, source)
+    problems: list[str] = []
+    for item in overrides:
+        _apply_override(raw, item, problems)
+    problems += _unknown_keys(raw, source)
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        # Unknown keys and non-mapping sections are already listed above (with a "did you mean"); add the rest.
+        listed = {key for key, value in raw.items() if key in SECTIONS and not isinstance(value, dict)}
+        problems += [_describe_error(e) for e in exc.errors()
+                     if e["type"] != "extra_forbidden" and (e["loc"] or ("",))[0] not in listed]
+    if problems:
+        raise ConfigError(_format_problems(source, problems)) from None
+    for note in notes:
+        print(f"note: {note}")
+    return config
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+    return data
+
+
+def _apply_override(raw: dict, item: str, problems: list[str]) -> None:
+    """Apply `a.b=value`; a flat LLaMA-Factory key (learning_rate=…) is translated to its place."""
+    if "=" not in item:
+        problems.append(f"override {item!r} is not key=value")
+        return
+    key, text = item.split("=", 1)
+    value = yaml.safe_load(text) if text else None
+    if "." not in key and key not in Config.model_fields:
+        translated, _ = translate_flat({key: value}, "command line")
+        if translated.get("_unknown"):
+            problems.append(_unknown_message(key))
+            return
+        _merge(raw, translated)
+        return
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            problems.append(f"override {key}: {part} is not a section")
+            return
+    node[leaf] = value
+
+
+def _merge(into: dict, extra: dict) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _unknown_keys(raw: dict, source: str) -> list[str]:
+    problems = [_unknown_message(key) for key in raw.pop("_unknown", [])]
+    for key, value in raw.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                problems.append(f"{key}: expected a section (mapping), got {value!r}")
+                continue
+            problems += [_unknown_message(f"{key}.{sub}") for sub in value if sub not in SECTIONS[key].model_fields]
+        elif key not in Config.model_fields:
+            problems.append(_unknown_message(key))
+    return problems
+
+
+def _unknown_message(key: str) -> str:
+    # A flat LLaMA-Factory name is only valid at the top level; inside a section it would be unknown again.
+    candidates = known_paths() + ([] if "." in key else list(FLAT_KEYS))
+    leaf_matches = [p for p in known_paths() if p.split(".")[-1] == key.split(".")[-1]]
+    close = leaf_matches or difflib.get_close_matches(key, candidates, n=3, cutoff=0.6)
+    hint = f" — did you mean {' or '.join(close)}?" if close else ""
+    return f"unknown key {key!r}{hint}"
+
+
+def _describe_error(error: dict) -> str:
+    where = ".".join(str(part) for part in error["loc"]) or "config"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] in ("literal_error", "enum"):
+        return f"{where}: {message} (got {error.get('input')!r})"
+    return f"{where}: {message}"
+
+
+def _format_problems(source: str, problems: list[str]) -> str:
+    lines = "\n".join(f"  - {p}" for p in problems)
+    return f"{source}: {len(problems)} problem{'s' if len(problems) > 1 else ''} in the config:\n{lines}"
