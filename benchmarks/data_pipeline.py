@@ -101,8 +101,8 @@ def _decoy(rng: random.Random) -> str:
     if choice == 1:
         return f"工单 2{rng.randint(0, 10**10 - 1):010d}"  # 11 digits, but mobiles start with 1
     if choice == 2:
-        return f"{rng.randint(2000, 2030)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d} {rng.randint(0, 23):02d}:" \
-               f"{rng.randint(0, 59):02d}:{rng.randint(0, 59):02d}"
+        return (f"{rng.randint(2000, 2030)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d} "
+                f"{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}:{rng.randint(0, 59):02d}")
     if choice == 3:
         return f"version {rng.randint(1, 9)}.{rng.randint(0, 20)}.{rng.randint(0, 20)}.{rng.randint(0, 300)}"
     return f"¥{rng.randint(100, 99999)}.{rng.randint(0, 99):02d}"
@@ -170,7 +170,7 @@ def generate(path: Path, records: int, seed: int = 0) -> dict:
     return truth
 
 
-# --- scoring ------------------------------------------------------------------------------------------------------------
+# --- scoring ----------------------------------------------------------------------------------------------------------
 
 def score(truth: dict, out: Path, rejects: Path, in_path: Path) -> dict:
     """Duplicate and PII recall/precision from the outputs and the ground truth."""
@@ -227,7 +227,7 @@ def score(truth: dict, out: Path, rejects: Path, in_path: Path) -> dict:
     }
 
 
-# --- the peer -----------------------------------------------------------------------------------------------------------
+# --- the peer ---------------------------------------------------------------------------------------------------------
 
 def peer_near_dedup(in_path: Path, records: int, threshold: float, ngram: int, num_perm: int = 128) -> dict | None:
     """datasketch MinHash + MinHashLSH over character n-grams of the first `records` records: records/s."""
@@ -277,7 +277,7 @@ def ours_near_dedup(in_path: Path, records: int, threshold: float, ngram: int) -
             "dropped": int((labels != range(len(labels))).sum())}
 
 
-# --- main ---------------------------------------------------------------------------------------------------------------
+# --- main -------------------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

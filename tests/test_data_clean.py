@@ -41,7 +41,7 @@ def mixed_file(tmp_path: Path) -> Path:
         "{not json",                                                                       # 5 unreadable
         msg("What is a lease agreement?", EN_ANSWER.replace("moving out", "leaving")),     # 6 near dup of 3
         {"foo": "bar"},                                                                    # 7 unknown shape
-        msg("重复", "哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈"),            # 8 repetition
+        msg("重复", "哈" * 38),                                                                # 8 repetition
     ])
 
 

@@ -255,7 +255,8 @@ def test_modelfile_template_renders_the_chat_templates_prompt(which, request):
     assert modelfile["from"] == f"./{manifest['gguf']['file']}"
     bos = tokenizer.bos_token if manifest["gguf"]["add_bos_token"] else ""
     for messages in (TWO_TURNS, WITH_SYSTEM):
-        assert bos + as_ollama_would(modelfile, messages) == render_text(tokenizer, messages, add_generation_prompt=True)
+        expected = render_text(tokenizer, messages, add_generation_prompt=True)
+        assert bos + as_ollama_would(modelfile, messages) == expected
     stops = [value for name, value in modelfile["parameters"] if name == "stop"]
     assert '"<|im_end|>"' in stops  # the end-of-turn token of this chat template
     if which == "qwen2":  # the template's default system prompt is carried as SYSTEM
@@ -362,8 +363,9 @@ def test_refusals_are_clear_and_leave_nothing_behind(llama_run, tmp_path, capsys
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     gemma = tmp_path / "tiny-gemma3"
-    Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                       num_attention_heads=2, num_key_value_heads=1, head_dim=16)).save_pretrained(gemma)
+    config = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    Gemma3ForCausalLM(config).save_pretrained(gemma)
     load_tokenizer(bundled_model_dir).save_pretrained(gemma)
     assert main(["export", str(gemma), "-o", str(tmp_path / "g"), "--gguf", "q8_0"]) == 2
     error = capsys.readouterr().err

@@ -16,7 +16,8 @@ def parse(block: str) -> dict[str, int]:
 
 
 def top_layers() -> dict[str, int]:
-    return parse(DOC.split("Import layering (each line imports only from lines below it):\n```\n", 1)[1].split("```")[0])
+    heading = "Import layering (each line imports only from lines below it):\n```\n"
+    return parse(DOC.split(heading, 1)[1].split("```")[0])
 
 
 def package_layers() -> dict[str, dict[str, int]]:

@@ -33,7 +33,7 @@ def cache_root() -> Path:
     return lmforge_home() / "data"
 
 
-# --- cleaning ----------------------------------------------------------------------------------------------------------
+# --- cleaning ---------------------------------------------------------------------------------------------------------
 
 def cleaned_dataset(spec: DatasetSpec, steps: list[Step]) -> tuple[DatasetSpec, dict]:
     """`spec` run through the recipe `steps` (lmforge data clean), from the cache when the same files were cleaned with
@@ -63,7 +63,7 @@ def cleaned_dataset(spec: DatasetSpec, steps: list[Step]) -> tuple[DatasetSpec, 
     return DatasetSpec(path=out, name=spec.name), summary
 
 
-# --- tokenisation ------------------------------------------------------------------------------------------------------
+# --- tokenisation -----------------------------------------------------------------------------------------------------
 
 def rendered_dataset(tokenizer, conversations: list[Conversation], train_on: str, cutoff_len: int
                      ) -> tuple[list[Example], RenderStats, bool]:
@@ -122,7 +122,7 @@ def _load_examples(path: Path) -> tuple[list[Example], RenderStats]:
     return examples, stats
 
 
-# --- files -------------------------------------------------------------------------------------------------------------
+# --- files ------------------------------------------------------------------------------------------------------------
 
 def _file_digest(path: Path) -> bytes:
     digest = hashlib.sha256()

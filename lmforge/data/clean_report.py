@@ -61,7 +61,8 @@ def render_clean_report(report) -> str:
                          for name, stats in data["chars"].items()]))
     languages = data["languages"]
     if languages.get("sampled"):
-        parts.append(f"<h2>Language mix of kept records</h2><p>{languages['sampled']} sampled of {languages['of']}.</p>")
+        parts.append(f"<h2>Language mix of kept records</h2>"
+                     f"<p>{languages['sampled']} sampled of {languages['of']}.</p>")
         parts.append(_bars(languages["counts"]))
     for step in data["steps"]:
         if step["step"] == "pii":

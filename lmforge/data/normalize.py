@@ -78,7 +78,7 @@ _NEWLINES = re.compile(r"\n{3,}")
 _TRIM = " \t\n\u00a0"
 
 _KEEP_FULLWIDTH = "，！？：；（）"
-_FULLWIDTH = re.compile("[%s]+" % "".join(chr(c) for c in range(0xFF01, 0xFF5F) if chr(c) not in _KEEP_FULLWIDTH))
+_FULLWIDTH = re.compile(f"[{''.join(chr(c) for c in range(0xFF01, 0xFF5F) if chr(c) not in _KEEP_FULLWIDTH)}]+")
 _FULLWIDTH_TABLE = {c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F) if chr(c) not in _KEEP_FULLWIDTH}
 
 # str.lower() on these runs changes only Latin letters (Greek and Cyrillic start at U+0370).

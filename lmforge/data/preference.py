@@ -39,9 +39,11 @@ def detect_pair_format(record: dict, where: str) -> str:
         return "messages"
     raise DataError(f"{where}: cannot tell the shape of this preference record (its keys: "
                     f"{', '.join(record) or 'none'}); lmforge reads pairs shaped like:\n"
-                    f"  {{\"messages\": [{{\"role\": \"user\", \"content\": ...}}], \"chosen\": ..., \"rejected\": ...}}\n"
+                    f"  {{\"messages\": [{{\"role\": \"user\", \"content\": ...}}], "
+                    f"\"chosen\": ..., \"rejected\": ...}}\n"
                     f"  {{\"prompt\": \"...\", \"chosen\": \"...\", \"rejected\": \"...\"}}\n"
-                    f"  {{\"conversations\": [{{\"from\": \"human\", \"value\": ...}}], \"chosen\": {{\"from\": \"gpt\", "
+                    f"  {{\"conversations\": [{{\"from\": \"human\", \"value\": ...}}], "
+                    f"\"chosen\": {{\"from\": \"gpt\", "
                     f"\"value\": ...}}, \"rejected\": {{...}}}}   (LLaMA-Factory sharegpt)\n"
                     f"  {{\"instruction\": ..., \"input\": ..., \"chosen\": \"...\", \"rejected\": \"...\"}}   "
                     f"(LLaMA-Factory alpaca)")

@@ -42,9 +42,9 @@ ARCHITECTURES = {
 # llama.cpp names the BPE pre-tokenizer (`tokenizer.ggml.pre`) by hashing the ids of one check text, the way its
 # convert_hf_to_gguf.py get_vocab_base_pre() does; these are the hashes for the tokenizers of the architectures above.
 _CHECK_TEXT = (
-    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 "
-    "3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на "
-    "Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not sure I'll make it, "
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 "  # noqa: E501 (llama.cpp's exact text)
+    "3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на "  # noqa: E501 (llama.cpp's exact text)
+    "Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not sure I'll make it, "  # noqa: E501 (llama.cpp's exact text)
     "'D you like some tea? We'Ve a'lL"
 )
 _PRE_TOKENIZERS = {

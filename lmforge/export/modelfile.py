@@ -45,7 +45,8 @@ def derive_turn_format(tokenizer) -> TurnFormat:
         user_prompt = _render(tokenizer, [user_1], True)
         pair = _render(tokenizer, [user_1, assistant_1], False)
     except Exception as error:  # the template's own raise_exception (e.g. "system role not supported")
-        raise TemplateNotExpressible(f"the chat template rejects a system/user/assistant conversation: {error}")
+        raise TemplateNotExpressible(f"the chat template rejects a system/user/assistant conversation: {error}") \
+            from None
     head, g_system_user, g_user_assistant, g_assistant_user, tail = _pieces(full, [_SYSTEM, _USER_1, _ASSISTANT_1,
                                                                                 _USER_2])
     alone_head, user_suffix = _pieces(user_alone, [_USER_1])
@@ -107,7 +108,8 @@ def go_template(turns: TurnFormat, bos_added: bool) -> str:
     When llama.cpp adds BOS itself (`bos_added`), the template's own leading BOS is left out."""
     for text in (turns.start, *turns.system, *turns.user, *turns.assistant, turns.generation):
         if "{{" in text or '"""' in text:
-            raise TemplateNotExpressible('the template text contains "{{" or """, which a Modelfile TEMPLATE cannot hold')
+            raise TemplateNotExpressible('the template text contains "{{" or """, which a Modelfile TEMPLATE '
+                                         'cannot hold')
     start = "" if bos_added else turns.start
     branches = "".join(
         f'{{{{ {"if" if i == 0 else "else if"} eq .Role "{role}" }}}}{prefix}{{{{ .Content }}}}{suffix}'
