@@ -258,3 +258,72 @@ def test_every_config_key_is_documented_in_help_config(capsys):
         assert f"  {path}  (default: " in text, path
     assert "(no description)" not in text
     assert "Peak learning rate" in text
+
+
+# ------------------------------------------------------------------------- LLaMA-Factory keys of other set-ups
+
+
+def notes_of(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+
+
+def test_distributed_and_cache_keys_are_accepted_with_a_note(tmp_path, capsys):
+    ds_config = tmp_path / "my_zero.json"
+    ds_config.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    raw = llamafactory_sft_lora(deepspeed=str(ds_config), fsdp="full_shard auto_wrap", tokenized_path="saves/tok",
+                                preprocessing_num_workers=16, dataloader_num_workers=4, ddp_timeout=180000000,
+                                ddp_find_unused_parameters=False, ray_num_workers=1)
+    config = load_config(write_yaml(tmp_path / "lf.yaml", raw))
+    assert config.method.type == "lora"
+    notes = notes_of(capsys)
+    said = {key: [n for n in notes if f": {key}:" in n] for key in
+            ("deepspeed", "fsdp", "tokenized_path", "preprocessing_num_workers", "dataloader_num_workers",
+             "ddp_timeout", "ddp_find_unused_parameters", "ray_num_workers")}
+    assert all(len(found) == 1 for found in said.values()), said
+    assert "ZeRO stage 2" in said["deepspeed"][0] and "one process" in said["deepspeed"][0]
+    assert "automatically" in said["tokenized_path"][0]
+
+
+def test_deepspeed_stage_is_read_from_the_file_or_its_name(tmp_path):
+    from lmforge.config.llamafactory import DEEPSPEED_ZERO_TO_FSDP, deepspeed_zero_stage
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}))
+    assert deepspeed_zero_stage(str(ds)) == 3
+    assert deepspeed_zero_stage("examples/deepspeed/ds_z2_offload_config.json") == 2  # not on disk: by name
+    assert deepspeed_zero_stage({"zero_optimization": {"stage": 0}}) == 0
+    assert deepspeed_zero_stage("my_settings.json") is None
+    assert DEEPSPEED_ZERO_TO_FSDP[0] == "NO_SHARD" and DEEPSPEED_ZERO_TO_FSDP[3] == "FULL_SHARD"
+
+
+def test_ray_is_refused_with_what_to_do_instead(tmp_path):
+    message = config_error(write_yaml(tmp_path / "lf.yaml", llamafactory_sft_lora(ray_num_workers=4)))
+    assert "ray_num_workers: 4" in message and "torchrun" in message
+
+
+def test_a_refused_key_does_not_hide_the_unknown_keys_after_it(tmp_path):
+    unknown = {"use_magic": True, "lora_rnk": 4, "use_unsloth": True, "training_args": {}, "foo": 1, "bar": 2}
+    raw = llamafactory_sft_lora(report_to="wandb", **unknown, learning_rate="fast")
+    message = config_error(write_yaml(tmp_path / "lf.yaml", raw))
+    assert "report_to" in message and "wandb" in message
+    for key in unknown:
+        assert f"unknown key {key!r}" in message
+    assert "train.learning_rate" in message  # an invalid value, found in the same pass
+    assert "8 problems" in message and message.count("\n  - ") == 8
+    assert "did you mean lora_rank" in message
+    # no far-fetched suggestions (training_args is not logging_steps)
+    lines = {line.split("'")[1]: line for line in message.splitlines() if "unknown key" in line}
+    for key in ("use_unsloth", "training_args", "foo", "bar", "use_magic"):
+        assert "did you mean" not in lines[key], lines[key]
+
+
+def test_fractional_warmup_steps_is_a_ratio_as_in_transformers(tmp_path, capsys):
+    config = load_config(write_yaml(tmp_path / "a.yaml", llamafactory_sft_lora(warmup_steps=0.1)))
+    assert config.train.warmup_ratio == 0.1 and config.train.warmup_steps == 0
+    assert any("warmup_steps: 0.1" in n and "share of the total steps" in n for n in notes_of(capsys))
+    config = load_config(write_yaml(tmp_path / "b.yaml", llamafactory_sft_lora(warmup_steps=5)))
+    assert config.train.warmup_steps == 5 and config.train.warmup_ratio == 0.0
+    ours = write_yaml(tmp_path / "c.yaml", {"data": {"train": ["d.jsonl"]}, "train": {"warmup_steps": 0.05}})
+    config = load_config(ours)
+    assert config.train.warmup_ratio == 0.05 and config.train.warmup_steps == 0
+    assert load_config(ours, ["warmup_steps=0.2"]).train.warmup_ratio == 0.2

@@ -8,7 +8,11 @@ else in lmforge knows LLaMA-Factory's key names.
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from ..errors import ConfigError
 from .schema import SECTIONS
@@ -68,7 +72,55 @@ def _pref_loss(value: Any) -> tuple[dict | None, str | None]:
 
 
 def _ignored(reason: str) -> Callable[[Any], tuple[dict | None, str | None]]:
-    return lambda value: (None, reason)
+    return lambda value: (None, f"{reason} (ignored)")
+
+
+def _warmup_steps(value: Any) -> tuple[dict | None, str | None]:
+    """transformers (≥ 5) reads a warmup_steps float below 1 as a share of the total steps; so do we."""
+    if isinstance(value, float) and 0 < value < 1:
+        return {"train": {"warmup_ratio": value}}, WARMUP_RATIO_NOTE.format(value=value)
+    return {"train": {"warmup_steps": value}}, None
+
+
+WARMUP_RATIO_NOTE = ("warmup_steps: {value} is below 1, so it is a share of the total steps, as transformers reads it "
+                     "(= train.warmup_ratio: {value})")
+
+# DeepSpeed ZeRO stage → the FSDP sharding strategy that does the same across processes (torch's names). Under one
+# process every stage is plain training; the table is what multi-process training will use.
+DEEPSPEED_ZERO_TO_FSDP = {0: "NO_SHARD", 1: "SHARD_GRAD_OP", 2: "SHARD_GRAD_OP", 3: "FULL_SHARD"}
+
+
+def deepspeed_zero_stage(value: Any) -> int | None:
+    """The ZeRO stage of a `deepspeed:` value: an inline dict or a JSON file (read when it exists), else the stage
+    in LLaMA-Factory's file names (ds_z3_config.json, ds_z2_offload_config.json)."""
+    config = value if isinstance(value, dict) else None
+    if config is None and isinstance(value, str):
+        try:
+            config = json.loads(Path(value).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            match = re.search(r"z(?:ero)?_?([0-3])", Path(value).name)
+            return int(match.group(1)) if match else None
+    stage = (config or {}).get("zero_optimization", {}).get("stage") if isinstance(config, dict) else None
+    return stage if stage in DEEPSPEED_ZERO_TO_FSDP else None
+
+
+def _deepspeed(value: Any) -> tuple[dict | None, str | None]:
+    if value in (None, "", False):
+        return None, None
+    stage = deepspeed_zero_stage(value)
+    what = f"ZeRO stage {stage}" if stage is not None else "a DeepSpeed config"
+    return None, (f"deepspeed: {what} shards optimizer state, gradients or weights across GPU processes; this run "
+                  f"is one process, where it changes nothing (the optimizer, precision and batch sizes come from "
+                  f"the other keys) (ignored)")
+
+
+def _ray(key: str) -> Callable[[Any], tuple[dict | None, str | None]]:
+    def convert(value: Any) -> tuple[dict | None, str | None]:
+        if value in (None, 1, "", {}) and key != "ray_storage_path":
+            return None, f"{key}: {value!r} asks for no Ray workers (ignored)"
+        raise _Refuse(f"{key}: {value!r} — lmforge does not launch Ray workers; train in one process (remove the "
+                      f"ray_* keys), or start several processes with torchrun")
+    return convert
 
 
 class _Refuse(Exception):
@@ -126,7 +178,7 @@ FLAT_KEYS: dict[str, str | Callable[[Any], tuple[dict | None, str | None]]] = {
     "gradient_accumulation_steps": "train.gradient_accumulation_steps",
     "lr_scheduler_type": "train.lr_scheduler_type",
     "warmup_ratio": "train.warmup_ratio",
-    "warmup_steps": "train.warmup_steps",
+    "warmup_steps": _warmup_steps,
     "weight_decay": "train.weight_decay",
     "max_grad_norm": "train.max_grad_norm",
     "logging_steps": "train.logging_steps",
@@ -135,8 +187,9 @@ FLAT_KEYS: dict[str, str | Callable[[Any], tuple[dict | None, str | None]]] = {
     "save_total_limit": "train.save_total_limit",
     "resume_from_checkpoint": "train.resume_from_checkpoint",
     "report_to": _report_to,
-    "overwrite_cache": _ignored("overwrite_cache: lmforge tokenises in memory each run, there is no cache to overwrite"),
-    "preprocessing_num_workers": _ignored("preprocessing_num_workers: tokenising runs in-process"),
+    "overwrite_cache": _ignored("overwrite_cache: lmforge's token cache is keyed by the data, tokenizer "
+                                         "and settings, so a stale entry cannot be used"),
+    "preprocessing_num_workers": _ignored("preprocessing_num_workers: tokenising runs in-process (and is cached)"),
     "dataloader_num_workers": _ignored("dataloader_num_workers: batches are built in-process"),
     "plot_loss": _ignored("plot_loss: loss.png is always written"),
     "save_only_model": _ignored("save_only_model: checkpoints always hold what exact resume needs"),
@@ -146,6 +199,25 @@ FLAT_KEYS: dict[str, str | Callable[[Any], tuple[dict | None, str | None]]] = {
     "evaluation_strategy": _ignored("evaluation_strategy: evaluation runs every eval_steps"),
     "save_strategy": _ignored("save_strategy: checkpoints are saved every save_steps"),
     "logging_strategy": _ignored("logging_strategy: logs every logging_steps"),
+    "deepspeed": _deepspeed,
+    "fsdp": _ignored("fsdp: shards the model across GPU processes; this run is one process, where it changes nothing"),
+    "fsdp_config": _ignored("fsdp_config: settings of fsdp, which changes nothing in one process"),
+    "fsdp_transformer_layer_cls_to_wrap": _ignored("fsdp_transformer_layer_cls_to_wrap: a setting of fsdp, which "
+                                                   "changes nothing in one process"),
+    "ddp_find_unused_parameters": _ignored("ddp_find_unused_parameters: a setting of multi-process (DDP) training; "
+                                           "this run is one process"),
+    "ddp_backend": _ignored("ddp_backend: a setting of multi-process (DDP) training; this run is one process"),
+    "tokenized_path": _ignored("tokenized_path: lmforge caches token ids automatically, keyed by the data, "
+                               "tokenizer and settings, so there is no path to give and nothing to refresh by hand"),
+    "ray_num_workers": _ray("ray_num_workers"),
+    "ray_init_kwargs": _ray("ray_init_kwargs"),
+    "ray_run_name": _ray("ray_run_name"),
+    "ray_storage_path": _ray("ray_storage_path"),
+    "ray_storage_filesystem": _ray("ray_storage_filesystem"),
+    "flash_attn": _ignored("flash_attn: attention runs on torch's SDPA kernels, per example inside a packed row"),
+    "disable_gradient_checkpointing": _ignored("disable_gradient_checkpointing: lmforge does not checkpoint "
+                                               "activations (packing and a lean MLP keep their memory down)"),
+    "run_name": _ignored("run_name: the run is named after output_dir"),
 }
 
 
@@ -154,7 +226,8 @@ def is_flat_llamafactory(raw: dict) -> bool:
 
 
 def translate_flat(raw: dict, source: str) -> tuple[dict, list[str]]:
-    """Return (our nested config dict, notes). Unknown keys are listed under "_unknown" for the caller to report."""
+    """Return (our nested config dict, notes). Unknown keys are listed under "_unknown" and settings we cannot honour
+    under "_refused" (each a message), for the caller to report with every other problem."""
 
     nested: dict = {}
     notes: list[str] = []
@@ -183,10 +256,9 @@ def translate_flat(raw: dict, source: str) -> tuple[dict, list[str]]:
                 for section, fields in partial.items():
                     nested.setdefault(section, {}).update(fields)
             if note:
-                notes.append(f"{source}: {note} (ignored)")
-    if refused:
-        lines = "\n".join(f"  - {r}" for r in refused)
-        raise ConfigError(f"{source}: LLaMA-Factory settings lmforge cannot honour:\n{lines}")
+                notes.append(f"{source}: {note}")
+    if refused:  # reported by the caller together with unknown keys and invalid values: every problem at once
+        nested["_refused"] = refused
     if unknown:
         nested["_unknown"] = unknown
     if raw.get("pref_loss") in ("orpo", "simpo") and raw.get("stage") in (None, "dpo"):

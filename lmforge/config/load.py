@@ -13,7 +13,7 @@ import yaml
 from pydantic import ValidationError
 
 from ..errors import ConfigError
-from .llamafactory import FLAT_KEYS, is_flat_llamafactory, translate_flat
+from .llamafactory import FLAT_KEYS, WARMUP_RATIO_NOTE, is_flat_llamafactory, translate_flat
 from .schema import SECTIONS, Config, known_paths
 
 
@@ -28,8 +28,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     if is_flat_llamafactory(raw):
         raw, notes = translate_flat(raw, source)
     problems: list[str] = []
+    _fractional_warmup_steps(raw, notes)
     for item in overrides:
-        _apply_override(raw, item, problems)
+        _apply_override(raw, item, problems, notes)
+        _fractional_warmup_steps(raw, notes)
     problems += _unknown_keys(raw, source)
     try:
         config = Config.model_validate(raw)
@@ -61,7 +63,7 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def _apply_override(raw: dict, item: str, problems: list[str]) -> None:
+def _apply_override(raw: dict, item: str, problems: list[str], notes: list[str]) -> None:
     """Apply `a.b=value`; a flat LLaMA-Factory key (learning_rate=…) is translated to its place."""
     if "=" not in item:
         problems.append(f"override {item!r} is not key=value")
@@ -69,10 +71,12 @@ def _apply_override(raw: dict, item: str, problems: list[str]) -> None:
     key, text = item.split("=", 1)
     value = yaml.safe_load(text) if text else None
     if "." not in key and key not in Config.model_fields:
-        translated, _ = translate_flat({key: value}, "command line")
+        translated, override_notes = translate_flat({key: value}, "command line")
+        notes += override_notes
         if translated.get("_unknown"):
             problems.append(_unknown_message(key))
             return
+        problems += translated.pop("_refused", [])
         _merge(raw, translated)
         return
     node = raw
@@ -85,6 +89,15 @@ def _apply_override(raw: dict, item: str, problems: list[str]) -> None:
     node[leaf] = value
 
 
+def _fractional_warmup_steps(raw: dict, notes: list[str]) -> None:
+    """train.warmup_steps below 1 is a share of the total steps, as transformers reads it: move it to warmup_ratio."""
+    train = raw.get("train")
+    value = train.get("warmup_steps") if isinstance(train, dict) else None
+    if isinstance(value, float) and 0 < value < 1:
+        train["warmup_ratio"] = train.pop("warmup_steps")
+        notes.append("train." + WARMUP_RATIO_NOTE.format(value=value))
+
+
 def _merge(into: dict, extra: dict) -> None:
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(into.get(key), dict):
@@ -94,7 +107,7 @@ def _merge(into: dict, extra: dict) -> None:
 
 
 def _unknown_keys(raw: dict, source: str) -> list[str]:
-    problems = [_unknown_message(key) for key in raw.pop("_unknown", [])]
+    problems = raw.pop("_refused", []) + [_unknown_message(key) for key in raw.pop("_unknown", [])]
     for key, value in raw.items():
         if key in SECTIONS:
             if not isinstance(value, dict):
@@ -110,9 +123,25 @@ def _unknown_message(key: str) -> str:
     # A flat LLaMA-Factory name is only valid at the top level; inside a section it would be unknown again.
     candidates = known_paths() + ([] if "." in key else list(FLAT_KEYS))
     leaf_matches = [p for p in known_paths() if p.split(".")[-1] == key.split(".")[-1]]
-    close = leaf_matches or difflib.get_close_matches(key, candidates, n=3, cutoff=0.6)
+    close = leaf_matches or _close_matches(key, candidates)
     hint = f" — did you mean {' or '.join(close)}?" if close else ""
     return f"unknown key {key!r}{hint}"
+
+
+def _close_matches(key: str, candidates: list[str]) -> list[str]:
+    """Names that look like a typo of `key`: compared whole and leaf to leaf (data.cutof_len ~ data.cutoff_len),
+    above a similarity where a suggestion is usually right (deepspeed is not seed, training_args not logging_steps)."""
+    leaf = key.split(".")[-1]
+    scored = []
+    for name in candidates:
+        whole = difflib.SequenceMatcher(None, key, name).ratio()
+        by_leaf = difflib.SequenceMatcher(None, leaf, name.split(".")[-1]).ratio() if "." in name else 0.0
+        if max(whole, by_leaf) >= SUGGEST_ABOVE:
+            scored.append((max(whole, by_leaf), whole, name))
+    return [name for *_, name in sorted(scored, reverse=True)[:3]]
+
+
+SUGGEST_ABOVE = 0.8
 
 
 def _describe_error(error: dict) -> str:
