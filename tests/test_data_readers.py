@@ -17,7 +17,8 @@ from lmforge.data.formats import FormatSpec, convert, detect_format
 from lmforge.data.sources import read_records
 from lmforge.errors import DataError
 
-LLAMAFACTORY_DATA = Path(__file__).resolve().parents[2] / "shared/datasets/llamafactory"
+# Small files written for these tests in the shapes of LLaMA-Factory's data/ folder (dataset_info.json + its demos).
+LLAMAFACTORY_DATA = Path(__file__).resolve().parent / "assets" / "llamafactory"
 
 
 def conv(*turns: tuple[str, str]) -> Conversation:
@@ -278,14 +279,26 @@ def test_neither_file_nor_name_without_dataset_info(tmp_path):
         resolve_dataset("x", tmp_path)
 
 
-# --- LLaMA-Factory's own demo data (only where the shared checkout exists) -------------------------------------
+# --- a LLaMA-Factory data folder: dataset_info.json names, columns, sharegpt tags ------------------------------
 
-@pytest.mark.skipif(not LLAMAFACTORY_DATA.is_dir(), reason="LLaMA-Factory demo data not present")
 def test_llamafactory_demo_datasets_load_through_dataset_info():
     conversations, counts = load_many(["identity", "alpaca_en_demo", "alpaca_zh_demo"], LLAMAFACTORY_DATA)
-    assert set(counts) == {"identity", "alpaca_en_demo", "alpaca_zh_demo"}
-    assert all(n > 0 for n in counts.values()) and len(conversations) == sum(counts.values())
+    assert counts == {"identity": 3, "alpaca_en_demo": 4, "alpaca_zh_demo": 3}
+    assert len(conversations) == sum(counts.values())
     assert all(c.messages[-1].role == "assistant" for c in conversations)
+    identity = conversations[0]
+    assert identity.source == f"{LLAMAFACTORY_DATA / 'identity.json'}:2"
+    assert identity == conv(("user", "hi"), ("assistant", "Hi! I am {{name}}, a helper made by {{author}}. What "
+                                                          "would you like to do?"))
+    # a non-empty `input` follows the instruction on a new line, as LLaMA-Factory joins them
+    assert conversations[4].messages[0].content == ("Turn this sentence into the past tense.\n"
+                                                    "She walks to the station and buys a ticket.")
+    # `system` and `history` columns (named in dataset_info.json) become the turns before the instruction
+    assert [(m.role, m.content) for m in conversations[-1].messages] == [
+        ("system", "你是图书馆的前台，回答要简短。"),
+        ("user", "图书馆几点开门？"), ("assistant", "工作日早上八点开门。"),
+        ("user", "晚上几点关门？"), ("assistant", "晚上九点关门。"),
+        ("user", "那周末呢？"), ("assistant", "周末上午十点开门，下午五点关门。")]
     with pytest.raises(DataError, match=r"glaive_toolcall_en_demo\.json:\d+: tool-call conversations are not "
                                         r"supported yet"):
         load_many(["glaive_toolcall_en_demo"], LLAMAFACTORY_DATA)
