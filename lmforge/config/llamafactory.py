@@ -24,7 +24,7 @@ _MARKERS = {"model_name_or_path", "stage", "finetuning_type", "dataset", "do_tra
 def _bool_true_only(key: str, meaning: str) -> Callable[[Any], tuple[dict | None, str | None]]:
     def convert(value: Any) -> tuple[dict | None, str | None]:
         if value is False:
-            raise _Refuse(f"{key}: false — {meaning}")
+            raise Refused(f"{key}: false — {meaning}")
         return None, None
     return convert
 
@@ -47,14 +47,14 @@ def _mask_history(value: Any) -> tuple[dict | None, str | None]:
 def _report_to(value: Any) -> tuple[dict | None, str | None]:
     if value in (None, "none", [], ["none"]):
         return None, None
-    raise _Refuse(f"report_to: {value!r} — lmforge logs to metrics.jsonl and loss.png in the run dir; "
+    raise Refused(f"report_to: {value!r} — lmforge logs to metrics.jsonl and loss.png in the run dir; "
                   f"set report_to: none")
 
 
 def _quantization_method(value: Any) -> tuple[dict | None, str | None]:
     if value in (None, "bnb", "bitsandbytes"):
         return None, None
-    raise _Refuse(f"quantization_method: {value!r} — lmforge quantises with bitsandbytes only (bnb); GPTQ/AWQ/HQQ/"
+    raise Refused(f"quantization_method: {value!r} — lmforge quantises with bitsandbytes only (bnb); GPTQ/AWQ/HQQ/"
                   f"EETQ need a GPU")
 
 
@@ -68,7 +68,7 @@ def _pref_loss(value: Any) -> tuple[dict | None, str | None]:
         return {"train": {"stage": value}}, None
     if value in ("sigmoid", "hinge", "ipo"):
         return {"preference": {"loss": value}}, None
-    raise _Refuse(f"pref_loss: {value!r} — lmforge has sigmoid, hinge, ipo (stage dpo), orpo and simpo")
+    raise Refused(f"pref_loss: {value!r} — lmforge has sigmoid, hinge, ipo (stage dpo), orpo and simpo")
 
 
 def _ignored(reason: str) -> Callable[[Any], tuple[dict | None, str | None]]:
@@ -118,13 +118,13 @@ def _ray(key: str) -> Callable[[Any], tuple[dict | None, str | None]]:
     def convert(value: Any) -> tuple[dict | None, str | None]:
         if value in (None, 1, "", {}) and key != "ray_storage_path":
             return None, f"{key}: {value!r} asks for no Ray workers (ignored)"
-        raise _Refuse(f"{key}: {value!r} — lmforge does not launch Ray workers; train in one process (remove the "
+        raise Refused(f"{key}: {value!r} — lmforge does not launch Ray workers; train in one process (remove the "
                       f"ray_* keys), or start several processes with torchrun")
     return convert
 
 
-class _Refuse(Exception):
-    pass
+class Refused(Exception):
+    """A LLaMA-Factory (or Trainer) setting whose meaning lmforge cannot honour; the message says why and what to do."""
 
 
 # LLaMA-Factory key → dotted path in our config, or a converter returning (partial config, note).
@@ -221,6 +221,17 @@ FLAT_KEYS: dict[str, str | Callable[[Any], tuple[dict | None, str | None]]] = {
 }
 
 
+def merge_partial(into: dict, partial: dict) -> None:
+    """Merge a partial config ({section: {field: value}} or a top-level value) into `into`."""
+    for key, value in partial.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            into[key].update(value)
+        elif isinstance(value, dict):
+            into[key] = dict(value)
+        else:
+            into[key] = value
+
+
 def is_flat_llamafactory(raw: dict) -> bool:
     return bool(_MARKERS & set(raw))
 
@@ -249,7 +260,7 @@ def translate_flat(raw: dict, source: str) -> tuple[dict, list[str]]:
         else:
             try:
                 partial, note = target(value)
-            except _Refuse as refusal:
+            except Refused as refusal:
                 refused.append(str(refusal))
                 continue
             if partial:

@@ -1,7 +1,8 @@
-"""Reading a run's configuration: a YAML file (ours, or LLaMA-Factory's flat one) plus `key=value` overrides.
+"""Reading a run's configuration: a YAML file (ours, LLaMA-Factory's flat one or ChatGLM3's finetune_demo one) plus
+`key=value` overrides.
 
 Owns: YAML parsing with file:line errors, overrides, and reporting every problem at once with a "did you mean".
-The schema is schema.py's; LLaMA-Factory's key names are llamafactory.py's.
+The schema is schema.py's; LLaMA-Factory's key names are llamafactory.py's, ChatGLM3's chatglm3.py's.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import yaml
 from pydantic import ValidationError
 
 from ..errors import ConfigError
+from .chatglm3 import is_chatglm3, resolve_data_files, translate_chatglm3
 from .llamafactory import FLAT_KEYS, WARMUP_RATIO_NOTE, is_flat_llamafactory, translate_flat
 from .schema import SECTIONS, Config, known_paths
 
@@ -27,11 +29,14 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     notes: list[str] = []
     if is_flat_llamafactory(raw):
         raw, notes = translate_flat(raw, source)
+    elif is_chatglm3(raw):
+        raw, notes = translate_chatglm3(raw, source)
     problems: list[str] = []
     _fractional_warmup_steps(raw, notes)
     for item in overrides:
         _apply_override(raw, item, problems, notes)
         _fractional_warmup_steps(raw, notes)
+    problems += resolve_data_files(raw)
     problems += _unknown_keys(raw, source)
     try:
         config = Config.model_validate(raw)
