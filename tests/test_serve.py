@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-from test_serve_support import http, live_server, make_adapter, vivid_tiny_model
+from serve_helpers import http, live_server, make_adapter, vivid_tiny_model, wait_steps
 
 from lmforge.errors import ConfigError
 from lmforge.model.loader import load_model, load_tokenizer
@@ -188,6 +188,8 @@ def test_keys_are_required(server):
     status, _, body = http("POST", f"{url}/v1/chat/completions", {"model": "tiny", "messages": HI})  # no header
     assert status == 401 and "Authorization: Bearer" in body
     assert http("GET", f"{url}/metrics")[0] == 401
+    assert http("GET", f"{url}/metrics", key=KEY)[0] == 403  # a tenant never reads other keys' usage
+    assert http("GET", f"{url}/metrics", key=ADMIN)[0] == 200
     assert http("GET", f"{url}/health")[0] == 200  # probes stay open
 
 
@@ -252,10 +254,7 @@ def test_queue_full_is_503_and_disconnect_stops_generation(models):
         assert caught.value.status_code == 503 and caught.value.body["code"] == "queue_full"
         assert engine.running == 1
         stream.close()  # the client goes away mid-stream
-        deadline = time.monotonic() + 10
-        while engine.running and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert engine.running == 0
+        assert wait_steps(engine, lambda: engine.running == 0, steps=100)  # stops within a few engine steps
         _, _, text = http("GET", f"{url}/metrics")
         generated = [line for line in text.splitlines() if line.startswith("lmforge_generated_tokens_total")]
         assert generated and float(generated[0].split()[-1]) < 1500  # stopped long before max_tokens
@@ -301,7 +300,7 @@ def test_metrics_count_requests_tokens_and_keys(server):
 
 
 def _metric(url: str, name: str) -> float:
-    _, _, text = http("GET", f"{url}/metrics", key=KEY)
+    _, _, text = http("GET", f"{url}/metrics", key=ADMIN)
     values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " ")]
     return values[0] if values else 0.0
 

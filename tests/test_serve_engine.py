@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_serve_support import make_adapter, vivid_tiny_model
+from serve_helpers import make_adapter, vivid_tiny_model
 
 from lmforge.model.loader import load_model, load_tokenizer
 from lmforge.serve.decoder import Decoder, load_adapter_into

@@ -12,9 +12,9 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
+from serve_helpers import vivid_tiny_model
 from test_eval import train_run
 from test_serve_engine import _run
-from test_serve_support import vivid_tiny_model
 
 from lmforge.data.render import render_prompt
 from lmforge.errors import ModelError, UserError

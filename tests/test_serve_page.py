@@ -8,7 +8,7 @@ import shutil
 
 import openai
 import pytest
-from test_serve_support import live_server, vivid_tiny_model
+from serve_helpers import live_server, vivid_tiny_model
 
 from lmforge.model.loader import load_tokenizer
 from lmforge.serve.app import create_app

@@ -10,8 +10,8 @@ import json
 
 import openai
 import pytest
+from serve_helpers import live_server, make_adapter, vivid_tiny_model
 from test_cli import assert_user_error, run_cli
-from test_serve_support import live_server, make_adapter, vivid_tiny_model
 
 from lmforge.errors import UserError
 from lmforge.model.loader import load_tokenizer

@@ -82,9 +82,30 @@ def render_text(tokenizer, messages: list[dict], add_generation_prompt: bool = F
 
 
 def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of a conversation followed by the assistant generation prompt (inference)."""
+    """Token ids of a conversation followed by the assistant generation prompt (inference).
+
+    One render, linear in the conversation (a server renders long chats on every request). Earlier assistant replies
+    are cut out where their text sits in the render, which is where training cuts them for the templates that put a
+    reply right after its generation prompt; so the tokens equal training's without rendering every prefix."""
     text = render_text(tokenizer, messages, add_generation_prompt=True)
-    return _tokenize(tokenizer, text, _turn_spans(tokenizer, messages), [])[0]
+    return _tokenize(tokenizer, text, _reply_spans(text, messages), [])[0]
+
+
+def _reply_spans(text: str, messages: list[dict]) -> list[tuple]:
+    """Character spans of the assistant replies in `text`, found in order; stops at the first message whose text
+    the template did not render verbatim (nothing after it is cut)."""
+    spans, cursor = [], 0
+    for message in messages:
+        content = message["content"]
+        if not content:
+            continue
+        at = text.find(content, cursor)
+        if at < 0:
+            break
+        if message["role"] == "assistant":
+            spans.append((at, at + len(content)))
+        cursor = at + len(content)
+    return spans
 
 
 def assistant_spans(tokenizer, messages: list[dict], train_on: str, where: str = "") -> tuple[str, list[tuple]]:

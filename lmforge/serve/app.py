@@ -1,14 +1,17 @@
 """The FastAPI app around an engine: `create_app(engine, settings)`, and `run_server` to put it on a socket.
 
 Owns the wiring only: the guard, metrics and routes, the OpenAI error envelope for every error (ours, unknown
-routes, bugs), CORS when configured, and the engine's start and graceful stop with the app's lifespan.
-Must not hold request logic (routes.py) or policy (guard.py).
+routes, bugs), CORS when configured, the worker threads that prepare requests, and the engine's start, supervision
+(a dead engine thread stops the server, and run_server returns 1 so a supervisor restarts the process) and graceful
+stop with the app's lifespan. Must not hold request logic (routes.py) or policy (guard.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from contextlib import asynccontextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, suppress
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -22,6 +25,7 @@ from .routes import router
 from .settings import ServeSettings
 
 log = logging.getLogger("lmforge.serve")
+PREPARE_THREADS = 2  # request preparation (JSON, chat template, tokenizer): bounded, so a flood queues, not spawns
 
 
 def create_app(engine, settings: ServeSettings | None = None) -> FastAPI:
@@ -32,12 +36,19 @@ def create_app(engine, settings: ServeSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         if not engine.alive:
             engine.start()
+        watcher = asyncio.create_task(_watch_engine(app))
         yield
+        watcher.cancel()
+        with suppress(asyncio.CancelledError):
+            await watcher
         engine.stop()  # uvicorn has already let in-flight requests finish
+        app.state.prepare_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="lmforge", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+                  openapi_url=None)  # app.openapi() still builds the schema (tests fuzz from it); not published
     app.state.engine, app.state.settings, app.state.guard = engine, settings, guard
+    app.state.prepare_pool = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="lmforge-prepare")
+    app.state.on_engine_failure = None  # run_server sets it: stop serving
     app.state.metrics = Metrics(engine, guard.kill_switch)
     app.include_router(router)
     app.add_exception_handler(ApiError, _api_error)
@@ -67,14 +78,29 @@ async def _unexpected(request: Request, error: Exception) -> JSONResponse:
     return JSONResponse(error_body("internal server error; see the server log", "server_error"), status_code=500)
 
 
-def run_server(engine, settings: ServeSettings) -> None:
-    """Serve until Ctrl-C / SIGTERM; then stop accepting, finish in-flight requests, stop the engine."""
+async def _watch_engine(app: FastAPI, every: float = 0.5) -> None:
+    """An engine thread that died (it fails its requests itself) leaves a process that cannot serve: /health says so
+    at once, and the server is told to stop, so systemd or Kubernetes restart it."""
+    while getattr(app.state.engine, "failure", None) is None:
+        await asyncio.sleep(every)
+    log.critical("the model engine died (%s); stopping the server", app.state.engine.failure)
+    if app.state.on_engine_failure is not None:
+        app.state.on_engine_failure()
+
+
+def run_server(engine, settings: ServeSettings) -> int:
+    """Serve until Ctrl-C / SIGTERM; then stop accepting, finish in-flight requests, stop the engine. Returns the
+    process exit code: 0, or 1 when the engine died (so a supervisor restarts the server)."""
     import uvicorn
 
     settings.check_bind()
-    config = uvicorn.Config(create_app(engine, settings), host=settings.host, port=settings.port,
+    app = create_app(engine, settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level="info", timeout_graceful_shutdown=int(settings.request_timeout))
+    server = uvicorn.Server(config)
+    app.state.on_engine_failure = lambda: setattr(server, "should_exit", True)
     try:
-        uvicorn.Server(config).run()
+        server.run()
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled; the shutdown was already graceful
         pass
+    return 1 if getattr(engine, "failure", None) is not None else 0

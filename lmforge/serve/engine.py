@@ -3,13 +3,19 @@
 Continuous batching: every iteration admits waiting requests into free KV-cache slots, prefills them all in one forward
 (at most prefill_chunk tokens, so a long prompt does not stall the others), then decodes one token for every running
 sequence in one batch. Sequences join and leave between steps. A request's n choices share one prefill. Each choice
-samples with its own generator, so its tokens do not depend on what else is in the batch. Must not know about HTTP,
-keys or text (tokens only).
+samples with its own generator, so its tokens do not depend on what else is in the batch.
+
+Supervision: every value a request may carry is safe here (seeds reduced into the generator's range, temperatures
+below MIN_TEMPERATURE are greedy); a step that fails anyway fails the requests in it (an "error" event with the
+reason), never the thread. The service rate (sequences finished per second) is measured for Retry-After estimates.
+Must not know about HTTP, keys or text (tokens only).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import os
 import queue
 import threading
@@ -21,6 +27,10 @@ import torch
 
 from ..generate import sample_token
 from .decoder import Decoder
+
+log = logging.getLogger("lmforge.serve")
+MIN_TEMPERATURE = 1e-5  # below it softmax(logits / t) overflows; sampling that cold is greedy anyway (as in vLLM)
+SEED_RANGE = 2**64  # torch.Generator seeds are unsigned 64-bit; any integer seed is reduced into that range
 
 
 @dataclass(frozen=True)
@@ -34,6 +44,10 @@ class Sampling:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < MIN_TEMPERATURE
+
 
 @dataclass
 class Submission:
@@ -45,7 +59,11 @@ class Submission:
 
 
 class EngineBusy(Exception):
-    """The bounded queue is full."""
+    """The bounded queue is full; `retry_after` estimates the seconds until there is room."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class EngineStopped(Exception):
@@ -63,6 +81,7 @@ class Ticket:
         self.cancelled_choices: set[int] = set()
         self.cancelled = False
         self.on_cancel = None  # an engine that must act at once (vllm_engine.py) sets this; engine.py polls
+        self.error: str | None = None  # why an "error" event ended a choice
 
     def cancel(self, choice: int | None = None) -> None:
         if choice is None:
@@ -132,6 +151,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.failure: BaseException | None = None
+        self.service = ServiceRate()
+        self.steps = 0  # engine iterations so far (tests wait in steps, not seconds)
 
     # ------------------------------------------------------------------------------------------------ any thread
 
@@ -175,8 +196,10 @@ class Engine:
         with self._lock:
             waiting_for_slots = self._queued_sequences + count + self.running - self.decoder.slots
             if waiting_for_slots > self.max_queue:
+                backlog = self._queued_sequences + self.running
                 raise EngineBusy(f"{self._queued_sequences} sequences already wait for the {self.decoder.slots} "
-                                 f"generation slots (queue limit {self.max_queue})")
+                                 f"generation slots (queue limit {self.max_queue})",
+                                 self.service.retry_after(backlog - self.decoder.slots + count, self.decoder.slots))
             self._queued_sequences += count
         ticket = Ticket(loop, submission)
         self._inbox.put(ticket)
@@ -194,6 +217,7 @@ class Engine:
                 busy = self._running or self._prefilling or self._waiting
                 if not self._take_inbox(block=not busy):
                     return
+                self.steps += 1
                 outbox: dict[Ticket, list[tuple]] = {}
                 self._drop_cancelled(outbox)
                 self._admit()
@@ -204,7 +228,7 @@ class Engine:
                     _send(outbox)
                     return
                 _send(outbox)
-        except BaseException as error:  # a bug or out of memory: fail every request instead of hanging them
+        except BaseException as error:  # a bug outside any one request: fail them all instead of hanging them
             self.failure = error
             self._fail_all(error)
             raise
@@ -252,9 +276,15 @@ class Engine:
                 if not (self._running or self._prefilling or self._waiting):
                     return False
                 continue
-            self._waiting.append(_Pending(ticket, [
-                _Sequence(ticket, i, sampling, generator=_generator(sampling.seed, i))
-                for i, sampling in enumerate(ticket.submission.choices)]))
+            sequences = [_Sequence(ticket, i, sampling) for i, sampling in enumerate(ticket.submission.choices)]
+            try:
+                for sequence in sequences:
+                    sequence.generator = _generator(sequence.sampling.seed, sequence.choice)
+            except Exception as error:
+                self._dequeue(len(sequences))
+                _send(self._failed(sequences, error, {}))
+                continue
+            self._waiting.append(_Pending(ticket, sequences))
             block = False
 
     def _drop_cancelled(self, outbox) -> None:
@@ -328,9 +358,18 @@ class Engine:
             budget -= len(chunk)
         if not batch:
             return
-        logits = self.decoder.prefill_many([p.sequences[0].slot for p, _ in batch], [c for _, c in batch],
-                                           [p.prefilled for p, _ in batch],
-                                           [p.ticket.submission.adapter for p, _ in batch])
+        try:
+            logits = self.decoder.prefill_many([p.sequences[0].slot for p, _ in batch], [c for _, c in batch],
+                                               [p.prefilled for p, _ in batch],
+                                               [p.ticket.submission.adapter for p, _ in batch])
+        except Exception as error:
+            for pending, _ in batch:
+                self._prefilling.remove(pending)
+                for sequence in pending.sequences:
+                    self._free_slots.append(sequence.slot)
+                    self._slot_tokens[sequence.slot] = []
+                self._failed(pending.sequences, error, outbox)
+            return
         for (pending, chunk), last_logits in zip(batch, logits):
             submission = pending.ticket.submission
             first = pending.sequences[0]
@@ -346,25 +385,49 @@ class Engine:
                     self._slot_adapter[sequence.slot] = submission.adapter
                 sequence.position = len(submission.prompt)
                 self._running.append(sequence)
-                self._accept(sequence, self._pick(sequence, last_logits), outbox)
+                self._sample_and_accept(sequence, last_logits, outbox)
         _send(outbox)  # first tokens go out now, not after the decode step
 
     def _decode(self, outbox) -> None:
         if not self._running:
             return
         batch = sorted(self._running, key=lambda s: s.slot)
-        logits = self.decoder.decode([s.slot for s in batch], [s.last_token for s in batch],
-                                     [s.position for s in batch], [s.ticket.submission.adapter for s in batch])
+        try:
+            logits = self.decoder.decode([s.slot for s in batch], [s.last_token for s in batch],
+                                         [s.position for s in batch], [s.ticket.submission.adapter for s in batch])
+        except Exception as error:
+            for sequence in batch:
+                self._running.remove(sequence)
+                self._free_slots.append(sequence.slot)
+                self._slot_tokens[sequence.slot] = []
+            self._failed(batch, error, outbox)
+            return
         greedy = logits.argmax(-1).tolist()
         for row, sequence in enumerate(batch):
             self._slot_tokens[sequence.slot].append(sequence.last_token)  # its keys/values are in the cache now
-            plain = sequence.sampling.temperature <= 0 and not sequence.counts_matter
             sequence.position += 1
-            token = greedy[row] if plain else self._pick(sequence, logits[row])
-            self._accept(sequence, token, outbox)
+            if sequence.sampling.greedy and not sequence.counts_matter:
+                self._accept(sequence, greedy[row], outbox)
+            else:
+                self._sample_and_accept(sequence, logits[row], outbox)
 
-    def _pick(self, sequence: _Sequence, logits: torch.Tensor) -> int:
-        return sample(logits, sequence.sampling, sequence.counts, sequence.generator)
+    def _sample_and_accept(self, sequence: _Sequence, logits: torch.Tensor, outbox) -> None:
+        try:
+            token = sample(logits, sequence.sampling, sequence.counts, sequence.generator)
+        except Exception as error:
+            self._running.remove(sequence)
+            self._free_slots.append(sequence.slot)
+            self._failed([sequence], error, outbox)
+            return
+        self._accept(sequence, token, outbox)
+
+    def _failed(self, sequences: list[_Sequence], error: Exception, outbox) -> dict:
+        """End these sequences with an "error" event that says why (and log it with its traceback)."""
+        log.error("a request failed in the engine (other requests go on)", exc_info=error)
+        for sequence in sequences:
+            sequence.ticket.error = f"{type(error).__name__}: {error}"
+            outbox.setdefault(sequence.ticket, []).append((sequence.choice, None, "error"))
+        return outbox
 
     def _accept(self, sequence: _Sequence, token: int, outbox) -> None:
         """Emit a sampled token, or finish the sequence (end of turn, max_tokens, context full)."""
@@ -381,6 +444,7 @@ class Engine:
     def _finish(self, sequence: _Sequence, reason: str, outbox) -> None:
         self._running.remove(sequence)
         self._free_slots.append(sequence.slot)
+        self.service.finished()
         outbox.setdefault(sequence.ticket, []).append((sequence.choice, None, reason))
 
     def _fail_all(self, error: BaseException) -> None:
@@ -392,6 +456,7 @@ class Engine:
             if ticket is not None:
                 tickets[ticket] = [_Sequence(ticket, i, s) for i, s in enumerate(ticket.submission.choices)]
         for ticket, sequences in tickets.items():
+            ticket.error = f"the engine stopped: {type(error).__name__}: {error}"
             events = [(s.choice, None, "error") for s in sequences]
             ticket.loop.call_soon_threadsafe(ticket._deliver, events)
 
@@ -412,18 +477,47 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def _generator(seed: int | None, choice: int) -> torch.Generator:
-    """Choice i of a request with seed s draws from seed s + i: a seeded request repeats exactly, and its choice 0
-    equals the same request with n=1."""
-    start = seed + choice if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+    """Choice i of a request with seed s draws from seed s + i (modulo 2**64, the generator's range): a seeded
+    request repeats exactly, and its choice 0 equals the same request with n=1."""
+    start = (seed + choice) % SEED_RANGE if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
     return torch.Generator().manual_seed(start)
+
+
+class ServiceRate:
+    """Sequences finished per second over the last minute: how fast the backlog drains, for Retry-After."""
+
+    def __init__(self, clock=time.monotonic, window: float = 60.0):
+        self.clock, self.window = clock, window
+        self._finished: deque[float] = deque(maxlen=1024)
+
+    def finished(self) -> None:
+        self._finished.append(self.clock())
+
+    def per_second(self) -> float | None:
+        now = self.clock()
+        while self._finished and self._finished[0] < now - self.window:
+            self._finished.popleft()
+        if len(self._finished) < 2 or now <= self._finished[0]:
+            return None
+        return len(self._finished) / (now - self._finished[0])
+
+    def retry_after(self, ahead: int, slots: int) -> int:
+        """Seconds until `ahead` sequences have finished at the measured rate (1..60; the official clients honour
+        a Retry-After up to 60 s). Before anything finished: a guess of two seconds per round of slots."""
+        if ahead <= 0:
+            return 1
+        rate = self.per_second()
+        wait = ahead / rate if rate else 2.0 * math.ceil(ahead / slots)
+        return max(1, min(60, math.ceil(wait)))
 
 
 def sample(logits: torch.Tensor, sampling: Sampling, counts: dict[int, int], generator: torch.Generator) -> int:
     """OpenAI semantics: penalties subtract presence (once per seen token) and frequency × count from the logits;
-    temperature 0 is greedy; top_p keeps the smallest set of tokens whose probability reaches top_p."""
+    temperature below MIN_TEMPERATURE is greedy; top_p keeps the smallest set of tokens whose probability reaches
+    top_p."""
     if counts and (sampling.presence_penalty or sampling.frequency_penalty):
         seen = torch.tensor(list(counts))
         times = torch.tensor(list(counts.values()), dtype=logits.dtype)
         logits = logits.clone()
         logits[seen] -= sampling.presence_penalty + sampling.frequency_penalty * times
-    return sample_token(logits, sampling.temperature, sampling.top_p, generator)
+    return sample_token(logits, 0.0 if sampling.greedy else sampling.temperature, sampling.top_p, generator)

@@ -2,7 +2,8 @@
 
 Keys are kept as SHA-256 hashes only (a key file may hold just the hashes). Limits are sliding one-minute windows
 per key: requests/min, and prompt + completion tokens/min. The kill switch is a runtime flag (admin endpoint) or a
-flag file. Every refusal is an ApiError with the status a client expects. Must not know about the engine or models.
+flag file; its mode says what happens to streams already running. /metrics is for admin or metrics keys only.
+Every refusal is an ApiError with the status a client expects. Must not know about the engine or models.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class RateLimiter:
         self._tokens: dict[str, deque[tuple[float, int]]] = {}
         self._lock = threading.Lock()
 
-    def admit(self, key: str, prompt_tokens: int, now: float | None = None) -> None:
+    def admit(self, key: str, prompt_tokens: int, field: str = "messages", now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         with self._lock:
             requests = _trim(self._requests.setdefault(key, deque()), now)
@@ -100,9 +101,11 @@ class RateLimiter:
                 wait = requests[0] + WINDOW - now
                 raise _too_many(f"rate limit reached for {key}: {self.rpm} requests per minute", wait)
             if self.tpm is not None:
-                if prompt_tokens > self.tpm:
-                    raise ApiError(400, f"the prompt has {prompt_tokens} tokens, more than this key may use per "
-                                        f"minute ({self.tpm})", param="messages", code="context_length_exceeded")
+                if prompt_tokens > self.tpm:  # a budget error, and one that waiting never fixes: no retry
+                    raise ApiError(429, f"request too large for {key}: the prompt has {prompt_tokens} tokens, more "
+                                        f"than the {self.tpm} tokens per minute this key may use; shorten the "
+                                        f"{field}", type="tokens", param=field, code="request_too_large",
+                                   headers={"x-should-retry": "false"})
                 used = sum(n for _, n in tokens)
                 if used + prompt_tokens > self.tpm:
                     wait, freed = WINDOW, 0
@@ -136,10 +139,12 @@ def _too_many(message: str, wait: float) -> ApiError:
 
 class KillSwitch:
     """Degraded mode: on while switched on at runtime or while the flag file exists (its text, if any, is the
-    message). Checked per request, so it takes effect and clears without a restart."""
+    message). Checked per request, so it takes effect and clears without a restart. Mode "drain" lets streams
+    already running finish; "abort" ends them with a final error event (routes.py asks `aborts_running()`)."""
 
-    def __init__(self, flag_file: str | None, message: str):
+    def __init__(self, flag_file: str | None, message: str, mode: str = "drain", retry_after: int = 30):
         self.flag_file = Path(flag_file) if flag_file else None
+        self.mode, self.retry_after = mode, retry_after
         self.default_message = message
         self.switched_on = False
         self.message = message
@@ -159,10 +164,19 @@ class KillSwitch:
             return text or self.default_message
         return None
 
+    def aborts_running(self) -> bool:
+        return self.mode == "abort" and self.active_message() is not None
+
+    def error(self, message: str) -> ApiError:
+        return ApiError(503, message, type="service_unavailable", code="degraded",
+                        headers={"Retry-After": str(self.retry_after)})
+
 
 class Guard:
-    def __init__(self, keys: KeyRing, admin_keys: KeyRing, limiter: RateLimiter, kill_switch: KillSwitch):
+    def __init__(self, keys: KeyRing, admin_keys: KeyRing, limiter: RateLimiter, kill_switch: KillSwitch,
+                 metrics_keys: KeyRing | None = None):
         self.keys, self.admin_keys, self.limiter, self.kill_switch = keys, admin_keys, limiter, kill_switch
+        self.metrics_keys = metrics_keys or KeyRing([])
         self.usage: dict[str, Usage] = {}
 
     @classmethod
@@ -170,7 +184,9 @@ class Guard:
         return cls(KeyRing.from_settings(settings.api_keys, settings.api_key_file),
                    KeyRing(settings.admin_keys, "admin key"),
                    RateLimiter(settings.requests_per_minute, settings.tokens_per_minute),
-                   KillSwitch(settings.kill_switch_file, settings.degraded_message))
+                   KillSwitch(settings.kill_switch_file, settings.degraded_message, settings.kill_switch_mode,
+                              settings.degraded_retry_after),
+                   KeyRing(settings.metrics_keys, "metrics key"))
 
     def authenticate(self, authorization: str | None) -> str:
         if not self.keys:
@@ -190,13 +206,27 @@ class Guard:
             raise ApiError(401, "missing or invalid admin key", code="invalid_api_key")
         return key
 
+    def authenticate_metrics(self, authorization: str | None) -> None:
+        """/metrics names every key and its usage: an admin or metrics key reads it, a tenant key never does.
+        A server without API keys (loopback only) keeps it open, like the rest of its API, unless metrics keys are
+        set."""
+        if not (self.keys or self.metrics_keys):
+            return
+        if self.admin_keys.identify(authorization) or self.metrics_keys.identify(authorization):
+            return
+        if self.keys.identify(authorization):
+            raise ApiError(403, "an API key cannot read /metrics: use an admin key or a metrics key "
+                                "(--metrics-key)", type="permission_denied", code="forbidden")
+        raise ApiError(401, "/metrics needs an admin key or a metrics key: send Authorization: Bearer KEY",
+                       code="invalid_api_key")
+
     def check_available(self) -> None:
         message = self.kill_switch.active_message()
         if message is not None:
-            raise ApiError(503, message, type="service_unavailable", code="degraded")
+            raise self.kill_switch.error(message)
 
-    def admit(self, key: str, prompt_tokens: int) -> None:
-        self.limiter.admit(key, prompt_tokens)
+    def admit(self, key: str, prompt_tokens: int, field: str = "messages") -> None:
+        self.limiter.admit(key, prompt_tokens, field)
         usage = self.usage.setdefault(key, Usage())
         usage.requests += 1
         usage.prompt_tokens += prompt_tokens

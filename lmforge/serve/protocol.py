@@ -1,17 +1,18 @@
 """The wire format: OpenAI-compatible request and response bodies, and the error envelope.
 
-Requests are pydantic models that accept what the official clients send; fields we cannot honour are refused by
-name rather than ignored. Responses are built here so every endpoint speaks the same shapes. Must not know about
-the engine, keys or limits.
+Requests are pydantic models that accept what the official clients send (null means "the default", as in OpenAI's
+API); fields we cannot honour are refused by name rather than ignored. Validation problems are reported with the
+field's path as the client wrote it (messages[0].content), never pydantic's internals. Responses are built here so
+every endpoint speaks the same shapes. Must not know about the engine, keys or limits.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
 
 
 class ApiError(Exception):
@@ -39,31 +40,94 @@ def field_path(location: tuple) -> str:
     return path
 
 
+def user_path(location: tuple, data: Any) -> str:
+    """A pydantic error location → the field path in the client's own JSON. Pydantic puts the names of union members
+    ('str', 'list[str]') between real keys; only keys and indexes that exist in `data`, or a missing field's name,
+    are kept."""
+    kept: list = []
+    for part in location:
+        if isinstance(data, dict) and isinstance(part, str) and (part in data or part.isidentifier()):
+            kept.append(part)  # a key of the body, or the name of a required field that is missing
+            data = data.get(part)
+        elif isinstance(data, list) and isinstance(part, int):
+            kept.append(part)
+            data = data[part] if 0 <= part < len(data) else None
+    return field_path(tuple(kept))
+
+
+def validation_problem(error: ValidationError, data: Any) -> tuple[str, str]:
+    """(message, param) for a request that failed validation: up to five problems, one per field."""
+    seen: dict[str, str] = {}
+    for problem in error.errors():
+        path = user_path(problem["loc"], data)
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "missing":
+            message = "required"
+        seen.setdefault(path, message)
+    detail = "; ".join(f"{path or 'body'}: {message}" for path, message in list(seen.items())[:5])
+    return detail, next(iter(seen)) or None
+
+
+def lone_surrogate_path(data: Any, path: tuple = ()) -> str | None:
+    """The path of the first string holding a lone UTF-16 surrogate ("\\ud800" in JSON): valid JSON, but not text
+    any tokenizer can encode."""
+    if isinstance(data, str):
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError:
+            return field_path(path) or "body"
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            if lone_surrogate_path(key) is not None:
+                return field_path(path) or "body"
+            found = lone_surrogate_path(value, (*path, key))
+            if found is not None:
+                return found
+    elif isinstance(data, list):
+        for index, value in enumerate(data):
+            found = lone_surrogate_path(value, (*path, index))
+            if found is not None:
+                return found
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------- requests
 
 
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    type: str
-    text: str | None = None
+    type: Literal["text"]
+    text: str
 
-    @model_validator(mode="after")
-    def only_text(self):
-        if self.type != "text" or self.text is None:
-            raise ValueError(f"only text content parts are supported, not {self.type!r}")
-        return self
+
+TEXT_PARTS_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": ContentPart.model_json_schema()},
+                               {"type": "null"}]}
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
+    # Any + our own check: one clear message instead of one per union member.
+    content: Annotated[Any, WithJsonSchema(TEXT_PARTS_SCHEMA)] = Field(default=None, validate_default=True)
 
-    @model_validator(mode="after")
-    def has_text(self):
-        if self.content is None:
+    @field_validator("content")
+    @classmethod
+    def text_only(cls, value):
+        if value is None:
             raise ValueError("content is required (tool calls are not supported)")
-        return self
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise ValueError(f"expected a string or a list of text parts, not {type(value).__name__}")
+        parts = []
+        for index, part in enumerate(value):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                what = f"type {kind!r}" if isinstance(kind, str) else "no text"
+                raise ValueError(f"part {index}: only text parts ({{\"type\": \"text\", \"text\": ...}}) are "
+                                 f"supported, not {what}")
+            parts.append(ContentPart(type="text", text=part["text"]))
+        return parts
 
     def as_dict(self) -> dict:
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -76,7 +140,7 @@ class StreamOptions(BaseModel):
 
 
 class _Sampling(BaseModel):
-    """Fields shared by chat and text completions."""
+    """Fields shared by chat and text completions. A field sent as null takes its default."""
 
     model_config = ConfigDict(extra="ignore")
     model: str
@@ -94,8 +158,41 @@ class _Sampling(BaseModel):
     # Accepted by OpenAI, not by us: refused by name when set, never silently ignored.
     logit_bias: dict[str, float] | None = None
     logprobs: Any = None
+    top_logprobs: Any = None
     tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
     response_format: dict | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def null_is_default(cls, data):
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
+
+    @field_validator("response_format")
+    @classmethod
+    def only_text_format(cls, value):
+        if value and value.get("type", "text") != "text":
+            raise ValueError(f"response_format {value.get('type')!r} is not supported by this server; only "
+                             f"{{\"type\": \"text\"}} (plain text, the default)")
+        return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def refuse_top_logprobs(cls, value):
+        if value is not None:
+            raise ValueError("top_logprobs needs logprobs, which this server does not support")
+        return value
+
+    @field_validator("tool_choice", "functions", "function_call")
+    @classmethod
+    def refuse_tool_fields(cls, value, info):
+        if value not in (None, [], {}):
+            raise ValueError(f"{info.field_name} is not supported by this server (no tool or function calling)")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -105,7 +202,7 @@ class _Sampling(BaseModel):
             raise ValueError("at most 4 stop sequences")
         return stops
 
-    @field_validator("logit_bias", "logprobs", "tools", "response_format")
+    @field_validator("logit_bias", "logprobs", "tools")
     @classmethod
     def refuse_unsupported(cls, value, info):
         if value not in (None, False, [], {}):
@@ -129,6 +226,7 @@ class CompletionRequest(_Sampling):
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for text completions
     echo: bool = False
     suffix: str | None = None
+    best_of: int | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -146,8 +244,33 @@ class CompletionRequest(_Sampling):
             raise ValueError(f"{info.field_name} is not supported by this server")
         return value
 
+    @field_validator("best_of")
+    @classmethod
+    def refuse_best_of(cls, value):
+        if value not in (None, 1):
+            raise ValueError("best_of is not supported by this server; ask for n choices instead")
+        return value
+
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+
+def request_body_schema(model: type[BaseModel]) -> dict:
+    """The OpenAPI requestBody of an endpoint that reads `model` itself (routes.py parses off the event loop), with
+    the schema inlined (no $refs), so the app's /openapi.json describes what it accepts."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(definitions[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(value) for value in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
 
 
 # ---------------------------------------------------------------------------------------------------- responses
@@ -162,9 +285,13 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def model_list(names: list[str], created: int) -> dict:
-    return {"object": "list",
-            "data": [{"id": name, "object": "model", "created": created, "owned_by": "lmforge"} for name in names]}
+def model_card(name: str, created: int, parent: str | None = None) -> dict:
+    """One model; `parent` (as vLLM lists LoRA adapters) is the base an adapter runs on, None for the base."""
+    return {"id": name, "object": "model", "created": created, "owned_by": "lmforge", "parent": parent}
+
+
+def model_list(cards: list[dict]) -> dict:
+    return {"object": "list", "data": cards}
 
 
 def chat_completion(request_id: str, model: str, choices: list[tuple[str, str]], use: dict) -> dict:

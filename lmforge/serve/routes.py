@@ -1,8 +1,11 @@
-"""HTTP endpoints: /v1/models, /v1/chat/completions, /v1/completions, /health, /ready, /metrics, /admin/*, and /.
+"""HTTP endpoints: /v1/models[/{id}], /v1/chat/completions, /v1/completions, /health, /ready, /metrics, /admin/*,
+and / (the chat page).
 
-A completion request passes the guard (key → kill switch → validation → rate limit), goes to the engine as a
-Submission, and comes back as one JSON body or as server-sent events. A client that disconnects cancels its
-sequences. Must not do model arithmetic (engine.py) or decide limits (guard.py).
+A completion request passes the guard (key → kill switch), its body is read up to max_body_bytes (413 beyond), then
+parsed, validated, rendered through the chat template and tokenized in a worker thread (the event loop stays free
+for other streams), checked against the limits, and goes to the engine as a Submission; it comes back as one JSON
+body or as server-sent events. A client that disconnects cancels its sequences. Must not do model arithmetic
+(engine.py) or decide limits (guard.py).
 """
 
 from __future__ import annotations
@@ -37,8 +40,13 @@ async def chat_page() -> HTMLResponse:
 
 
 @router.get("/health")
-async def health() -> dict:
-    return {"status": "ok"}
+async def health(request: Request) -> JSONResponse:
+    """Liveness: 503 once the engine thread has died (the process then exits non-zero so a supervisor restarts it)."""
+    failure = getattr(_state(request).engine, "failure", None)
+    if failure is not None:
+        return JSONResponse({"status": "engine_down", "error": f"{type(failure).__name__}: {failure}"},
+                            status_code=503)
+    return JSONResponse({"status": "ok"})
 
 
 @router.get("/ready")
@@ -53,7 +61,7 @@ async def ready(request: Request) -> JSONResponse:
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     state = _state(request)
-    state.guard.authenticate(request.headers.get("authorization"))
+    state.guard.authenticate_metrics(request.headers.get("authorization"))
     return Response(state.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -61,7 +69,25 @@ async def metrics(request: Request) -> Response:
 async def list_models(request: Request) -> dict:
     state = _state(request)
     state.guard.authenticate(request.headers.get("authorization"))
-    return protocol.model_list(list(state.engine.models), STARTED)
+    return protocol.model_list(_model_cards(state.engine.models))
+
+
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, request: Request) -> dict:
+    state = _state(request)
+    state.guard.authenticate(request.headers.get("authorization"))
+    for card in _model_cards(state.engine.models):
+        if card["id"] == model_id:
+            return card
+    raise ApiError(404, f"model {model_id!r} is not served here; available: {', '.join(state.engine.models)}",
+                   param="model", code="model_not_found")
+
+
+def _model_cards(models: dict) -> list[dict]:
+    """The base first, then each adapter with the base as its parent (the chat page picks the first adapter)."""
+    base = next((name for name, served in models.items() if not getattr(served, "adapter", 0)), None)
+    return [protocol.model_card(name, STARTED, base if getattr(served, "adapter", 0) else None)
+            for name, served in models.items()]
 
 
 class KillSwitchBody(BaseModel):
@@ -73,15 +99,15 @@ class KillSwitchBody(BaseModel):
 async def kill_switch_state(request: Request) -> dict:
     state = _state(request)
     state.guard.authenticate_admin(request.headers.get("authorization"))
-    return {"enabled": state.guard.kill_switch.active_message() is not None,
-            "message": state.guard.kill_switch.active_message()}
+    switch = state.guard.kill_switch
+    return {"enabled": switch.active_message() is not None, "message": switch.active_message(), "mode": switch.mode}
 
 
 @router.post("/admin/kill-switch")
 async def set_kill_switch(request: Request) -> dict:
     state = _state(request)
     state.guard.authenticate_admin(request.headers.get("authorization"))
-    body = await _parse(request, KillSwitchBody)
+    body = _validated(_json_object(await _read_body(request, state.settings.max_body_bytes)), KillSwitchBody)
     state.guard.kill_switch.set(body.enabled, body.message)
     return await kill_switch_state(request)
 
@@ -93,12 +119,12 @@ async def usage(request: Request) -> dict:
     return {"keys": {key: vars(u) for key, u in state.guard.usage.items()}}
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", openapi_extra=protocol.request_body_schema(ChatCompletionRequest))
 async def chat_completions(request: Request):
     return await _complete(request, ChatCompletionRequest, chat=True)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra=protocol.request_body_schema(CompletionRequest))
 async def completions(request: Request):
     return await _complete(request, CompletionRequest, chat=False)
 
@@ -111,14 +137,12 @@ async def _complete(request: Request, schema: type[BaseModel], chat: bool):
     arrived = time.perf_counter()
     key = state.guard.authenticate(request.headers.get("authorization"))
     state.guard.check_available()
-    body = await _parse(request, schema)
-    served = state.engine.models.get(body.model)
-    if served is None:
-        raise ApiError(404, f"model {body.model!r} is not served here; available: {', '.join(state.engine.models)}",
-                       param="model", code="model_not_found")
-    prompt, field = _prompt_ids(served, body, chat)
+    raw = await _read_body(request, settings.max_body_bytes)
+    # Parsing, the chat template and the tokenizer cost up to seconds on a big body: off the event loop.
+    body, served, prompt, field = await asyncio.get_running_loop().run_in_executor(
+        state.prepare_pool, _prepare, state.engine.models, raw, schema, chat)
     max_tokens = _check_sizes(body, len(prompt), field, settings, state.engine.max_len, chat)
-    state.guard.admit(key, len(prompt))
+    state.guard.admit(key, len(prompt), field)
     state.metrics.admitted(key, body.model, len(prompt))
     sampling = Sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty)
@@ -129,8 +153,8 @@ async def _complete(request: Request, schema: type[BaseModel], chat: bool):
     try:
         ticket = state.engine.submit(submission, asyncio.get_running_loop())
     except EngineBusy as busy:
-        raise ApiError(503, f"server busy: {busy}; retry shortly", type="service_unavailable", code="queue_full",
-                       headers={"Retry-After": "1"}) from None
+        raise ApiError(503, f"server busy: {busy}; retry after {busy.retry_after} s", type="service_unavailable",
+                       code="queue_full", headers={"Retry-After": str(busy.retry_after)}) from None
     except EngineStopped as stopped:
         raise ApiError(503, str(stopped), type="service_unavailable", code="engine_down") from None
     run = _Run(state, key, body, served, ticket, arrived, len(prompt), chat)
@@ -140,20 +164,60 @@ async def _complete(request: Request, schema: type[BaseModel], chat: bool):
     return JSONResponse(await run.collect(request))
 
 
-async def _parse(request: Request, schema: type[BaseModel]):
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed `limit` bytes (by Content-Length, before reading,
+    or while reading a chunked one)."""
+    too_big = ApiError(413, f"the request body is larger than this server accepts ({limit} bytes; max_body_bytes)",
+                       code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _prepare(models: dict, raw: bytes, schema: type[BaseModel], chat: bool):
+    """(request, served model, prompt token ids, the field that holds the prompt) — runs in a worker thread."""
+    body = _validated(_json_object(raw), schema)
+    served = models.get(body.model)
+    if served is None:
+        raise ApiError(404, f"model {body.model!r} is not served here; available: {', '.join(models)}",
+                       param="model", code="model_not_found")
+    return (body, served, *_prompt_ids(served, body, chat))
+
+
+def _json_object(raw: bytes) -> dict:
     try:
-        data = json.loads(await request.body() or b"null")
+        data = json.loads(raw or b"null")
+    except RecursionError:
+        raise ApiError(400, "the request body nests JSON too deeply") from None
     except ValueError as err:
         raise ApiError(400, f"the request body is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object")
     try:
+        bad = protocol.lone_surrogate_path(data)
+    except RecursionError:
+        raise ApiError(400, "the request body nests JSON too deeply") from None
+    if bad is not None:
+        raise ApiError(400, f"{bad}: holds a lone UTF-16 surrogate (such as \\ud800), which is not text; send "
+                            f"valid Unicode", param=bad)
+    return data
+
+
+def _validated(data: dict, schema: type[BaseModel]):
+    try:
         return schema.model_validate(data)
     except ValidationError as err:
-        problems = err.errors()
-        first = protocol.field_path(problems[0]["loc"])
-        detail = "; ".join(f"{protocol.field_path(p['loc']) or 'body'}: {p['msg']}" for p in problems[:5])
-        raise ApiError(400, detail, param=first or None) from None
+        detail, param = protocol.validation_problem(err, data)
+        raise ApiError(400, detail, param=param) from None
+    except RecursionError:
+        raise ApiError(400, "the request body nests JSON too deeply") from None
 
 
 def _prompt_ids(served, body, chat: bool) -> tuple[list[int], str]:
@@ -164,7 +228,7 @@ def _prompt_ids(served, body, chat: bool) -> tuple[list[int], str]:
                        param="model")
     try:
         return render_prompt(served.tokenizer, body.conversation()), "messages"
-    except (TemplateError, ValueError) as err:  # e.g. a template that insists on alternating roles
+    except (TemplateError, ValueError, TypeError) as err:  # e.g. a template that insists on alternating roles
         raise ApiError(400, f"the chat template rejected these messages: {err}", param="messages") from None
 
 
@@ -207,7 +271,7 @@ class _Run:
         """(choice, new text, finish_reason or None) until every choice has finished."""
         try:
             while None in self.reasons:
-                choice, token, reason = await self.ticket.events.get()
+                choice, token, reason = await self._next_event()
                 if self.reasons[choice] is not None:
                     continue  # events after we stopped it ourselves (stop string)
                 if token is not None:
@@ -225,8 +289,9 @@ class _Run:
                     raise ApiError(504, f"the request took longer than {self.state.settings.request_timeout:g} s "
                                         f"and was stopped", type="timeout", code="timeout")
                 if reason == "error":
-                    raise ApiError(500, "the model engine failed; see the server log", type="server_error",
-                                   code="engine_error")
+                    why = self.ticket.error or "see the server log"
+                    raise ApiError(500, f"generation failed for this request ({why}); other requests are not "
+                                        f"affected", type="server_error", code="engine_error")
                 self.reasons[choice] = reason
                 yield choice, self.texts[choice].flush(), reason
         finally:
@@ -234,6 +299,23 @@ class _Run:
             completion = sum(self.counts)
             self.state.guard.record_completion(self.key, completion)
             self.state.metrics.completed(self.key, self.body.model, completion)
+
+    async def _next_event(self) -> tuple:
+        """The engine's next event. Between events (at most every second), the kill switch in abort mode ends the
+        request, and an engine that died without a word (it should fail its requests itself) is noticed."""
+        guard, engine = self.state.guard, self.state.engine
+        while True:
+            if guard.kill_switch.aborts_running():
+                self.ticket.cancel()
+                message = guard.kill_switch.active_message()
+                raise guard.kill_switch.error(f"{message} (this request was stopped)")
+            try:
+                async with asyncio.timeout(1.0):
+                    return await self.ticket.events.get()
+            except TimeoutError:
+                if getattr(engine, "failure", None) is not None and self.ticket.events.empty():
+                    raise ApiError(503, f"the model engine stopped: {engine.failure}", type="service_unavailable",
+                                   code="engine_down") from None
 
     def _count_first(self) -> None:
         if not self.first_token_seen:

@@ -27,25 +27,41 @@ class ServeSettings(BaseModel):
     adapters: dict[str, str] = Field({}, description="extra LoRA adapters on the same base: name → adapter dir")
     api_keys: list[str] = Field([], description="accepted keys: KEY, NAME=KEY or NAME=sha256:HEX (hashed at rest)")
     api_key_file: str | None = Field(None, description="a file of keys, one per line in the api_keys forms")
-    admin_keys: list[str] = Field([], description="keys for /admin (kill switch, usage); same forms")
+    admin_keys: list[str] = Field([], description="keys for /admin (kill switch, usage) and /metrics; same forms")
+    metrics_keys: list[str] = Field([], description="keys that may read /metrics only (a Prometheus scraper); "
+                                                    "API keys never can")
     requests_per_minute: int | None = Field(None, ge=1, description="per key; over it → 429 with Retry-After")
     tokens_per_minute: int | None = Field(None, ge=1, description="prompt + completion tokens per key per minute")
     max_concurrent: int = Field(8, ge=1, le=256, description="sequences generated together (KV-cache slots)")
-    max_queue: int = Field(32, ge=0, description="sequences waiting for a slot; beyond it → 503")
+    max_queue: int = Field(128, ge=0, description="sequences waiting for a slot; beyond it → 503 with a Retry-After "
+                                                  "estimated from the backlog and the measured service rate")
+    max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="largest request body; bigger → 413 before "
+                                                                      "anything is parsed")
     max_tokens: int = Field(2048, ge=1, description="the largest max_tokens a request may ask for")
     default_max_tokens: int = Field(512, ge=1, description="max_tokens of a chat request that sets none")
     max_n: int = Field(4, ge=1, description="the largest n (choices per request); default min(4, max_concurrent)")
     context_length: int | None = Field(None, ge=16, description="prompt + reply tokens; default min(model's, 4096)")
     request_timeout: float = Field(300.0, gt=0, description="seconds before a request is cut off")
     kill_switch_file: str | None = Field(None, description="while this file exists the API answers 503 (degraded)")
+    kill_switch_mode: Literal["drain", "abort"] = Field(
+        "drain", description="what the kill switch does to streams already running: drain lets them finish; abort "
+                             "ends them with a final error event (code degraded)")
     degraded_message: str = "The assistant is temporarily unavailable. Please try again later."
+    degraded_retry_after: int = Field(30, ge=1, description="Retry-After (seconds) on the kill switch's 503")
     cors_origins: list[str] = Field([], description="origins allowed to call the API from a browser; none = off")
     backend: Literal["lmforge", "vllm"] = Field(
         "lmforge", description="lmforge: the built-in engine (CPU or GPU); vllm: vLLM's engine behind the same API "
                                "and guard (GPU machines, `pip install vllm`)")
     vllm_args: dict[str, Any] = Field({}, description="more vLLM engine arguments (AsyncEngineArgs) with --backend "
                                                       "vllm, e.g. {tensor_parallel_size: 2, "
-                                                      "gpu_memory_utilization: 0.8}")
+                                                      "gpu_memory_utilization: 0.8}; --vllm-arg KEY=VALUE adds "
+                                                      "to them")
+    state: str | None = Field(None, description="where replicas share rate-limit windows, usage and the kill switch: "
+                                                "redis://HOST:PORT/DB (rediss:// for TLS, unix:///PATH); default: "
+                                                "this process only")
+    state_fail: Literal["open", "closed"] = Field(
+        "open", description="when the --state store is unreachable: open keeps serving with this replica's local "
+                            "limits (said in /health and the log); closed answers 503 until it is back")
     threads: int | None = Field(None, ge=1, description="torch threads for the model; default: CPU cores - 1, so "
                                                      "HTTP keeps a core (on a busy machine, fewer threads are faster)")
     decode_dtype: Literal["auto", "float32", "float16"] = Field(
@@ -54,6 +70,13 @@ class ServeSettings(BaseModel):
                             "never with server load. auto: float16 where torch has FBGEMM (x86-64), else float32")
     prefill_chunk: int = Field(256, ge=1, description="prompt tokens prefilled per engine step (long prompts "
                                                       "are split so running streams keep flowing)")
+
+    @model_validator(mode="after")
+    def state_is_redis(self):
+        if self.state is not None and not self.state.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"state: {self.state!r} is not a Redis URL; expected redis://HOST:PORT/DB (e.g. "
+                             f"redis://127.0.0.1:6379/0), rediss://… or unix:///PATH/redis.sock")
+        return self
 
     @model_validator(mode="after")
     def n_fits_slots(self):

@@ -1,5 +1,5 @@
 """Helpers for the serve tests (no tests here): a tiny model with prompt-dependent greedy output, LoRA adapters,
-a live server. Named test_serve_* so it sits with the files it serves.
+a live server.
 
 A tiny model at its default init (std 0.02) answers every prompt with the same token; with std 0.3 weights its
 greedy replies differ per prompt and per adapter, so comparisons between paths can fail when something is wrong.
@@ -84,3 +84,14 @@ def http(method: str, url: str, body: dict | None = None, key: str | None = None
             return response.status, dict(response.headers), response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, dict(error.headers), error.read().decode()
+
+
+def wait_steps(engine, condition, steps: int) -> bool:
+    """Wait until `condition()` holds, for at most `steps` engine iterations (a bound in work, not in seconds; the
+    wall-clock cap only guards against a hung engine)."""
+    start, hang_guard = engine.steps, time.monotonic() + 300
+    while not condition():
+        if engine.steps - start > steps or time.monotonic() > hang_guard:
+            return condition()
+        time.sleep(0.005)
+    return True
