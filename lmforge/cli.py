@@ -379,11 +379,12 @@ def cmd_serve(args) -> int:
         "tokens_per_minute": args.tokens_per_minute, "max_concurrent": args.max_concurrent,
         "served_model_name": args.served_model_name, "kill_switch_file": args.kill_switch_file,
         "cors_origins": args.cors_origin, "threads": args.threads, "decode_dtype": args.decode_dtype,
-        "backend": args.backend})
+        "backend": args.backend, "metrics_keys": args.metrics_key, "max_queue": args.max_queue,
+        "max_body_bytes": args.max_body_bytes, "request_timeout": args.request_timeout,
+        "kill_switch_mode": args.kill_switch_mode})
     settings.check_bind()  # before minutes of loading, not after
     adapters = {**settings.adapters, **parse_adapters(args.adapter)}
-    run_server(build_engine(args.target, args.model, adapters, settings), settings)
-    return 0
+    return run_server(build_engine(args.target, args.model, adapters, settings), settings)  # 1: the engine died
 
 
 def add_serve(verbs) -> None:
@@ -404,12 +405,24 @@ def add_serve(verbs) -> None:
     serve.add_argument("--api-key", action="append", metavar="KEY",
                        help="accepted key: KEY, NAME=KEY or NAME=sha256:HEX (repeat the option)")
     serve.add_argument("--api-key-file", metavar="FILE", help="one key per line, in the --api-key forms")
-    serve.add_argument("--admin-key", action="append", metavar="KEY", help="key for /admin (kill switch, usage)")
+    serve.add_argument("--admin-key", action="append", metavar="KEY",
+                       help="key for /admin (kill switch, usage) and /metrics")
+    serve.add_argument("--metrics-key", action="append", metavar="KEY",
+                       help="key that may read /metrics only (for a Prometheus scraper); API keys never can")
     serve.add_argument("--requests-per-minute", type=int, metavar="N", help="per key")
     serve.add_argument("--tokens-per-minute", type=int, metavar="N", help="prompt + completion tokens per key")
     serve.add_argument("--max-concurrent", type=int, metavar="N", help="sequences generated together (default 8)")
+    serve.add_argument("--max-queue", type=int, metavar="N",
+                       help="sequences waiting for a slot (default 128); beyond it 503 with Retry-After")
+    serve.add_argument("--max-body-bytes", type=int, metavar="N",
+                       help="largest request body (default 2097152 = 2 MiB); beyond it 413")
+    serve.add_argument("--request-timeout", type=float, metavar="SECONDS",
+                       help="a request is cut off after this long (default 300): 504, or a final error event")
     serve.add_argument("--served-model-name", metavar="NAME", help="the name clients use for the model or run")
     serve.add_argument("--kill-switch-file", metavar="FILE", help="while FILE exists, answer 503 (degraded mode)")
+    serve.add_argument("--kill-switch-mode", choices=["drain", "abort"],
+                       help="what the kill switch does to running streams: drain (default) lets them finish, abort "
+                            "ends them with a final error event")
     serve.add_argument("--cors-origin", action="append", metavar="ORIGIN", help="allow browser calls from ORIGIN")
     serve.add_argument("--threads", type=int, metavar="N", help="torch threads for the model (default: cores - 1)")
     serve.add_argument("--backend", choices=["lmforge", "vllm"],
