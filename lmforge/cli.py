@@ -14,6 +14,7 @@ import warnings
 
 from . import __version__
 from .errors import UserError
+from .kb.commands import add_kb
 
 
 def cmd_train(args) -> int:
@@ -504,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_export(verbs)
     add_serve(verbs)
     add_score(verbs)
+    add_kb(verbs)
 
     data = verbs.add_parser("data", help="prepare datasets: convert tables and files into conversations")
     data_verbs = data.add_subparsers(dest="data_verb", metavar="SUBCOMMAND", required=True)
