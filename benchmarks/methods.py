@@ -1,9 +1,9 @@
 """Every fine-tuning method on the bundled model, same data, same steps: trainable parameters, peak memory,
 tokens/s and loss after N steps — the figures behind the README's "which method should I pick?" table.
 
-Each method runs in its own child process (so its peak RSS is its own) through lmforge/train.py's own pieces:
-prepare_data → apply_method → prepare_for_training → make_batch → train_step, with the same seeded batches. The
-parent runs the children one after the other and prints a Markdown table for benchmarks/RESULTS.md. Measures;
+Each method runs in its own child process (so its peak RSS is its own) through lmforge/train/'s own pieces:
+prepare_data → apply_method → prepare_for_training → the sft stage's batch() → train_step, with the same seeded batches.
+The parent runs the children one after the other and prints a Markdown table for benchmarks/RESULTS.md. Measures;
 changes nothing.
 
     python benchmarks/methods.py                         # all methods, 8 timed steps after 1 warm-up (~11 min)
@@ -89,9 +89,9 @@ def run_child(args) -> dict:
     )
     from lmforge.model.methods import apply_method, trainable_summary
     from lmforge.train.batching import DataOrder
-    from lmforge.train.loop import prepare_data, prepare_for_training, train_step
+    from lmforge.train.loop import prepare_for_training, train_step
     from lmforge.train.losses import sft_loss_sum
-    from lmforge.train.stages import make_batch
+    from lmforge.train.stages import STAGES, prepare_data
 
     torch.set_num_threads(args.threads)
     method = METHODS[args.child]
@@ -110,7 +110,7 @@ def run_child(args) -> dict:
     scheduler = get_scheduler("constant", optimizer)
     order = DataOrder(len(data.train), args.batch_size, 1, 42)
     pad = tokenizer.pad_token_id or 0
-    held = [make_batch("sft", data.train[i:i + 4], config.method.virtual_tokens, pad)
+    held = [STAGES["sft"].batch(data.train[i:i + 4], config.method.virtual_tokens, pad)
             for i in range(0, args.eval_examples, 4)]
 
     def fixed_loss() -> float:  # the same examples for every method, before and after: comparable, unlike step losses
@@ -120,7 +120,7 @@ def run_child(args) -> dict:
     loss_before = fixed_loss()
     losses, tokens, elapsed = [], 0, 0.0
     for step in range(args.warmup + args.steps):
-        batches = [make_batch("sft", [data.train[i] for i in idx], config.method.virtual_tokens, pad)
+        batches = [STAGES["sft"].batch([data.train[i] for i in idx], config.method.virtual_tokens, pad)
                    for idx in order.step(step)]
         start = time.perf_counter()
         result = train_step(model, batches, parameters, optimizer, scheduler, 1.0)

@@ -10,7 +10,7 @@ import pytest
 import lmforge.data.cache as data_cache
 from lmforge.config import Config
 from lmforge.errors import ConfigError
-from lmforge.train.loop import prepare_data
+from lmforge.train.stages import prepare_data
 
 
 @pytest.fixture(autouse=True)

@@ -26,7 +26,7 @@ from lmforge.train.losses import (
     orpo_loss,
     simpo_loss,
 )
-from lmforge.train.stages import _pt_blocks, make_batch
+from lmforge.train.stages import STAGES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -138,9 +138,9 @@ def test_llamafactory_demo_preference_files_read(tmp_path):
 
 
 def test_pt_blocks_keep_documents_apart(tokenizer):
-    blocks, report = _pt_blocks(tokenizer, ["one two three four five", "six seven", "eight nine ten"], 6)
+    blocks, report = STAGES["pt"].units(tokenizer, ["one two three four five", "six seven", "eight nine ten"], 6)
     assert all(sum(len(e.input_ids) for e in block) == 6 for block in blocks[:-1])
-    batch = make_batch("pt", blocks[:2], padded=False)
+    batch = STAGES["pt"].batch(blocks[:2], padded=False)
     assert batch.num_tokens == 12 and batch.num_examples == sum(len(b) for b in blocks[:2])
     assert report["documents"] == 3 and report["blocks"] == len(blocks)
 
@@ -262,18 +262,17 @@ def test_kto_kl_rows_pair_each_prompt_with_another_reply_at_any_batch_size(bundl
     from lmforge.conversation import Conversation
     from lmforge.data.preference import LabelledReply
     from lmforge.model.loader import load_tokenizer
-    from lmforge.train.stages import _labelled
 
     tokenizer = load_tokenizer(bundled_model_dir)
     items = [LabelledReply(Conversation.from_dicts([{"role": "user", "content": f"question {i}"},
                                                    {"role": "assistant", "content": f"answer {i} " * (i + 1)}]),
                            bool(i % 2)) for i in range(3)]
-    units, report = _labelled(tokenizer, items, 256)
+    units, report = STAGES["kto"].units(tokenizer, items, 256)
     assert report["kept"] == 3 and report["desirable"] == 1
     for i, (example, _, kl) in enumerate(units):
         text = tokenizer.decode(kl.input_ids)
         assert f"question {i}" in text and f"answer {(i + 1) % 3}" in text and f"answer {i} " not in text
-    batch = make_batch("kto", units[:1], padded=False)
+    batch = STAGES["kto"].batch(units[:1], padded=False)
     assert batch.kl_rows.input_ids.tolist() != batch.rows.input_ids.tolist()
     with pytest.raises(DataError, match="at least 2 replies"):
-        _labelled(tokenizer, items[:1], 256)
+        STAGES["kto"].units(tokenizer, items[:1], 256)

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,22 +24,13 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ..config import Config
-from ..data.cache import cleaned_dataset, rendered_dataset
-from ..data.datasets import load_specs, resolve_many
-from ..data.recipe import load_recipe
-from ..data.render import Example, RenderStats, ensure_chat_template
-from ..errors import DataError
+from ..data.render import ensure_chat_template
 from ..model import packed_attention as attention
 from ..model.lean_mlp import use_lean_mlp
 from ..model.loader import load_model, load_tokenizer, pick_dtype, resolve_model
 from ..model.methods import apply_method, check_method, load_base, trainable_summary, unwrap
 from ..model.precision import training_precision
-from ..model.value_head import (
-    VALUE_HEAD_FILE,
-    attach_value_head,
-    detached_value_head,
-    value_head,
-)
+from ..model.value_head import VALUE_HEAD_FILE, detached_value_head, value_head
 from ..rundir import (
     RunDir,
     load_checkpoint,
@@ -51,66 +42,7 @@ from .batching import DataOrder
 from .heap import trim_heap_between_layers
 from .losses import sft_loss_sum
 from .plots import plot_losses
-from .stages import (
-    LossOutput,
-    Reference,
-    StageData,
-    hold_out,
-    make_batch,
-    needs_reference,
-    prepare_stage_data,
-    reference_needs_copy,
-    stage_loss,
-)
-
-
-@dataclass
-class PreparedData:
-    train: list[Example]
-    val: list[Example]
-    report: dict
-
-
-def prepare_data(config: Config, tokenizer) -> PreparedData:
-    """Read (cleaning first when a recipe is set), split and render the datasets. Every conversation is accounted for
-    in the report. Cleaned data and token ids are cached by content (data_cache.py), so a rerun does not redo them."""
-    data = config.data
-    steps = load_recipe(None if data.recipe == "default" else data.recipe) if data.recipe else None
-    cleaning: dict[str, dict] = {}
-
-    def load(entries: list[str]):
-        specs = resolve_many(entries, data.dataset_dir)
-        if steps:
-            for i, spec in enumerate(specs):
-                specs[i], cleaning[spec.name] = cleaned_dataset(spec, steps)
-                summary = cleaning[spec.name]
-                print(f"clean {spec.name}: {summary['records_in']} records → kept {summary['kept']}, rejected "
-                      f"{summary['rejected']}{' (cached)' if summary['cached'] else ''} · report {summary['report']}")
-        return load_specs(specs, data.max_samples)
-
-    conversations, counts = load(data.train)
-    if data.val:
-        val_conversations, _ = load(data.val)
-    else:
-        conversations, val_conversations = hold_out(conversations, data.val_size, config.train.seed)
-    train, train_stats, train_cached = rendered_dataset(tokenizer, conversations, data.train_on, data.cutoff_len)
-    val, val_stats, _ = rendered_dataset(tokenizer, val_conversations, data.train_on, data.cutoff_len)
-    if not train:
-        raise DataError(f"no training examples left: all {train_stats.read} were dropped because nothing trainable "
-                        f"fits within data.cutoff_len={data.cutoff_len} (every prompt is longer than that). "
-                        f"Raise data.cutoff_len.")
-    report = {"datasets": counts, "train": asdict(train_stats), "val": asdict(val_stats),
-              "train_tokens": sum(len(e.input_ids) for e in train),
-              "train_supervised_tokens": sum(e.num_supervised for e in train), "tokenized_from_cache": train_cached}
-    if cleaning:
-        report["cleaning"] = cleaning
-    return PreparedData(train, val, report)
-
-
-def prepare_any(config: Config, tokenizer) -> PreparedData | StageData:
-    """The data of the configured stage: conversations (sft, with cleaning recipes and the token cache), documents
-    (pt), preference pairs (rm/dpo/orpo/simpo) or labelled replies (kto)."""
-    return prepare_data(config, tokenizer) if config.train.stage == "sft" else prepare_stage_data(config, tokenizer)
+from .stages import LossOutput, Reference, Stage, StageData, reference_needs_copy, stage_of
 
 
 def total_steps(config: Config, order: DataOrder) -> int:
@@ -263,9 +195,10 @@ class RunningTotals:
 class TrainingSession:
     """What set_up() builds and the loop and finish() use: the run dir, data, model, reference, optimizer, schedule."""
     config: Config
+    stage: Stage
     run: RunDir
     tokenizer: Any
-    data: PreparedData | StageData
+    data: StageData
     model: Any
     reference: Reference | None
     parameters: list[torch.nn.Parameter]
@@ -278,10 +211,10 @@ class TrainingSession:
     precision: Callable[[], AbstractContextManager] = nullcontext
 
     def batch(self, units: list):
-        return make_batch(self.config.train.stage, units, self.config.method.virtual_tokens, self.pad_id)
+        return self.stage.batch(units, self.config.method.virtual_tokens, self.pad_id)
 
     def loss(self, model, batch) -> LossOutput:
-        return stage_loss(self.config, model, batch, self.reference)
+        return self.stage.loss(self.config, model, batch, self.reference)
 
     @property
     def pad_id(self) -> int:
@@ -311,10 +244,11 @@ def set_up(config: Config) -> TrainingSession:
     note = ensure_chat_template(tokenizer, config.model.template)
     if note:
         print(f"note: {note}")
-    data = _set_up_data(config, tokenizer, run, resuming=resume_from is not None)
+    stage = stage_of(config)
+    data = _set_up_data(config, stage, tokenizer, run, resuming=resume_from is not None)
 
-    model = _set_up_model(config, model_path)
-    reference = _set_up_reference(config, model, model_path)
+    model = _set_up_model(config, stage, model_path)
+    reference = _set_up_reference(config, stage, model, model_path)
     model = wrap_model(model, config)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -329,36 +263,35 @@ def set_up(config: Config) -> TrainingSession:
         history = _read_metrics(run.metrics, upto=start)
         print(f"resumed from {resume_from} at step {start}")
     _write_metrics(run.metrics, history)
-    return TrainingSession(config, run, tokenizer, data, model, reference, parameters, optimizer, scheduler, order,
-                           steps, start, history, forward_precision(config, model))
+    return TrainingSession(config, stage, run, tokenizer, data, model, reference, parameters, optimizer, scheduler,
+                           order, steps, start, history, forward_precision(config, model))
 
 
-def _set_up_data(config: Config, tokenizer, run: RunDir, resuming: bool) -> PreparedData | StageData:
+def _set_up_data(config: Config, stage: Stage, tokenizer, run: RunDir, resuming: bool) -> StageData:
     """The stage's data, summarised on the terminal; then the run dir is created with config.yaml and data_report."""
-    stage = config.train.stage
-    data = prepare_any(config, tokenizer)
-    print(f"data ({stage}): train {len(data.train)} units, {data.report['train_tokens']:,} tokens "
+    data = stage.prepare(config, tokenizer)
+    print(f"data ({stage.name}): train {len(data.train)} units, {data.report['train_tokens']:,} tokens "
           f"({data.report['train_supervised_tokens']:,} trained) · val {len(data.val)} · "
-          f"{RenderStats(**data.report['train']).summary() if stage == 'sft' else _stage_summary(data.report)}")
+          f"{stage.summary(data.report)}")
     run.prepare(config.train.overwrite_output_dir, resuming=resuming)
     run.config.write_text(config.to_yaml(), encoding="utf-8")
     run.data_report.write_text(json.dumps(data.report, indent=2, ensure_ascii=False), encoding="utf-8")
     return data
 
 
-def _set_up_model(config: Config, model_path: str):
-    """The base with the method applied (only its parameters train), ready for packed training."""
+def _set_up_model(config: Config, stage: Stage, model_path: str):
+    """The base with the method applied (only its parameters train) and what the stage adds, ready for packed
+    training."""
     model = apply_method(load_base(model_path, pick_dtype(config.model.dtype), config.method), config.method)
-    if config.train.stage == "rm":
-        attach_value_head(model)  # trains with the method's parameters; saved as value_head.safetensors
+    stage.prepare_model(model)
     model = prepare_for_training(model)
     print(trainable_summary(model))
     return model
 
 
-def _set_up_reference(config: Config, model, model_path: str) -> Reference | None:
+def _set_up_reference(config: Config, stage: Stage, model, model_path: str) -> Reference | None:
     """dpo / kto compare against the model before training: the adapter switched off, or a frozen copy."""
-    if not needs_reference(config):
+    if not stage.needs_reference:
         return None
     frozen = None
     if reference_needs_copy(model):  # full / freeze change the base: the reference is a frozen copy of it
@@ -422,18 +355,8 @@ def finish(session: TrainingSession, step: int) -> RunDir:
             path = save_artifact(run, model, session.tokenizer, config.method.type,
                                  extra={VALUE_HEAD_FILE: head.state_dict()})
     run.finished = True
-    follow_up = f"score with it: lmforge score {run.root} --data PAIRS.jsonl" if config.train.stage == "rm" else \
-        f"chat with it: lmforge chat {run.root}"
-    print(f"done: {path}  ·  {follow_up}")
+    print(f"done: {path}  ·  {session.stage.follow_up(run.root)}")
     return run
-
-
-def _stage_summary(report: dict) -> str:
-    train = report["train"]
-    if "blocks" in train:
-        return f"{train['documents']} documents → {train['blocks']} blocks"
-    return (f"{train['read']} records → {train['kept']} kept ({train['truncated']} truncated to cutoff_len, "
-            f"{train['dropped_cutoff']} dropped: nothing trainable left within cutoff_len)")
 
 
 def _read_metrics(path: Path, upto: int) -> list[dict]:
