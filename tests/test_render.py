@@ -240,10 +240,10 @@ def test_llama_factory_template_name_is_ignored_when_the_model_has_a_template(to
 
 
 def test_llama_factory_template_name_without_a_model_template_is_an_error(tokenizer):
-    tokenizer.chat_template = None
+    tokenizer.chat_template = None  # vicuna is one of LLaMA-Factory's names lmforge has no table entry for
     with pytest.raises(ConfigError) as err:
-        ensure_chat_template(tokenizer, "qwen")
-    assert "'qwen'" in str(err.value) and "chatml" in str(err.value)
+        ensure_chat_template(tokenizer, "vicuna")
+    assert "'vicuna'" in str(err.value) and "chatml" in str(err.value) and "llama3" in str(err.value)
 
 
 # ---------------------------------------------------------------------------------------------- dataset + cutoff

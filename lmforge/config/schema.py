@@ -21,7 +21,8 @@ class ModelConfig(Section):
     name_or_path: str = "smollm2-135m-instruct"
     """Builtin alias (see `lmforge models`), a local HF model dir, or a hub id."""
     template: str | None = None
-    """Chat template for a model without one: a name (chatml, human_assistant) or a Jinja string."""
+    """Chat template: a Jinja string, a name (chatml, human_assistant: replace the model's own), or a LLaMA-Factory
+    name (llama3, llama2, qwen, qwen3, mistral, gemma, glm4, alpaca, default, empty: used when the model has none)."""
     dtype: str = "auto"
     """auto | float32 | bfloat16 | float16. Half precision without a GPU falls back to float32 with a warning."""
 

@@ -3,7 +3,8 @@
 The tokenizer's own chat template is the only prompt format, for training and inference alike. Trained tokens are
 found by prefix difference: the text of messages[:k] with a generation prompt must be a prefix of messages[:k+1],
 which must be a prefix of the whole conversation; the tokens in between are assistant turn k. A template that breaks
-this is refused. A model without a template takes a named one (chatml, human_assistant) set on the tokenizer as Jinja.
+this is refused. A model without a template takes a named one (templates.py: chatml, human_assistant and LLaMA-Factory's
+common names) set on the tokenizer as Jinja; a model with one keeps it when a LLaMA-Factory name is given.
 """
 
 from __future__ import annotations
@@ -12,28 +13,9 @@ from dataclasses import dataclass
 
 from ..conversation import Conversation
 from ..errors import ConfigError, DataError
+from .templates import LLAMAFACTORY_TEMPLATES, NAMED_TEMPLATES, TEMPLATE_TOKENS, template_names
 
 IGNORE_INDEX = -100
-
-NAMED_TEMPLATES = {
-    "chatml": (
-        "{%- for message in messages %}"
-        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-        "{%- endfor %}"
-        "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
-    ),
-    "human_assistant": (
-        "{%- set bos = bos_token | default('<s>', true) %}{%- set eos = eos_token | default('</s>', true) %}"
-        "{%- for message in messages %}"
-        "{%- if message['role'] == 'system' %}{{ bos + 'System: ' + message['content'] + eos }}"
-        "{%- elif message['role'] == 'user' %}{{ bos + 'Human: ' + message['content'] + eos }}"
-        "{%- else %}{{ bos + 'Assistant: ' + message['content'] + eos }}{%- endif %}"
-        "{%- endfor %}"
-        "{%- if add_generation_prompt %}{{ bos + 'Assistant:' }}{%- endif %}"
-    ),
-}
-# Tokens a named template writes literally; they must be single tokens of the vocabulary.
-_TEMPLATE_TOKENS = {"chatml": ("<|im_start|>", "<|im_end|>"), "human_assistant": ()}
 
 
 @dataclass(frozen=True)
@@ -47,29 +29,60 @@ class Example:
 
 
 def ensure_chat_template(tokenizer, template: str | None) -> str | None:
-    """Make sure the tokenizer has the chat template training will use; return a note for the user, if any."""
+    """Make sure the tokenizer has the chat template training will use; return a note for the user, if any.
+
+    chatml / human_assistant (lmforge's names) and a Jinja string replace the model's own template. A LLaMA-Factory
+    name (llama3, qwen, …) is what LLaMA-Factory needs to format any model; here the model's own template wins, with
+    a note when the name would render differently, and the name's real template is set only on a model without one."""
     if template is None:
         if not tokenizer.chat_template:
             raise ConfigError(
                 "the model has no chat template (it is probably a base model): set model.template to one of "
-                f"{', '.join(NAMED_TEMPLATES)} or to a Jinja template string")
+                f"{', '.join(template_names())} or to a Jinja template string")
         return None
     if template in NAMED_TEMPLATES:
-        missing = [t for t in _TEMPLATE_TOKENS[template] if not _is_single_token(tokenizer, t)]
-        if missing:
-            raise ConfigError(
-                f"model.template {template!r} needs the tokens {', '.join(missing)}, which this tokenizer does not "
-                f"have; use model.template: human_assistant (built from the model's own bos/eos tokens)")
+        _check_template_tokens(tokenizer, template)
         had_own = bool(tokenizer.chat_template)
         tokenizer.chat_template = NAMED_TEMPLATES[template]
         return f"chat template {template!r} replaces the model's own" if had_own else None
     if "{%" in template or "{{" in template:
         tokenizer.chat_template = template
         return "using the Jinja chat template from model.template"
-    if tokenizer.chat_template:  # a LLaMA-Factory template name: the tokenizer's own template is the real one
+    if template in LLAMAFACTORY_TEMPLATES:
+        if tokenizer.chat_template:
+            if _renders_alike(tokenizer, LLAMAFACTORY_TEMPLATES[template]):
+                return f"template {template!r} ignored: the model's own chat template is used (it renders the same)"
+            return (f"template {template!r} ignored: the model's own chat template is used, and it renders "
+                    f"conversations differently from LLaMA-Factory's {template!r} — check that the name fits this "
+                    f"model (set model.template to a Jinja string to force a format)")
+        _check_template_tokens(tokenizer, template)
+        tokenizer.chat_template = LLAMAFACTORY_TEMPLATES[template]
+        return f"the model has no chat template: using {template!r} (LLaMA-Factory's format of that name)"
+    if tokenizer.chat_template:  # another LLaMA-Factory name: the tokenizer's own template is the real one
         return f"template {template!r} ignored: lmforge always uses the model's own chat template"
     raise ConfigError(f"model.template {template!r} is not a template lmforge knows, and the model has none of its "
-                      f"own: use one of {', '.join(NAMED_TEMPLATES)} or a Jinja template string")
+                      f"own: use one of {', '.join(template_names())} or a Jinja template string")
+
+
+_PROBE = [{"role": "system", "content": "S"}, {"role": "user", "content": "U1"}, {"role": "assistant", "content": "A1"},
+          {"role": "user", "content": "U2"}, {"role": "assistant", "content": "A2"}]
+
+
+def _renders_alike(tokenizer, other: str) -> bool:
+    try:
+        return render_text(tokenizer, _PROBE) == tokenizer.apply_chat_template(_PROBE, chat_template=other,
+                                                                               tokenize=False)
+    except Exception:  # a template that cannot render the probe (e.g. no system role) is not alike
+        return False
+
+
+def _check_template_tokens(tokenizer, template: str) -> None:
+    missing = [t for t in TEMPLATE_TOKENS[template] if not _is_single_token(tokenizer, t)]
+    if missing:
+        raise ConfigError(
+            f"model.template {template!r} needs the tokens {', '.join(missing)}, which this tokenizer does not "
+            f"have; use model.template: human_assistant (built from the model's own bos/eos tokens), or a template "
+            f"without special tokens (alpaca, default, llama2, mistral)")
 
 
 def _is_single_token(tokenizer, token: str) -> bool:
