@@ -28,6 +28,7 @@ from .text import TextAssembler
 
 router = APIRouter()
 STARTED = int(time.time())
+DRAIN_LIMIT = 64 * 1024 * 1024  # a body over max_body_bytes is read (and dropped) this far, then the socket closes
 
 
 def _state(request: Request):
@@ -165,19 +166,22 @@ async def _complete(request: Request, schema: type[BaseModel], chat: bool):
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to exceed `limit` bytes (by Content-Length, before reading,
-    or while reading a chunked one)."""
+    """The body, refused with 413 once it is known to exceed `limit` bytes; nothing of it is parsed. The rest is read
+    and dropped (up to DRAIN_LIMIT) so a client still sending can read the answer instead of a reset connection."""
     too_big = ApiError(413, f"the request body is larger than this server accepts ({limit} bytes; max_body_bytes)",
                        code="request_too_large")
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if declared.isdigit() and int(declared) > DRAIN_LIMIT:
         raise too_big
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > limit:
-            raise too_big
-        chunks.append(chunk)
+        if size > DRAIN_LIMIT:
+            break
+        if size <= limit:
+            chunks.append(chunk)
+    if size > limit:
+        raise too_big
     return b"".join(chunks)
 
 
