@@ -1,7 +1,9 @@
-"""Shared fixtures: the bundled tokenizer and tiny random Llama- / Qwen2-style models built from a config.
+"""Shared fixtures: a tiny tokenizer and tiny random Llama- / Qwen2-style models built from a config.
 
-Tiny models use the real bundled tokenizer (SmolLM2's, converted once into the lmforge cache), so rendering and
-chat templates are real; only the weights are small and random.
+Tiny models use tests/assets/tiny_tokenizer (a real ~1k-token byte-level BPE with ChatML tokens and template, made
+by tests/assets/make_tiny_tokenizer.py), so rendering and chat templates are real; the weights are small and random.
+The bundled model (SmolLM2, converted once from its GGUF package into the lmforge cache) is for tests marked
+`@pytest.mark.e2e` only, through the `bundled_model_dir` fixture.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_TOKENIZER_DIR = str(Path(__file__).resolve().parent / "assets" / "tiny_tokenizer")
 
 LLAMA3_TEMPLATE = (
     "{{- bos_token }}{%- for message in messages %}"
@@ -35,20 +39,26 @@ QWEN_TEMPLATE = (
 
 @pytest.fixture(scope="session")
 def bundled_model_dir() -> str:
+    """The real bundled model (SmolLM2-135M-Instruct): for end-to-end tests marked `@pytest.mark.e2e`."""
     from lmforge.model.loader import DEFAULT_MODEL, resolve_model
 
     return resolve_model(DEFAULT_MODEL)
 
 
-@pytest.fixture
-def tokenizer(bundled_model_dir):
-    """A fresh copy of the bundled (SmolLM2) tokenizer, safe to modify."""
+def tiny_tokenizer():
+    """A fresh copy of the tiny test tokenizer (ChatML, bos <|im_start|>, eos <|im_end|>, pad <|pad|>)."""
     from lmforge.model.loader import load_tokenizer
 
-    return load_tokenizer(bundled_model_dir)
+    return load_tokenizer(TINY_TOKENIZER_DIR)
 
 
-def llama3_tokenizer(base_dir: str):
+@pytest.fixture
+def tokenizer():
+    """A fresh copy of the tiny test tokenizer, safe to modify."""
+    return tiny_tokenizer()
+
+
+def llama3_tokenizer(base_dir: str = TINY_TOKENIZER_DIR):
     from lmforge.model.loader import load_tokenizer
 
     tok = load_tokenizer(base_dir)
@@ -58,7 +68,7 @@ def llama3_tokenizer(base_dir: str):
     return tok
 
 
-def qwen_tokenizer(base_dir: str):
+def qwen_tokenizer(base_dir: str = TINY_TOKENIZER_DIR):
     from lmforge.model.loader import load_tokenizer
 
     tok = load_tokenizer(base_dir)
@@ -116,11 +126,16 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory, bundled_model_dir) -> str:
+def llama_dir(tmp_path_factory) -> str:
     """A tiny Llama built once per module (training never writes into the base model dir)."""
-    from lmforge.model.loader import load_tokenizer
+    return make_tiny_model("llama", tiny_tokenizer(), tmp_path_factory.mktemp("base") / "tiny-llama")
 
-    return make_tiny_model("llama", load_tokenizer(bundled_model_dir), tmp_path_factory.mktemp("base") / "tiny-llama")
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """One tiny Llama for the whole session, never written to: a `model` for commands that only read it (inspect,
+    token filters, listing)."""
+    return make_tiny_model("llama", tiny_tokenizer(), tmp_path_factory.mktemp("shared") / "tiny-model")
 
 
 @pytest.fixture
@@ -129,8 +144,8 @@ def tiny_llama(tmp_path, tokenizer) -> str:
 
 
 @pytest.fixture
-def tiny_qwen2(tmp_path, bundled_model_dir) -> str:
-    return make_tiny_model("qwen2", qwen_tokenizer(bundled_model_dir), tmp_path / "tiny-qwen2")
+def tiny_qwen2(tmp_path) -> str:
+    return make_tiny_model("qwen2", qwen_tokenizer(), tmp_path / "tiny-qwen2")
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from conftest import make_tiny_model
+from conftest import make_tiny_model, tiny_tokenizer
 
 from lmforge import cli
 from lmforge.config import Config
@@ -26,7 +26,6 @@ from lmforge.eval.compare import (
 )
 from lmforge.eval.evaluate import EvalOptions, load_test_set
 from lmforge.generate import SamplingParams
-from lmforge.model.loader import load_tokenizer
 from lmforge.train.loop import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -89,12 +88,12 @@ def judge_url():
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, llama_dir, bundled_model_dir):
+def setup(tmp_path_factory, llama_dir):
     """A test set, a second tiny model (other seed) and a LoRA run with checkpoints."""
     root = tmp_path_factory.mktemp("compare")
     test_file = root / "test.jsonl"
     test_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in RECORDS), encoding="utf-8")
-    other = make_tiny_model("llama", load_tokenizer(bundled_model_dir), root / "other", seed=1)
+    other = make_tiny_model("llama", tiny_tokenizer(), root / "other", seed=1)
     train_file = root / "train.jsonl"
     train_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in RECORDS), encoding="utf-8")
     train(Config.model_validate({

@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_tiny_model
+from conftest import make_tiny_model, tiny_tokenizer
 from safetensors import safe_open
 
 from lmforge import cli
 from lmforge.config import load_config
 from lmforge.errors import ConfigError
-from lmforge.model.loader import load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -210,8 +209,8 @@ def test_llamafactory_settings_we_cannot_honour_are_errors(tmp_path):
     load_config(write_yaml(tmp_path / "d.yaml", llamafactory_sft_lora(report_to="none")))
 
 
-def test_llamafactory_yaml_trains_end_to_end_through_the_cli(tmp_path, monkeypatch, capsys, bundled_model_dir):
-    model_dir = make_tiny_model("llama", load_tokenizer(bundled_model_dir), tmp_path / "tiny-llama")
+def test_llamafactory_yaml_trains_end_to_end_through_the_cli(tmp_path, monkeypatch, capsys):
+    model_dir = make_tiny_model("llama", tiny_tokenizer(), tmp_path / "tiny-llama")
     monkeypatch.chdir(tmp_path)
     data_dir = tmp_path / "data"
     data_dir.mkdir()

@@ -1,6 +1,6 @@
 """`lmforge data inspect`: every planted problem reported with its line and message index, token statistics equal to
-an independent count with the real bundled tokenizer, samples that mark exactly the trained tokens, and a JSON report
-that round-trips through the CLI."""
+an independent count with a real byte-level BPE tokenizer, samples that mark exactly the trained tokens, and a JSON
+report that round-trips through the CLI."""
 
 from __future__ import annotations
 
@@ -100,12 +100,12 @@ def word_reply(n: int) -> str:
     return " ".join(["word"] * n)
 
 
-def test_token_statistics_equal_an_independent_count(tmp_path, write_jsonl, tokenizer, bundled_model_dir):
+def test_token_statistics_equal_an_independent_count(tmp_path, write_jsonl, tokenizer, tiny_model_dir):
     # prompts and replies of varied length; plain words, so whole-text tokenization equals render's per-turn cuts
     data = [msgs(("user", word_reply(3 + 7 * i)), ("assistant", word_reply(1 + 13 * (i % 5)))) for i in range(20)]
     path = write_jsonl("lengths.jsonl", data)
     cutoff = 80
-    report = inspect_dataset(str(path), model=bundled_model_dir, cutoff_len=cutoff)
+    report = inspect_dataset(str(path), model=tiny_model_dir, cutoff_len=cutoff)
 
     def count(messages: list[dict], prompt: bool = False) -> int:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
@@ -129,12 +129,12 @@ def test_token_statistics_equal_an_independent_count(tmp_path, write_jsonl, toke
     assert tokens["kept_supervised_tokens"] == np.minimum(supervised, np.maximum(cutoff - prompts, 0)).sum()
 
 
-@pytest.mark.parametrize("template", ["bundled", "llama3"])
-def test_samples_mark_exactly_the_assistant_tokens(tmp_path, write_jsonl, tokenizer, bundled_model_dir, template):
-    model = bundled_model_dir
+@pytest.mark.parametrize("template", ["chatml", "llama3"])
+def test_samples_mark_exactly_the_assistant_tokens(tmp_path, write_jsonl, tokenizer, tiny_model_dir, template):
+    model = tiny_model_dir
     end = "<|im_end|>"
     if template == "llama3":
-        model = make_tiny_model("llama", llama3_tokenizer(bundled_model_dir), tmp_path / "tiny-llama3")
+        model = make_tiny_model("llama", llama3_tokenizer(), tmp_path / "tiny-llama3")
         end = "<|eot_id|>"
     conversation = msgs(("system", "你是律师。"), ("user", "试用期被辞退怎么办？"), ("assistant", "先要求书面理由。"),
                         ("user", "然后呢？"), ("assistant", "申请劳动仲裁。"))
@@ -143,8 +143,8 @@ def test_samples_mark_exactly_the_assistant_tokens(tmp_path, write_jsonl, tokeni
     assert [s["where"] for s in report.samples] == [f"{path}:1", f"{path}:2"]
     segments = report.samples[0]["segments"]
     assert [s["text"] for s in segments if s["trained"]] == [f"先要求书面理由。{end}", f"申请劳动仲裁。{end}"]
-    rendered = tokenizer.apply_chat_template(conversation["messages"], tokenize=False) if template == "bundled" \
-        else llama3_tokenizer(bundled_model_dir).apply_chat_template(conversation["messages"], tokenize=False)
+    rendered = tokenizer.apply_chat_template(conversation["messages"], tokenize=False) if template == "chatml" \
+        else llama3_tokenizer().apply_chat_template(conversation["messages"], tokenize=False)
     assert "".join(s["text"] for s in segments) == rendered
     plain = format_segments(segments, colour=False)
     left, right = PLAIN_MARKS
@@ -155,23 +155,23 @@ def test_samples_mark_exactly_the_assistant_tokens(tmp_path, write_jsonl, tokeni
 
 
 @pytest.mark.parametrize("train_on, trained", [("last_assistant", ["a2<|im_end|>"]), ("all", None)])
-def test_samples_follow_train_on(write_jsonl, tokenizer, bundled_model_dir, train_on, trained):
+def test_samples_follow_train_on(write_jsonl, tokenizer, tiny_model_dir, train_on, trained):
     conversation = msgs(("user", "q1"), ("assistant", "a1"), ("user", "q2"), ("assistant", "a2"))
     path = write_jsonl("t.jsonl", [conversation])
-    segments = inspect_dataset(str(path), model=bundled_model_dir, train_on=train_on).samples[0]["segments"]
+    segments = inspect_dataset(str(path), model=tiny_model_dir, train_on=train_on).samples[0]["segments"]
     rendered = tokenizer.apply_chat_template(conversation["messages"], tokenize=False)
     assert [s["text"] for s in segments if s["trained"]] == (trained or [rendered])
 
 
 def test_cli_json_round_trips_and_the_exit_code_says_whether_there_were_problems(tmp_path, write_jsonl,
-                                                                                  bundled_model_dir, capsys):
+                                                                                  tiny_model_dir, capsys):
     path, _ = write_planted(tmp_path)
-    assert main(["data", "inspect", str(path), "--model", bundled_model_dir, "--json", "--cutoff-len", "16"]) == 1
+    assert main(["data", "inspect", str(path), "--model", tiny_model_dir, "--json", "--cutoff-len", "16"]) == 1
     printed = json.loads(capsys.readouterr().out)
-    assert printed == inspect_dataset(str(path), model=bundled_model_dir, cutoff_len=16).to_dict()
+    assert printed == inspect_dataset(str(path), model=tiny_model_dir, cutoff_len=16).to_dict()
     assert printed["problem_counts"]["empty_turn"] == 2 and printed["tokens"]["cutoff_len"] == 16
     clean = write_jsonl("clean.jsonl", [GOOD] * 3)
-    assert main(["data", "inspect", str(clean), "--model", bundled_model_dir, "--samples", "1"]) == 0
+    assert main(["data", "inspect", str(clean), "--model", tiny_model_dir, "--samples", "1"]) == 0
     out = capsys.readouterr().out
     assert f"{clean}: JSONL, 3 records, shape messages" in out and "no problems found" in out
     assert out.count("sample ") == 1 and f"{PLAIN_MARKS[0]}你好！有什么可以帮你？<|im_end|>{PLAIN_MARKS[1]}" in out
@@ -183,10 +183,10 @@ def test_the_text_report_caps_the_problem_list(tmp_path, write_jsonl):
     assert text.count("is empty") == SHOWN_PROBLEMS and "… and 7 more (--json lists every one)" in text
 
 
-def test_unreadable_input_is_exit_2_with_a_message(tmp_path, bundled_model_dir, capsys):
+def test_unreadable_input_is_exit_2_with_a_message(tmp_path, tiny_model_dir, capsys):
     broken = tmp_path / "broken.json"
     broken.write_text('[\n{"messages": []},\n{"messages": [}\n]', encoding="utf-8")
-    assert main(["data", "inspect", str(broken), "--model", bundled_model_dir]) == 2
+    assert main(["data", "inspect", str(broken), "--model", tiny_model_dir]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {broken}:3:") and "invalid JSON" in err and "Traceback" not in err
     assert main(["data", "inspect", str(broken), "--model", "no-such-model"]) == 2

@@ -21,7 +21,7 @@ from pathlib import Path
 import jinja2
 import pytest
 import torch
-from conftest import make_tiny_model, qwen_tokenizer
+from conftest import make_tiny_model, qwen_tokenizer, tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
 from lmforge.cli import main
@@ -68,8 +68,8 @@ def train_tiny_run(kind: str, tokenizer, root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def llama_run(tmp_path_factory, bundled_model_dir) -> Path:
-    return train_tiny_run("llama", load_tokenizer(bundled_model_dir), tmp_path_factory.mktemp("llama"))
+def llama_run(tmp_path_factory) -> Path:
+    return train_tiny_run("llama", tiny_tokenizer(), tmp_path_factory.mktemp("llama"))
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +81,9 @@ def llama_export(llama_run, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def qwen2_export(tmp_path_factory, bundled_model_dir) -> tuple[Path, Path]:
+def qwen2_export(tmp_path_factory) -> tuple[Path, Path]:
     """A Qwen2 run (chat template with a default system prompt) exported as bfloat16 safetensors + q8_0 GGUF."""
-    run = train_tiny_run("qwen2", qwen_tokenizer(bundled_model_dir), tmp_path_factory.mktemp("qwen2"))
+    run = train_tiny_run("qwen2", qwen_tokenizer(), tmp_path_factory.mktemp("qwen2"))
     out = tmp_path_factory.mktemp("exports") / "qwen2"
     export(ExportRequest(source=str(run), output=str(out), gguf="q8_0", dtype="bfloat16"))
     return run, out
@@ -341,7 +341,7 @@ def test_llamafactory_export_yaml_merges_and_overwrite_replaces(llama_run, tmp_p
 # ---------------------------------------------------------------------------------------------- refusals
 
 
-def test_refusals_are_clear_and_leave_nothing_behind(llama_run, tmp_path, capsys, bundled_model_dir):
+def test_refusals_are_clear_and_leave_nothing_behind(llama_run, tmp_path, capsys):
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     (unfinished / "config.yaml").write_text((llama_run / "config.yaml").read_text())
@@ -366,7 +366,7 @@ def test_refusals_are_clear_and_leave_nothing_behind(llama_run, tmp_path, capsys
     config = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                               num_attention_heads=2, num_key_value_heads=1, head_dim=16)
     Gemma3ForCausalLM(config).save_pretrained(gemma)
-    load_tokenizer(bundled_model_dir).save_pretrained(gemma)
+    tiny_tokenizer().save_pretrained(gemma)
     assert main(["export", str(gemma), "-o", str(tmp_path / "g"), "--gguf", "q8_0"]) == 2
     error = capsys.readouterr().err
     assert "'gemma3_text'" in error and "llama, qwen2" in error

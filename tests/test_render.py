@@ -1,13 +1,14 @@
 """Rendering: the trained tokens are exactly each assistant reply plus its end-of-turn token, under real templates.
 
-Templates: SmolLM2's own (ChatML with a default system prompt), a Llama-3-style and a Qwen-style template, all on the
-bundled tokenizer; plus the named templates and a tiny word-level tokenizer built here that lacks ChatML tokens.
+Templates: the tiny test tokenizer's own (ChatML with a default system prompt, as SmolLM2's), a Llama-3-style and a
+Qwen-style template, all on that byte-level BPE tokenizer; plus the named templates and a tiny word-level tokenizer
+built here that lacks ChatML tokens.
 """
 
 from __future__ import annotations
 
 import pytest
-from conftest import LLAMA3_TEMPLATE, llama3_tokenizer, qwen_tokenizer
+from conftest import LLAMA3_TEMPLATE, llama3_tokenizer, qwen_tokenizer, tiny_tokenizer
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -59,14 +60,14 @@ DROPS_HISTORY_TEMPLATE = (
 )
 
 
-@pytest.fixture(scope="module", params=["smollm2", "llama3", "qwen"])
-def templated(request, bundled_model_dir):
+@pytest.fixture(scope="module", params=["chatml", "llama3", "qwen"])
+def templated(request):
     """(tokenizer, end-of-turn token) for each template family; shared, so tests using it must not modify it."""
-    if request.param == "smollm2":
-        return load_tokenizer(bundled_model_dir), "<|im_end|>"
+    if request.param == "chatml":
+        return tiny_tokenizer(), "<|im_end|>"
     if request.param == "llama3":
-        return llama3_tokenizer(bundled_model_dir), "<|eot_id|>"
-    return qwen_tokenizer(bundled_model_dir), "<|im_end|>"
+        return llama3_tokenizer(), "<|eot_id|>"
+    return qwen_tokenizer(), "<|im_end|>"
 
 
 def supervised_runs(example) -> list[tuple[int, list[int]]]:
@@ -181,10 +182,10 @@ def test_render_prompt_is_the_training_prefix_of_every_reply(templated, name):
 def test_named_template_is_set_as_jinja_and_survives_save_and_reload(tokenizer, tmp_path, name, expected):
     messages = CONVERSATIONS["two_turns"][:2]
     note = ensure_chat_template(tokenizer, name)
-    assert "replaces the model's own" in note  # SmolLM2 has its own template
+    assert "replaces the model's own" in note  # the tokenizer has its own template
     assert tokenizer.chat_template == NAMED_TEMPLATES[name]
     text = render_text(tokenizer, messages)
-    assert text == expected  # SmolLM2's bos/eos are <|im_start|>/<|im_end|>
+    assert text == expected  # the tokenizer's bos/eos are <|im_start|>/<|im_end|> (as SmolLM2's)
 
     tokenizer.save_pretrained(tmp_path / "tok")
     reloaded = load_tokenizer(str(tmp_path / "tok"))
@@ -275,9 +276,9 @@ def test_render_dataset_truncates_and_drops_by_cutoff(tokenizer):
 # ---------------------------------------------------------------------------------------------- stopping
 
 
-def test_end_of_turn_ids(tokenizer, bundled_model_dir):
+def test_end_of_turn_ids(tokenizer):
     assert end_of_turn_ids(tokenizer) == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    llama3 = llama3_tokenizer(bundled_model_dir)
+    llama3 = llama3_tokenizer()
     eot = llama3.convert_tokens_to_ids("<|eot_id|>")
     assert eot != llama3.unk_token_id
     assert end_of_turn_ids(llama3) == [eot]
