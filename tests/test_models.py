@@ -2,7 +2,6 @@
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -156,21 +155,36 @@ def test_stale_temp_dirs_from_killed_runs_are_removed(home):
     assert not stale.exists()
 
 
-def test_concurrent_builders_convert_once(home):
+def test_concurrent_builders_convert_once(home, monkeypatch, capsys):
+    """The second builder arrives while the first is writing, waits on the lock, then finds the dir built. Events,
+    not sleeps, order the two: the first write finishes only once the second is blocked on the lock."""
     final = models.models_dir() / "tiny"
-    calls = []
+    calls, results = [], {}
     write = tiny_model_writer(calls)
+    writing, second_waits = threading.Event(), threading.Event()
+    real_flock = models.fcntl.flock
 
-    def slow_write(out_dir):
-        time.sleep(0.3)  # long enough that the second builder waits on the lock
+    def flock(file, operation):
+        if operation == models.fcntl.LOCK_EX:  # the blocking wait, after the non-blocking try found the lock taken
+            second_waits.set()
+        return real_flock(file, operation)
+
+    def held_write(out_dir):
+        writing.set()
+        assert second_waits.wait(timeout=60), "the second builder never waited on the lock"
         return write(out_dir)
 
-    threads = [threading.Thread(target=models.build_model_dir, args=(final, slow_write)) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    monkeypatch.setattr(models.fcntl, "flock", flock)
+    first = threading.Thread(target=lambda: results.update(first=models.build_model_dir(final, held_write)))
+    second = threading.Thread(target=lambda: results.update(second=models.build_model_dir(final, write)))
+    first.start()
+    assert writing.wait(timeout=60)
+    second.start()
+    for thread in (first, second):
+        thread.join(timeout=120)
+    assert results == {"first": True, "second": False}  # the second found it built when the lock came free
     assert len(calls) == 1 and models.is_trusted(final)
+    assert "Waiting for another lmforge process to finish converting" in capsys.readouterr().err
 
 
 def test_list_models_shows_builtins_and_marked_dirs(home):
@@ -188,6 +202,7 @@ def test_list_models_shows_builtins_and_marked_dirs(home):
 # ---------------------------------------------------------------------------------------------- the real model
 
 
+@pytest.mark.e2e
 def test_bundled_model_converts_and_loads():
     """Converts SmolLM2 into the default home on first run (~45 s); later runs reuse the cache."""
     path = Path(models.resolve_model(models.DEFAULT_MODEL))

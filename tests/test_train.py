@@ -424,10 +424,17 @@ def test_greedy_decoding_is_deterministic_and_matches_transformers(base_model):
     assert text == tokenizer.decode(transformers_greedy(model, tokenizer, 12), skip_special_tokens=True)
 
 
-def test_seeded_sampling_is_reproducible(base_model):
+def test_seeded_sampling_is_reproducible_and_the_seed_and_temperature_matter(base_model):
     model, tokenizer = base_model
-    params = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=7)
-    assert reply(model, tokenizer, PROMPT, params) == reply(model, tokenizer, PROMPT, params)
+
+    def sampled(seed: int) -> str:
+        return reply(model, tokenizer, PROMPT, SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=seed))
+
+    texts = [sampled(seed) for seed in (7, 8, 9)]
+    assert sampled(7) == texts[0]  # the same seed, the same text
+    assert len(set(texts)) == 3, texts  # other seeds, other texts: the seed is used
+    greedy = reply(model, tokenizer, PROMPT, SamplingParams(max_new_tokens=8))
+    assert greedy not in texts  # temperature 1 samples rather than taking the most likely token
 
 
 def test_batched_replies_equal_one_by_one(tmp_path, tokenizer):
