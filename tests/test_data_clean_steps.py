@@ -9,6 +9,7 @@ from lmforge.data.filters import (
     TERM_DIR,
     FilterOptions,
     TokenFilter,
+    TokenOptions,
     build_filters,
     load_terms,
     run_filters,
@@ -16,6 +17,7 @@ from lmforge.data.filters import (
 from lmforge.data.language import detect_language
 from lmforge.data.normalize import NormalizeOptions, normalize_record, normalize_text
 from lmforge.errors import ConfigError, DataError, UserError
+from lmforge.model.loader import DEFAULT_MODEL
 
 OFF = dict(html=False, control_chars=False, whitespace=False)
 
@@ -141,19 +143,20 @@ def test_records_not_in_messages_shape_are_a_data_error():
 
 # --- filter: length in tokens --------------------------------------------------------------------------------------
 
-def test_token_filter_counts_with_the_bundled_tokenizer(tokenizer):
-    f = only(tokens={"max_tokens": 20, "field": "answer"})
+def test_token_filter_counts_with_the_named_models_tokenizer(tokenizer, tiny_model_dir):
+    assert TokenOptions(max_tokens=1).tokenizer == DEFAULT_MODEL  # unnamed, the bundled model's tokenizer counts
+    f = only(tokens={"max_tokens": 20, "field": "answer", "tokenizer": tiny_model_dir})
     long_answer = "The quick brown fox jumps over the lazy dog. " * 5
     n = len(tokenizer(long_answer, add_special_tokens=False)["input_ids"])
-    assert f(record(long_answer)) == f"answer too long: {n} tokens > max 20 (smollm2-135m-instruct)"
+    assert n > 20 and f(record(long_answer)) == f"answer too long: {n} tokens > max 20 ({tiny_model_dir})"
     assert f(record("Short answer.")) is None
-    g = only(tokens={"min_tokens": 5, "field": "answer"})
+    g = only(tokens={"min_tokens": 5, "field": "answer", "tokenizer": tiny_model_dir})
     assert g(record("Hi")).startswith("answer too short: 1 tokens < min 5")
 
 
-def test_token_filter_batch_equals_one_by_one_and_byte_bound_holds(tokenizer):
+def test_token_filter_batch_equals_one_by_one_and_byte_bound_holds(tokenizer, tiny_model_dir):
     texts = ["你好" * 30, "short", "emoji 😀👨‍👩‍👧 " * 6, "x" * 300, "mixed 中文 and English " * 8, ""]
-    f = TokenFilter("smollm2-135m-instruct", "answer", min_tokens=3, max_tokens=40)
+    f = TokenFilter(tiny_model_dir, "answer", min_tokens=3, max_tokens=40)
     records = [record(t) for t in texts]
     assert f.filter_batch(records) == [f(r) for r in records]
     for text in texts:  # the skip rule relies on: tokens <= UTF-8 bytes + 8

@@ -204,6 +204,7 @@ def test_paraphrases_cluster_and_an_unrelated_sentence_does_not():
     assert semantic_clusters(vectors, threshold=0.8).tolist() == [0, 0, 2, 3, 4]
 
 
+@pytest.mark.e2e  # the bundled model's own hidden states: a random tiny model has no notion of paraphrase
 def test_the_target_models_own_hidden_states_separate_chinese_paraphrases():
     texts = ["房东不退押金怎么办？", "房东不肯退还押金该怎么处理？", "明天天气怎么样？", "劳动合同到期不续签有补偿吗？",
              "合同到期公司不续签，员工能拿到经济补偿吗？", "Python 怎么读取文件？", "今天股市涨了吗"]
