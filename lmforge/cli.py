@@ -440,6 +440,39 @@ def add_serve(verbs) -> None:
     serve.set_defaults(func=cmd_serve)
 
 
+def cmd_ui(args) -> int:
+    from .ui.app import UISettings, read_token_file, run_board
+
+    if args.auth_token and args.auth_token_file:
+        raise UserError("give --auth-token or --auth-token-file, not both")
+    token = read_token_file(args.auth_token_file) if args.auth_token_file else args.auth_token
+    run_board(UISettings(workspace=args.workspace, host=args.host, port=args.port, token=token,
+                         max_runs=args.max_runs, max_upload_bytes=args.max_upload_mb * 2**20))
+    return 0
+
+
+def add_ui(verbs) -> None:
+    board = verbs.add_parser(
+        "ui", help="the board: a web page to prepare data, train, watch, compare, export and serve",
+        description="Serve a JSON API and one page (English / 中文) over a workspace folder. Every action runs the "
+                    "matching lmforge verb as a child process and everything shown is read from the files the verbs "
+                    "write (runs/NAME/…), so reloading the page or restarting the board loses nothing and runs "
+                    "started from the command line appear too. Binds 127.0.0.1 unless given a token.",
+        epilog="examples: lmforge ui --workspace . --port 7860   ·   "
+               "lmforge ui --host 0.0.0.0 --auth-token-file token.txt")
+    board.add_argument("--workspace", default=".", metavar="DIR",
+                       help="the folder the board reads and writes (data files, runs/, exports/; default: here)")
+    board.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs a "
+                                                           "token)")
+    board.add_argument("--port", type=int, default=7860, help="default 7860")
+    board.add_argument("--auth-token", metavar="TOKEN", help="required on every API call (16+ characters)")
+    board.add_argument("--auth-token-file", metavar="FILE", help="read the token from the first line of FILE")
+    board.add_argument("--max-runs", type=int, default=1, metavar="N",
+                       help="trainings at once; more wait in a queue (default 1)")
+    board.add_argument("--max-upload-mb", type=int, default=200, metavar="MB", help="largest upload (default 200)")
+    board.set_defaults(func=cmd_ui)
+
+
 def cmd_score(args) -> int:
     from .eval.reward import score_file
 
@@ -510,6 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_export(verbs)
     add_serve(verbs)
     add_score(verbs)
+    add_ui(verbs)
     add_kb(verbs)
 
     data = verbs.add_parser("data", help="prepare datasets: convert tables and files into conversations")
