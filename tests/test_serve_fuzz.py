@@ -1,0 +1,88 @@
+"""Property-based fuzzing of /v1/chat/completions and /v1/completions from the app's own OpenAPI schema
+(schemathesis → hypothesis), against a real server on 127.0.0.1: schema-valid bodies (half of them naming the served
+model, so they generate) and schema-violating ones. Every answer must be a valid completion (JSON or a well-formed
+event stream) or an error in OpenAI's shape, never a 5xx; after each batch a normal request must still work.
+
+A tiny random model keeps the few hundred cases within about a minute on two busy cores; the bundled model would
+spend most of that time generating tokens the assertions do not look at (test_e2e.py serves the bundled model).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from schemathesis import GenerationMode
+from serve_helpers import http, live_server
+
+from lmforge.serve.app import create_app
+from lmforge.serve.loading import build_engine
+from lmforge.serve.settings import ServeSettings
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CASES_PER_BATCH = 60  # 2 endpoints x 2 modes x 60 = 240 cases
+FUZZ = settings(max_examples=CASES_PER_BATCH, deadline=None, derandomize=True, database=None,
+                suppress_health_check=list(HealthCheck))
+
+
+@pytest.fixture(scope="module")
+def served(llama_dir):
+    config = ServeSettings(max_tokens=8, default_max_tokens=8, context_length=256, max_n=2, request_timeout=60)
+    engine = build_engine(llama_dir, None, {}, config)
+    app = create_app(engine, config)
+    with live_server(app) as (url, _):
+        yield url, schemathesis.openapi.from_dict(app.openapi()), engine
+
+
+def _check_answer(response, path: str) -> None:
+    assert response.status_code < 500, (response.status_code, response.text[:500])
+    if response.status_code >= 400:
+        body = response.json()
+        assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+        assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+        return
+    kind = "chat.completion" if path.endswith("chat/completions") else "text_completion"
+    content_type = response.headers.get("content-type") or [""]
+    if (content_type[0] if isinstance(content_type, list) else content_type).startswith("text/event-stream"):
+        events = [block.removeprefix("data: ") for block in response.text.split("\n\n") if block.strip()]
+        assert events[-1] == "[DONE]", events[-3:]
+        for event in map(json.loads, events[:-1]):
+            if "error" in event:  # a stream ends with an error event only for a timeout or the kill switch
+                assert event["error"]["code"] in ("timeout", "degraded"), event
+            else:
+                assert event["object"].startswith(kind) and "choices" in event, event
+        return
+    body = response.json()
+    assert body["object"] == kind and body["choices"], body
+    assert body["usage"]["completion_tokens"] <= 8 * len(body["choices"])
+    for choice in body["choices"]:
+        assert choice["finish_reason"] in ("stop", "length")
+
+
+def _normal_request_works(url: str) -> None:
+    status, _, text = http("POST", f"{url}/v1/chat/completions",
+                           {"model": "tiny-llama", "messages": [{"role": "user", "content": "still there?"}],
+                            "max_tokens": 3})
+    assert status == 200 and json.loads(text)["usage"]["completion_tokens"] >= 1, text
+    assert http("GET", f"{url}/health")[0] == 200
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=["valid", "invalid"])
+def test_fuzzed_requests_never_5xx(served, path, mode):
+    url, schema, engine = served
+    operation = schema[path]["POST"]
+
+    @FUZZ
+    @given(case=operation.as_strategy(generation_mode=mode), name_the_model=st.booleans())
+    def one_request(case, name_the_model):
+        if name_the_model and isinstance(case.body, dict):
+            case.body["model"] = "tiny-llama"
+        _check_answer(case.call(base_url=url, timeout=60), path)
+
+    one_request()
+    _normal_request_works(url)
+    assert engine.alive
