@@ -28,7 +28,13 @@ from lmforge.model.loader import load_tokenizer
 from lmforge.serve.app import create_app
 from lmforge.serve.loading import build_engine
 from lmforge.serve.settings import ServeSettings
-from lmforge.serve.vllm_engine import cpu_defaults, max_lora_rank, new_events, parse_vllm_args
+from lmforge.serve.vllm_engine import (
+    check_engine_args,
+    cpu_defaults,
+    max_lora_rank,
+    new_events,
+    parse_vllm_args,
+)
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
@@ -67,6 +73,20 @@ def test_cpu_defaults_size_the_kv_cache_from_what_the_server_needs():
     assert chosen["kv_cache_memory_bytes"] == per_token // 2 * 4 * (512 + 128)
     with pytest.raises(UserError, match="head size is 16"):
         cpu_defaults(LlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2), 64, 1, {}, 1, 1 << 30)
+
+
+def test_a_misspelt_engine_argument_is_refused_before_loading():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class EngineArgs:  # the shape of vLLM's AsyncEngineArgs: a dataclass of fields
+        tensor_parallel_size: int = 1
+        enforce_eager: bool = False
+
+    check_engine_args({"tensor_parallel_size": 2}, EngineArgs)
+    with pytest.raises(UserError, match="'tensor_paralel_size' is not one of vLLM's engine arguments \\(did you "
+                                        "mean 'tensor_parallel_size'\\?\\)"):
+        check_engine_args({"tensor_paralel_size": 2}, EngineArgs)
 
 
 def test_vllm_args_from_the_command_line():
