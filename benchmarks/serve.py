@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -32,6 +31,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine_info, machine_line  # benchmarks/machine.py: CPU model + flags
 
 PROMPTS = [f"Question {i}: in two sentences, what does a contract clause about {topic} usually say?"
            for i, topic in enumerate(["termination", "liability", "confidentiality", "payment terms", "force majeure",
@@ -83,7 +85,8 @@ def peer_llama_cpp(gguf_path: Path, tokenizer, prompts: list[str], max_tokens: i
             stamps.append(time.perf_counter())
         llm.reset()
         rows.append((stamps[0] - start, (len(stamps) - 1) / (stamps[-1] - stamps[0])))
-    return {"decode_tokens_per_s": statistics.median(r[1] for r in rows), "ttft_s": statistics.median(r[0] for r in rows),
+    return {"decode_tokens_per_s": statistics.median(r[1] for r in rows),
+            "ttft_s": statistics.median(r[0] for r in rows),
             "requests": len(rows), "weights": gguf_path.name}
 
 
@@ -246,7 +249,8 @@ def main() -> int:
         print(f"  llama.cpp: {llama_cpp['decode_tokens_per_s']:.1f} tokens/s, TTFT {llama_cpp['ttft_s']:.2f} s",
               flush=True)
     figures = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {threads} thread(s) on every side",
+        "machine": {**machine_info(), "threads": threads}, "machine_line": f"{machine_line(machine_info())}, "
+                                                                            f"{threads} thread(s) on every side",
         "model": args.model, "max_tokens": args.max_tokens, "peer_generate_batch1": peer,
         "peer_llama_cpp_batch1": llama_cpp or ("not installed (pip install llama-cpp-python)"
                                                if args.model == "smollm2-135m-instruct" else

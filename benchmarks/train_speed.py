@@ -1,12 +1,21 @@
-"""LoRA SFT training speed: lmforge's packed training step vs transformers Trainer + PEFT with a padding collator.
+"""LoRA SFT training speed: lmforge's packed training step vs transformers Trainer + PEFT, each in its best setting.
 
-The peer is what LLaMA-Factory runs underneath: `Trainer` + `DataCollatorForSeq2Seq` (right padding, padded to a
-multiple of 8). Both systems get the same model, LoRA init seed and the SAME batches in the same order; each runs in
-its own child process so peak memory is its own. The parent prepares the batches, runs the children one after the
-other and prints the comparison plus a Markdown table for benchmarks/RESULTS.md. Measures; changes nothing.
+Systems (each in its own child process, so peak memory is its own; all get the same model, LoRA init seed and the
+SAME batches in the same order):
+- `lmforge` fp32 — the reference every other system's losses are compared with;
+- `lmforge-bf16` — bf16 autocast chosen by lmforge/model/precision.py (only on a CPU with native bf16);
+- `peer` — `Trainer` + `DataCollatorForSeq2Seq` (right padding to a multiple of 8), what LLaMA-Factory runs;
+- `peer-flat` — `Trainer` + `DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)` with sdpa
+  attention: padding-free, transformers' own strongest CPU setting (TRL's `padding_free` is the same);
+- `peer-flat-bf16` — the same with `bf16=True` (autocast), what a LLaMA-Factory user with `bf16: true` gets (only on a
+  CPU with native bf16).
+The parent prepares the batches, probes fp32 and bf16 GEMM speed at the model's shapes in the same run, runs the
+children one after the other and prints the comparison plus a Markdown table for benchmarks/RESULTS.md. Measures;
+changes nothing.
 
-    python benchmarks/train_speed.py                       # 30 timed steps after 3 warm-up steps, both systems
+    python benchmarks/train_speed.py                       # 30 timed steps after 3 warm-up steps, every system
     python benchmarks/train_speed.py --steps 5 --warmup 1  # quick check
+    python benchmarks/train_speed.py --profile             # + where lmforge's step time goes (torch.profiler)
 """
 
 from __future__ import annotations
@@ -25,12 +34,20 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/machine.py, step_profile.py
+
+from machine import gemm_probe, machine_info, machine_line
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "datasets" / "llamafactory"
 DEFAULT_DATA = [DEFAULT_DATA_DIR / "alpaca_en_demo.json", DEFAULT_DATA_DIR / "alpaca_zh_demo.json"]
 IGNORE_INDEX = -100
 LORA_TARGETS = ["q_proj", "v_proj"]
-SYSTEMS = ("lmforge", "peer")
+SYSTEMS = ("lmforge", "lmforge-bf16", "peer", "peer-flat", "peer-flat-bf16")
+BF16_SYSTEMS = ("lmforge-bf16", "peer-flat-bf16")
+LABELS = {"lmforge": "lmforge fp32 (packed)", "lmforge-bf16": "lmforge bf16 autocast (packed)",
+          "peer": "Trainer + padding collator, fp32", "peer-flat": "Trainer + DataCollatorWithFlattening, fp32",
+          "peer-flat-bf16": "Trainer + DataCollatorWithFlattening, bf16"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,6 +68,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each child")
     parser.add_argument("--system", choices=("both",) + SYSTEMS, default="both",
                         help="both = parent that runs one child per system and compares them")
+    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=None,
+                        help="which systems the parent runs (default: all; the bf16 ones only on a CPU with bf16)")
+    parser.add_argument("--profile", action="store_true",
+                        help="lmforge children also profile 2 extra steps (torch.profiler): GEMM / attention / "
+                             "elementwise / optimizer / Python")
     parser.add_argument("--json", type=Path, default=None, help="also write all results (per-step data) here")
     parser.add_argument("--batches", type=Path, default=None, help=argparse.SUPPRESS)  # child: prepared batches
     parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)      # child: result file
@@ -149,8 +171,9 @@ class Memory:
 # ---------------------------------------------------------------------------------------------- lmforge (child)
 
 
-def run_lmforge(batches: list[list[dict]], args) -> dict:
-    """lmforge/train.py's own train_step (one micro-batch per step: no accumulation)."""
+def run_lmforge(batches: list[list[dict]], args, bf16: bool = False) -> dict:
+    """lmforge's own train_step (one micro-batch per step: no accumulation), forwards under the precision
+    lmforge/model/precision.py chooses for `bf16` (True: as for `bf16: true`) or float32."""
     import torch
     from transformers import get_scheduler
 
@@ -158,6 +181,7 @@ def run_lmforge(batches: list[list[dict]], args) -> dict:
     from lmforge.data.render import Example
     from lmforge.model.loader import load_model, resolve_model
     from lmforge.model.methods import apply_method
+    from lmforge.model.precision import training_precision
     from lmforge.train.batching import pack
     from lmforge.train.loop import prepare_for_training, train_step
 
@@ -170,6 +194,10 @@ def run_lmforge(batches: list[list[dict]], args) -> dict:
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.0)
     scheduler = get_scheduler("constant", optimizer, num_warmup_steps=0, num_training_steps=len(batches))
+    chosen = training_precision("bf16" if bf16 else "float32", model.config)
+    if bf16 and chosen.autocast is None:
+        sys.exit(f"lmforge-bf16: lmforge would not train in bf16 here: {chosen.reason}")
+    precision = chosen.context()
 
     memory = Memory()
     memory.mark_training_start()
@@ -179,7 +207,7 @@ def run_lmforge(batches: list[list[dict]], args) -> dict:
     for index, batch_examples in enumerate(examples):
         batch = pack(batch_examples)
         start = time.perf_counter()
-        result = train_step(model, [batch], parameters, optimizer, scheduler, 1.0)
+        result = train_step(model, [batch], parameters, optimizer, scheduler, 1.0, precision=precision)
         supervised, loss = result.supervised, result.loss_sum / result.supervised
         end, cpu = time.perf_counter(), time.process_time()
         steps.append({"loss": loss, "wall_s": end - previous_end, "compute_s": end - start, "cpu_s": cpu - previous_cpu,
@@ -187,14 +215,23 @@ def run_lmforge(batches: list[list[dict]], args) -> dict:
         print(f"[lmforge] step {index + 1}/{len(examples)}  loss {loss:.6f}  {end - previous_end:.3f} s",
               file=sys.stderr, flush=True)
         previous_end, previous_cpu = time.perf_counter(), time.process_time()  # our printing is not part of a step
-    return {"steps": steps, "memory": memory.result()}
+    out = {"steps": steps, "memory": memory.result(), "precision": chosen.reason}
+    if args.profile:  # after the timed steps, so the profiler's overhead is not in them
+        from step_profile import profile_steps
+
+        again = examples[args.warmup:args.warmup + 2]
+        out["profile"] = profile_steps(lambda i: train_step(model, [pack(again[i])], parameters, optimizer,
+                                                            scheduler, 1.0, precision=precision), len(again))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- peer (child)
 
 
-def run_peer(batches: list[list[dict]], args) -> dict:
-    """transformers Trainer + PEFT LoRA + DataCollatorForSeq2Seq; the batches arrive in order, unshuffled."""
+def run_peer(batches: list[list[dict]], args, flatten: bool = False, bf16: bool = False) -> dict:
+    """transformers Trainer + PEFT LoRA + DataCollatorForSeq2Seq (or, with `flatten`, DataCollatorWithFlattening:
+    the batch as one row, position ids restarting per example, no padding) in fp32 or with `bf16` autocast; the
+    batches arrive in order, unshuffled."""
     import torch
     from peft import LoraConfig, get_peft_model
     from torch.utils.data import SequentialSampler
@@ -202,6 +239,7 @@ def run_peer(batches: list[list[dict]], args) -> dict:
         AutoModelForCausalLM,
         AutoTokenizer,
         DataCollatorForSeq2Seq,
+        DataCollatorWithFlattening,
         PrinterCallback,
         Trainer,
         TrainerCallback,
@@ -220,6 +258,12 @@ def run_peer(batches: list[list[dict]], args) -> dict:
         def __call__(self, features, return_tensors=None):
             out = super().__call__(features, return_tensors)
             padded.append((out["attention_mask"].numel(), int((out["attention_mask"] == 0).sum())))
+            return out
+
+    class CountingFlattener(DataCollatorWithFlattening):
+        def __call__(self, features, return_tensors=None, separator_id=None):
+            out = super().__call__(features, return_tensors, separator_id)
+            padded.append((out["input_ids"].numel(), 0))
             return out
 
     memory = Memory()
@@ -256,14 +300,17 @@ def run_peer(batches: list[list[dict]], args) -> dict:
                                              task_type="CAUSAL_LM"))
     dataset = [{"input_ids": e["input_ids"], "attention_mask": [1] * len(e["input_ids"]), "labels": e["labels"]}
                for batch in batches for e in batch]
-    collator = CountingCollator(tokenizer=tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX,
-                                pad_to_multiple_of=args.pad_to_multiple_of or None, return_tensors="pt")
+    if flatten:
+        collator = CountingFlattener(return_position_ids=True, separator_id=IGNORE_INDEX)
+    else:
+        collator = CountingCollator(tokenizer=tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX,
+                                    pad_to_multiple_of=args.pad_to_multiple_of or None, return_tensors="pt")
     with tempfile.TemporaryDirectory(prefix="train_speed_peer_") as output_dir:
         training_args = TrainingArguments(
             output_dir=output_dir, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
             max_steps=len(batches), learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
             weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", train_sampling_strategy="sequential",
-            dataloader_num_workers=0, dataloader_drop_last=False, activation_checkpointing=False, bf16=False,
+            dataloader_num_workers=0, dataloader_drop_last=False, activation_checkpointing=False, bf16=bf16,
             fp16=False, use_cpu=True, logging_strategy="steps", logging_steps=1, save_strategy="no",
             eval_strategy="no", report_to="none", disable_tqdm=True, seed=args.seed)
         timer = StepTimer()
@@ -286,7 +333,8 @@ def run_peer(batches: list[list[dict]], args) -> dict:
                       "cpu_s": timer.cpu_ends[index] - previous_cpu, "tokens": tokens,
                       "supervised": supervised, "computed_tokens": all_tokens, "pad_tokens": pad_tokens})
         previous_end, previous_cpu = timer.ends[index], timer.cpu_ends[index]
-    return {"steps": steps, "memory": memory.result()}
+    return {"steps": steps, "memory": memory.result(), "precision": "bf16 autocast (Trainer bf16=True)" if bf16
+            else "float32"}
 
 
 def child_main(args) -> None:
@@ -297,7 +345,10 @@ def child_main(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     batches = json.loads(args.batches.read_text()) if args.batches else prepare_batches(args)[0]
-    result = (run_lmforge if args.system == "lmforge" else run_peer)(batches, args)
+    runners = {"lmforge": lambda: run_lmforge(batches, args), "lmforge-bf16": lambda: run_lmforge(batches, args, True),
+               "peer": lambda: run_peer(batches, args), "peer-flat": lambda: run_peer(batches, args, flatten=True),
+               "peer-flat-bf16": lambda: run_peer(batches, args, flatten=True, bf16=True)}
+    result = runners[args.system]()
     result.update(system=args.system, warmup=args.warmup, threads=torch.get_num_threads(),
                   versions={"torch": torch.__version__, "transformers": transformers.__version__,
                             "peft": peft.__version__, "python": platform.python_version()})
@@ -326,20 +377,6 @@ def summarize(result: dict) -> dict:
             "padding_fraction": pad / computed if computed else 0.0, **result["memory"]}
 
 
-def machine_info() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "usable_cpus": usable, "os": platform.platform(),
-            "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg())}
-
-
 def run_child(system: str, args, batches_file: Path, out_file: Path, argv: list[str]) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), *argv, "--system", system,
                "--batches", str(batches_file), "--out", str(out_file)]
@@ -352,7 +389,7 @@ def run_child(system: str, args, batches_file: Path, out_file: Path, argv: list[
 
 def strip_child_only(argv: list[str]) -> list[str]:
     """The parent's own argv minus options it sets itself for each child."""
-    out, skip = [], False
+    out, skip, skip_list = [], False, False
     for item in argv:
         if skip:
             skip = False
@@ -360,6 +397,12 @@ def strip_child_only(argv: list[str]) -> list[str]:
         if item in ("--system", "--json", "--batches", "--out"):
             skip = True
             continue
+        if item == "--systems":  # a list: skip its values too
+            skip_list = True
+            continue
+        if skip_list and not item.startswith("--"):
+            continue
+        skip_list = False
         if item.startswith(("--system=", "--json=", "--batches=", "--out=")):
             continue
         out.append(item)
@@ -370,83 +413,108 @@ def fmt(value, digits=1) -> str:
     return "n/a" if value is None else f"{value:,.{digits}f}"
 
 
-def report(args, info: dict, results: dict, summaries: dict, machine: dict, command: str, date: str) -> str:
-    lm, peer = summaries["lmforge"], summaries["peer"]
-    lm_losses = [s["loss"] for s in results["lmforge"]["steps"]]
-    peer_losses = [s["loss"] for s in results["peer"]["steps"]]
-    diffs = [abs(a - b) for a, b in zip(lm_losses, peer_losses)]
-    worst = max(range(len(diffs)), key=diffs.__getitem__)
-    versions, threads = results["lmforge"]["versions"], results["lmforge"]["threads"]
+def useful_flops(batch: list[dict], model_config) -> float:
+    """FLOPs a LoRA step must do on a batch, whoever does it: per real token the decoder's linear layers forward and
+    their input gradients (4 × linear weights; LoRA's own few are left out), per supervised target the LM head both
+    ways (4 × hidden × vocab), per example causal attention (QKᵀ and AV forward 2·T²·d per layer, backward twice that).
+    Padding, recomputation and LM-head rows of prompt tokens are waste, not counted."""
+    c = model_config
+    heads, kv = c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    per_layer = c.hidden_size * (heads * head_dim + 2 * kv * head_dim) + heads * head_dim * c.hidden_size \
+        + 3 * c.hidden_size * c.intermediate_size
+    linear = per_layer * c.num_hidden_layers
+    tokens, supervised = batch_counts(batch)
+    attention = sum(6 * len(e["input_ids"]) ** 2 * heads * head_dim * c.num_hidden_layers for e in batch)
+    return 4 * linear * tokens + 4 * c.hidden_size * c.vocab_size * supervised + attention
 
-    def ratio(key):
-        return lm[key] / peer[key] if lm.get(key) and peer.get(key) else None
 
+def loss_check(results: dict, reference: str = "lmforge") -> dict:
+    """Per system: max |loss - reference loss| over all steps, absolute and relative to the reference."""
+    ref = [s["loss"] for s in results[reference]["steps"]]
+    out = {}
+    for system, result in results.items():
+        losses = [s["loss"] for s in result["steps"]]
+        diffs = [abs(a - b) for a, b in zip(losses, ref)]
+        out[system] = {"max_abs": max(diffs), "max_rel": max(d / abs(r) for d, r in zip(diffs, ref)),
+                       "step1": losses[0]}
+    return out
+
+
+def report(args, info: dict, results: dict, summaries: dict, machine: dict, machine_end: dict, probe: dict,
+           losses: dict, command: str, date: str) -> str:
+    systems = list(results)
+    versions, threads = results[systems[0]]["versions"], results[systems[0]]["threads"]
+    peers = [s for s in systems if s.startswith("peer")]
+    lm_best = max((s for s in systems if s.startswith("lmforge")), key=lambda s: summaries[s]["tokens_per_s"])
+    peer_best = max(peers, key=lambda s: summaries[s]["tokens_per_s"]) if peers else None
+    gemm = {s: probe["bf16_gflops"] if "bf16" in s else probe["fp32_gflops"] for s in systems}
+
+    def row(name, key, digits=1, suffix=""):
+        return f"| {name} | " + " | ".join(f"{fmt(summaries[s].get(key), digits)}{suffix}" for s in systems) + " |"
+
+    ref_losses = [s["loss"] for s in results["lmforge"]["steps"]]
     lines = [
         f"data: {info['render']}; {info['batches']} batches of {args.batch_size} "
         f"(examples {info['length_min']}–{info['length_max']} tokens, mean {info['length_mean']}; "
-        f"{info['epochs_used']} epochs of the shuffled data)",
-        "",
-        "loss per step (lmforge | peer | abs diff):",
-        *[f"  {i + 1:3d}{'*' if i < args.warmup else ' '} {a:.6f} | {b:.6f} | {abs(a - b):.2e}"
-          for i, (a, b) in enumerate(zip(lm_losses, peer_losses))],
-        "  (* = warm-up step, not timed)",
-        f"step-1 loss: lmforge {lm_losses[0]:.6f}  peer {peer_losses[0]:.6f}  (diff {diffs[0]:.2e})",
-        f"max abs loss difference over {len(diffs)} steps: {diffs[worst]:.2e} (step {worst + 1})",
-        "",
-        f"ratios lmforge/peer: tokens/s {fmt(ratio('tokens_per_s'), 2)}x · "
-        f"supervised tokens/s {fmt(ratio('supervised_per_s'), 2)}x · "
-        f"CPU s/step {fmt(ratio('cpu_s_per_step_median'), 2)}x · peak RSS {fmt(ratio('peak_rss_mib'), 2)}x · "
-        f"training-phase peak RSS {fmt(ratio('peak_rss_training_mib'), 2)}x",
-        "",
-        "---- Markdown for benchmarks/RESULTS.md ----",
-        "",
-        f"### LoRA SFT step speed, {machine['cpu']}, {date}",
-        "",
-        f"`{command}`",
-        "",
-        f"`{args.model}` fp32 on CPU · LoRA r=8 α=16 dropout 0 on q_proj,v_proj · batch {args.batch_size}, "
-        f"no accumulation · cutoff {args.cutoff} · lr {args.lr:g} constant · AdamW · clip 1.0 · {args.steps} timed "
-        f"steps after {args.warmup} warm-up · same batches in the same order for both · data: "
+        f"{info['epochs_used']} epochs of the shuffled data)", "",
+        "loss per step (" + " | ".join(systems) + "):",
+        *[f"  {i + 1:3d}{'*' if i < args.warmup else ' '} "
+          + " | ".join(f"{results[s]['steps'][i]['loss']:.6f}" for s in systems) for i in range(len(ref_losses))],
+        "  (* = warm-up step, not timed)", "",
+        *[f"{s}: precision {results[s].get('precision')}" for s in systems], "",
+        "---- Markdown for benchmarks/RESULTS.md ----", "",
+        f"### LoRA SFT step speed, {machine['cpu']}, {date}", "",
+        f"`{command}`", "",
+        f"`{args.model}` on CPU · LoRA r=8 α=16 dropout 0 on q_proj,v_proj · batch {args.batch_size}, no accumulation "
+        f"· cutoff {args.cutoff} · lr {args.lr:g} constant · AdamW · clip 1.0 · {args.steps} timed steps after "
+        f"{args.warmup} warm-up · same batches in the same order for every system · data: "
         f"{', '.join(Path(f).name for f in info['files'])} interleaved ({info['render']}; batch examples "
-        f"{info['length_min']}–{info['length_max']} tokens, mean {info['length_mean']}). Peer = transformers "
-        f"`Trainer` + PEFT + `DataCollatorForSeq2Seq` (right padding, pad_to_multiple_of="
-        f"{args.pad_to_multiple_of or 'none'}), as in LLaMA-Factory.",
+        f"{info['length_min']}–{info['length_max']} tokens, mean {info['length_mean']}). GEMM probe in the same run "
+        f"({'×'.join(map(str, probe['shape']))}, {probe['threads']} threads): fp32 {probe['fp32_gflops']:.0f}, "
+        f"bf16 {probe['bf16_gflops']:.0f} GFLOP/s.", "",
+        "| | " + " | ".join(LABELS[s] for s in systems) + " |",
+        "|---|" + "---:|" * len(systems),
+        row("real tokens/s", "tokens_per_s"),
+        "| × best peer" + (f" ({peer_best})" if peer_best else "") + " | " + " | ".join(
+            f"{summaries[s]['tokens_per_s'] / summaries[peer_best]['tokens_per_s']:.2f}×" if peer_best else "n/a"
+            for s in systems) + " |",
+        row("supervised tokens/s", "supervised_per_s"),
+        row("s/step median", "s_per_step_median", 3),
+        row("s/step median, compute only¹", "compute_s_per_step_median", 3),
+        row("CPU s/step median (all threads)³", "cpu_s_per_step_median", 3),
+        "| padding fraction | " + " | ".join(f"{summaries[s]['padding_fraction']:.1%}" for s in systems) + " |",
+        row("useful GFLOP/s⁴", "useful_gflops"),
+        "| useful / GEMM probe of its precision | " + " | ".join(
+            f"{summaries[s]['useful_gflops'] / gemm[s]:.0%}" for s in systems) + " |",
+        row("peak RSS (MiB)", "peak_rss_mib", 0),
+        row("peak RSS during training steps (MiB)²", "peak_rss_training_mib", 0),
+        "| max abs loss diff vs lmforge fp32 (relative) | " + " | ".join(
+            f"{losses[s]['max_abs']:.1e} ({losses[s]['max_rel']:.1e})" for s in systems) + " |",
         "",
-        "| | lmforge (packed, no padding) | transformers Trainer + PEFT (padded) | lmforge / peer |",
-        "|---|---:|---:|---:|",
-        f"| real tokens/s | {fmt(lm['tokens_per_s'])} | {fmt(peer['tokens_per_s'])} | "
-        f"{fmt(ratio('tokens_per_s'), 2)}x |",
-        f"| supervised tokens/s | {fmt(lm['supervised_per_s'])} | {fmt(peer['supervised_per_s'])} | "
-        f"{fmt(ratio('supervised_per_s'), 2)}x |",
-        f"| s/step mean | {fmt(lm['s_per_step_mean'], 3)} | {fmt(peer['s_per_step_mean'], 3)} | |",
-        f"| s/step median | {fmt(lm['s_per_step_median'], 3)} | {fmt(peer['s_per_step_median'], 3)} | |",
-        f"| s/step median, compute only¹ | {fmt(lm['compute_s_per_step_median'], 3)} | "
-        f"{fmt(peer['compute_s_per_step_median'], 3)} | |",
-        f"| CPU s/step median (all threads)³ | {fmt(lm['cpu_s_per_step_median'], 3)} | "
-        f"{fmt(peer['cpu_s_per_step_median'], 3)} | |",
-        f"| padding fraction | {lm['padding_fraction']:.1%} | {peer['padding_fraction']:.1%} | |",
-        f"| peak RSS (MiB) | {fmt(lm['peak_rss_mib'], 0)} | {fmt(peer['peak_rss_mib'], 0)} | "
-        f"{fmt(ratio('peak_rss_mib'), 2)}x |",
-        f"| peak RSS during training steps (MiB)² | {fmt(lm['peak_rss_training_mib'], 0)} | "
-        f"{fmt(peer['peak_rss_training_mib'], 0)} | {fmt(ratio('peak_rss_training_mib'), 2)}x |",
-        f"| RSS before first step (MiB) | {fmt(lm['rss_before_training_mib'], 0)} | "
-        f"{fmt(peer['rss_before_training_mib'], 0)} | |",
-        f"| step-1 loss | {lm_losses[0]:.6f} | {peer_losses[0]:.6f} | max abs diff over {len(diffs)} steps: "
-        f"{diffs[worst]:.1e} |",
-        "",
+        f"Best lmforge ({lm_best}) / best peer ({peer_best}): "
+        + (f"**{summaries[lm_best]['tokens_per_s'] / summaries[peer_best]['tokens_per_s']:.2f}×** real tokens/s"
+           if peer_best else "n/a") + ".", "",
         "Seconds/step and tokens/s are wall time from the end of one optimizer step to the end of the next (batch "
         "building/collation included). ¹ Forward + backward + clip + optimizer step only (peer: Trainer's "
         "on_step_begin → on_step_end). ² VmHWM reset (/proc/self/clear_refs) just before the first step; each "
-        "system runs in its own process. The weights are memory-mapped, so they count towards RSS only once the "
-        "first forward pass touches them. ³ Process CPU time over the same interval; a wall time much larger than "
-        "CPU time / threads means the run was waiting for a CPU (busy machine): rerun when it is quiet.",
-        "",
-        f"Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs ({machine['usable_cpus']} usable), "
-        f"torch.get_num_threads()={threads}, load average (1/5/15 min) at start {machine['load_average']}, "
-        f"at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
-        f"Python {versions['python']}, torch {versions['torch']}, transformers {versions['transformers']}, "
-        f"peft {versions['peft']}; {machine['os']}; {date}.",
+        "system runs in its own process. ³ Process CPU time over the same interval; a wall time much larger than "
+        "CPU time / threads means the run was waiting for a CPU. ⁴ FLOPs any system must do for these batches "
+        "(linear layers forward + input gradients, LM head on supervised targets, causal attention; padding and "
+        "recomputation not counted) per second of wall time.", "",
+        f"Machine: {machine_line(machine)} at start, {machine_end['load_average']} at end; "
+        f"torch.get_num_threads()={threads}; Python {versions['python']}, torch {versions['torch']}, "
+        f"transformers {versions['transformers']}, peft {versions['peft']}; {machine['os']}; {date}.",
     ]
+    for system in systems:
+        prof = results[system].get("profile")
+        if prof:
+            lines += ["", f"Where {system}'s step time goes (torch.profiler, {prof['steps']} steps, "
+                          f"{prof['wall_s']:.2f} s wall):", "",
+                      "| | s | share |", "|---|---:|---:|",
+                      *[f"| {k} | {v:.2f} | {prof['share'][k]:.0%} |" for k, v in prof["seconds"].items()], "",
+                      "top ops: " + "; ".join(f"{o['op']} {o['self_s']:.2f} s ({o['calls']})"
+                                              for o in prof["top_ops"][:8])]
     return "\n".join(lines)
 
 
@@ -456,22 +524,45 @@ def main(argv=None) -> None:
     if args.system != "both":
         child_main(args)
         return
+    import torch
+    from transformers import AutoConfig
+
+    from lmforge.model.loader import resolve_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     machine, date = machine_info(), datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    systems = args.systems or [s for s in SYSTEMS if machine["bf16_native"] or s not in BF16_SYSTEMS]
+    if "lmforge" not in systems:
+        systems = ["lmforge", *systems]  # the fp32 reference for every loss comparison
     command = "python benchmarks/train_speed.py" + "".join(" " + shlex.quote(a) for a in argv)
     started = time.perf_counter()
     batches, info = prepare_batches(args)
+    model_config = AutoConfig.from_pretrained(resolve_model(args.model))
     print(f"prepared {len(batches)} batches in {time.perf_counter() - started:.1f} s: {info['render']}",
           file=sys.stderr, flush=True)
     child_argv = strip_child_only(argv)
+    probes = [gemm_probe(1024, model_config.hidden_size, model_config.intermediate_size)]
     with tempfile.TemporaryDirectory(prefix="train_speed_") as tmp:
         batches_file = Path(tmp) / "batches.json"
         batches_file.write_text(json.dumps(batches))
-        results = {s: run_child(s, args, batches_file, Path(tmp) / f"{s}.json", child_argv) for s in SYSTEMS}
-    summaries = {s: summarize(r) for s, r in results.items()}
-    print(report(args, info, results, summaries, machine, command, date))
+        results = {s: run_child(s, args, batches_file, Path(tmp) / f"{s}.json", child_argv) for s in systems}
+    probes.append(gemm_probe(1024, model_config.hidden_size, model_config.intermediate_size))
+    probe = {**probes[0], "fp32_gflops": max(p["fp32_gflops"] for p in probes),
+             "bf16_gflops": max(p["bf16_gflops"] for p in probes), "runs": probes}
+    flops = [useful_flops(batch, model_config) for batch in batches]
+    summaries = {}
+    for system, result in results.items():
+        summaries[system] = summarize(result)
+        timed = result["steps"][args.warmup:]
+        summaries[system]["useful_gflops"] = sum(flops[args.warmup:]) / sum(s["wall_s"] for s in timed) / 1e9
+    losses = loss_check(results)
+    machine_end = machine_info()
+    print(report(args, info, results, summaries, machine, machine_end, probe, losses, command, date))
     if args.json:
-        args.json.write_text(json.dumps({"command": command, "date": date, "machine": machine, "data": info,
-                                         "summary": summaries, "results": results}, indent=1))
+        args.json.write_text(json.dumps({"command": command, "date": date, "machine": machine,
+                                         "machine_end": machine_end, "gemm_probe": probe, "data": info,
+                                         "summary": summaries, "losses": losses, "results": results}, indent=1))
 
 
 if __name__ == "__main__":

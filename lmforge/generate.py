@@ -1,15 +1,20 @@
-"""One decoding path for chat, eval and serve: load a trained run (or base + adapter) and stream a reply.
+"""One decoding path for chat, eval, compare and the checkpoint sweep: load a trained run (or base + adapter) and
+generate replies.
 
 Loading a run takes the weights checkpoint.choose_weights picks (the best checkpoint named by best.json, else the
 final adapter/ or model/) and says which on stderr; a checkpoint is the base model + the run's method + its trainable
-tensors. The prompt is rendered with the same chat template as training (render.render_prompt). Decoding is a plain
-loop over a KV cache: prefill once, then one token per step. Must not know about terminals or HTTP.
+tensors. The prompt is rendered with the same chat template as training (render.render_prompt). Decoding runs on
+serve's fast batched decoder (model/lean_decoder.py: every prompt prefilled in one pass, then one step for all rows,
+float32 weights, so greedy replies equal the model's own forward) wherever it runs the model — Llama-family and
+Gemma 3, plain or with a LoRA adapter — and otherwise through the model's own forward over a KV cache (other
+architectures, other methods, a quantised base). Must not know about terminals or HTTP.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +26,9 @@ from transformers import DynamicCache
 from .config import Config, load_config
 from .data.render import end_of_turn_ids, ensure_chat_template, render_prompt
 from .errors import ModelError, UserError
+from .model.lean_decoder import Decoder, applies_windows, fast_decoder_runs
 from .model.loader import load_model, load_tokenizer, pick_dtype, resolve_model
-from .model.methods import apply_method, load_base, load_saved_adapter
+from .model.methods import apply_method, load_base, load_saved_adapter, unwrap
 from .rundir import TRAINABLE_FILE, RunDir, RunWeights, choose_weights
 
 
@@ -117,6 +123,7 @@ def load_trainable(model, checkpoint: Path) -> None:
         model.load_state_dict(weights, strict=False)
     except RuntimeError as error:
         raise ModelError(f"checkpoint {checkpoint} does not fit its run's model: {error}") from None
+    _DECODERS.pop(model, None)  # the fast decoder copied the previous weights
 
 
 def _with_adapter(base: str, adapter: Path, dtype: str):
@@ -146,11 +153,124 @@ def _next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     return sample_token(logits, params.temperature, params.top_p, generator)
 
 
-@torch.inference_mode()
 def generate_tokens(model, prompts: list[list[int]], stop_ids: list[int], params: SamplingParams
                     ) -> Iterator[list[int | None]]:
-    """Decode a batch of prompts together (left-padded, one KV cache); yield each step's new token per prompt,
-    None for prompts that have already stopped. Ends when all have stopped or max_new_tokens is reached."""
+    """Decode a batch of prompts together; yield each step's new token per prompt, None for prompts that have
+    already stopped. Ends when all have stopped or max_new_tokens is reached. On the fast decoder where it runs the
+    model, else through the model's own forward."""
+    found = lean_decoder(model, len(prompts), max(len(p) for p in prompts) + params.max_new_tokens)
+    if found is not None:
+        return _lean_tokens(*found, prompts, stop_ids, params)
+    return model_forward_tokens(model, prompts, stop_ids, params)
+
+
+# ------------------------------------------------------------------------------------------ the fast decoder
+
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → (Decoder, adapter index)
+CONTEXT_STEP = 1024  # the decoder's KV cache is sized in steps of this many tokens (pages are touched only as used)
+
+
+def lean_decoder(model, slots: int, max_len: int) -> tuple[Decoder, int] | None:
+    """The fast decoder holding `model`'s weights with room for `slots` sequences of `max_len` tokens, and the
+    adapter index its rows use (0: none); None where it does not compute what the model computes, which then decodes
+    through its own forward. Built once per model and reused (load_trainable drops it when the weights change)."""
+    cached = _DECODERS.get(model) if _weakrefable(model) else None
+    if cached is not None and cached[0].slots >= slots and cached[0].max_len >= max_len:
+        return cached
+    if not runs_on_lean_decoder(model):
+        return None
+    config = unwrap(model).config
+    limit = config.max_position_embeddings
+    if not applies_windows(config) and getattr(config, "use_sliding_window", True):
+        limit = min(limit, getattr(config, "sliding_window", None) or limit)
+    if max_len > limit:
+        return None  # beyond the model's context: the model's own forward says what it does there
+    capacity = min(limit, -(-max_len // CONTEXT_STEP) * CONTEXT_STEP)
+    slots = max(slots, cached[0].slots if cached else 0)
+    _DECODERS.pop(model, None)  # free the smaller one first
+    decoder = Decoder(model, slots=slots, max_len=capacity)
+    adapter = 0
+    if hasattr(model, "peft_config"):
+        try:
+            decoder.add_lora("run", model, model.active_adapter)
+        except ModelError:  # LoRA on modules the decoder does not adapt (lm_head, embeddings, modules_to_save)
+            return None
+        adapter = 1
+    _DECODERS[model] = (decoder, adapter)
+    return decoder, adapter
+
+
+def runs_on_lean_decoder(model) -> bool:
+    """A Llama-family / Gemma 3 model, plain or with a LoRA adapter (not DoRA), whose decoder projections are plain
+    float linear layers (not quantised, no bottleneck adapters or other methods' layers)."""
+    from peft.tuners.lora import LoraLayer
+
+    base = unwrap(model)
+    config = getattr(base, "config", None)
+    if not isinstance(base, torch.nn.Module) or config is None or not fast_decoder_runs(config):
+        return False
+    if getattr(base, "lmforge_quantization", None) or base.dtype != torch.float32:
+        return False
+    if hasattr(model, "peft_config"):
+        config = model.active_peft_config
+        if str(getattr(config.peft_type, "value", config.peft_type)) != "LORA" or getattr(config, "use_dora", False):
+            return False
+    elif not hasattr(base, "model"):
+        return False
+    inner = base.model
+    for layer in getattr(inner, "layers", []):
+        for module in (*(getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")),
+                       *(getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj"))):
+            plain = module.base_layer if isinstance(module, LoraLayer) else module
+            if type(plain) is not torch.nn.Linear:
+                return False
+    return True
+
+
+def _weakrefable(model) -> bool:
+    try:
+        weakref.ref(model)
+        return True
+    except TypeError:
+        return False
+
+
+@torch.inference_mode()
+def _lean_tokens(decoder: Decoder, adapter: int, prompts: list[list[int]], stop_ids: list[int],
+                 params: SamplingParams) -> Iterator[list[int | None]]:
+    """generate_tokens on the fast decoder: all prompts prefilled in one pass (no padding), then one decode step for
+    the rows still running; tokens are sampled row by row in prompt order, as the model-forward loop does."""
+    generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+    count = len(prompts)
+    slots = list(range(count))
+    logits = decoder.prefill_many(slots, prompts, [0] * count, [adapter] * count)
+    running = [True] * count
+    lengths = [len(p) for p in prompts]
+    for _ in range(params.max_new_tokens):
+        rows = dict(zip([s for s in slots if running[s]], logits))
+        step: list[int | None] = []
+        for i in range(count):
+            token = _next_token(rows[i], params, generator) if running[i] else None
+            if token is not None and token in stop_ids:
+                running[i], token = False, None
+            step.append(token)
+        if not any(running):
+            return
+        yield step
+        active = [i for i in slots if running[i]]
+        logits = decoder.decode(active, [step[i] for i in active], [lengths[i] for i in active],
+                                [adapter] * len(active))
+        for i in active:
+            lengths[i] += 1
+
+
+# ------------------------------------------------------------------------------------------ the model's own forward
+
+
+@torch.inference_mode()
+def model_forward_tokens(model, prompts: list[list[int]], stop_ids: list[int], params: SamplingParams
+                         ) -> Iterator[list[int | None]]:
+    """generate_tokens through the model's own forward: prompts left-padded, one KV cache for the batch."""
     generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
     longest = max(len(p) for p in prompts)
     pad = stop_ids[0] if stop_ids else 0
@@ -176,8 +296,9 @@ def generate_tokens(model, prompts: list[list[int]], stop_ids: list[int], params
         positions = positions[:, -1:] + 1
 
 
-def stream_reply(model, tokenizer, messages: list[dict], params: SamplingParams = SamplingParams()) -> Iterator[str]:
+def stream_reply(model, tokenizer, messages: list[dict], params: SamplingParams | None = None) -> Iterator[str]:
     """Yield the assistant's reply to `messages` as text pieces."""
+    params = params or SamplingParams()
     ids: list[int] = []
     shown = ""
     prompt = render_prompt(tokenizer, messages)
@@ -190,13 +311,14 @@ def stream_reply(model, tokenizer, messages: list[dict], params: SamplingParams 
         shown = text
 
 
-def reply(model, tokenizer, messages: list[dict], params: SamplingParams = SamplingParams()) -> str:
+def reply(model, tokenizer, messages: list[dict], params: SamplingParams | None = None) -> str:
     return "".join(stream_reply(model, tokenizer, messages, params))
 
 
-def replies(model, tokenizer, conversations: list[list[dict]], params: SamplingParams = SamplingParams(),
+def replies(model, tokenizer, conversations: list[list[dict]], params: SamplingParams | None = None,
             batch_size: int = 16) -> list[str]:
     """Replies to many conversations, decoded `batch_size` at a time with the same decoding as reply()."""
+    params = params or SamplingParams()
     stop_ids = end_of_turn_ids(tokenizer)
     out: list[str] = []
     for start in range(0, len(conversations), batch_size):

@@ -339,3 +339,59 @@ def test_selection_metric_rules():
               {"label": "step-6", "step": 6, "metrics": {"eval_loss": 1.0, "rouge-l": 30.0}}]
     assert pick_best(points, "rouge-l")["label"] == "step-4"  # tie on ROUGE-L: the lower loss
     assert pick_best(points, "eval_loss")["label"] == "step-6"
+
+
+# ------------------------------------------------------------------------------- the fast decoder behind eval/chat
+
+
+def greedy_both_ways(model, tokenizer, steps: int = 12):
+    """(fast decoder's tokens, the model's own forward's tokens) for the sample prompts as one batch."""
+    from lmforge.data.render import end_of_turn_ids, render_prompt
+    from lmforge.generate import generate_tokens, model_forward_tokens
+
+    prompts = [render_prompt(tokenizer, r["messages"][:-1]) for r in sample_records()]
+    params = SamplingParams(max_new_tokens=steps)
+    stop = end_of_turn_ids(tokenizer)
+    return list(generate_tokens(model, prompts, stop, params)), list(model_forward_tokens(model, prompts, stop, params))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])
+def test_fast_decoder_replies_equal_the_models_own_forward(kind, tmp_path, tokenizer):
+    """eval / compare / chat decode on the lean decoder (float32 weights): greedy tokens as the model's own forward
+    gives them, batched prompts of different lengths included."""
+    from conftest import make_tiny_model
+
+    from lmforge.generate import lean_decoder
+
+    model, tokenizer = load_for_inference(model=make_tiny_model(kind, tokenizer, tmp_path / kind))
+    assert lean_decoder(model, 5, 64) is not None  # the fast path is the one taken
+    fast, own = greedy_both_ways(model, tokenizer)
+    assert fast == own and len(fast) == 12
+
+
+def test_fast_decoder_applies_a_runs_lora_and_each_checkpoints(run_dir):
+    from lmforge.generate import lean_decoder, load_run_base, load_trainable
+
+    model, tokenizer = load_for_inference(str(run_dir))  # base + the trained LoRA adapter
+    assert lean_decoder(model, 5, 64)[1] == 1  # LoRA rows on the decoder
+    fast, own = greedy_both_ways(model, tokenizer)
+    assert fast == own
+    base, tokenizer = load_run_base(RunDir(run_dir))
+    answers = []
+    for step in (4, 12):  # the sweep swaps a checkpoint's tensors in: the decoder follows
+        load_trainable(base, run_dir / "checkpoints" / f"step-{step}")
+        fast, own = greedy_both_ways(base, tokenizer, steps=6)
+        assert fast == own
+        answers.append(fast)
+    assert answers[0] != answers[1]
+
+
+def test_architectures_the_fast_decoder_does_not_run_decode_through_their_own_forward(tmp_path, tokenizer):
+    from conftest import make_tiny_model
+
+    from lmforge.generate import lean_decoder
+
+    model, tokenizer = load_for_inference(model=make_tiny_model("granite", tokenizer, tmp_path / "granite"))
+    assert lean_decoder(model, 5, 64) is None
+    fast, own = greedy_both_ways(model, tokenizer, steps=4)
+    assert fast == own
