@@ -21,7 +21,9 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from ..errors import ConfigError, UserError
-from .api import FieldErrors, router
+from .api import router
+from .api_jobs import router as jobs_router
+from .inputs import FieldErrors
 from .jobs import Supervisor
 from .workspace import PathRefused, UploadTooLarge, Workspace
 
@@ -108,6 +110,7 @@ def create_app(settings: UISettings) -> FastAPI:
         return JSONResponse({"error": str(error)}, status_code=status)
 
     app.include_router(router)
+    app.include_router(jobs_router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/")

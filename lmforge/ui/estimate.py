@@ -1,25 +1,17 @@
 """Memory and time of a training run, estimated before it starts — a rough guide, shown as such, never a promise.
 
-Owns: the arithmetic below and its assumptions; the one measurement it makes (this machine's float32 matmul speed,
-once per board). Must not load a model: parameter counts come from the safetensors headers and config.json.
+Owns: the time arithmetic below and its assumptions, and the one measurement it makes (this machine's float32 matmul
+speed, once per board). Memory is train/memory.py's pre-flight estimate — the same figure `lmforge train` checks
+before it loads weights — with a fixed allowance for the training process itself in place of the board's own size.
+Must not load a model (parameters are counted on an empty meta-device copy and from the safetensors headers).
 
-Assumptions (CPU, float32, as lmforge trains on a CPU):
-- Weights: 4 bytes per parameter; qlora keeps the decoder's linear weights in 4 bits (~0.56 bytes with scales) or
-  8 bits (1 byte), everything else in float32.
-- Trainable parameters: lora / dora / qlora: rank × (in + out) for every linear layer of every decoder layer
-  (lora_target: all); loha twice that; lokr / ia3 / prompt methods: small (counted as 1 % of lora); adapter: two
-  adapter_size-wide projections after attention and MLP per layer; freeze: the last N layers; full: everything.
-  Each trainable parameter costs 16 bytes with its gradient and AdamW's two moments (weight, grad, m, v).
-- Activations: packed rows hold batch_size × tokens per example tokens (cutoff_len unless the page knows the
-  dataset's mean length from `data inspect`); per token and decoder layer ~16 hidden-size and 3 intermediate-size
-  float32 tensors are kept for backward (the lean MLP keeps gate and up). The LM head runs on supervised rows in
-  chunks, so its logits are left out. Plus ~400 MiB for Python, torch and the tokenizer.
+Assumptions:
+- Tokens per micro-batch: batch_size × tokens per example, which is cutoff_len unless the page knows the dataset's
+  mean length from `data inspect` (packed rows hold real lengths, not cutoff_len).
 - Time: a token costs 2 FLOPs per matmul weight forward and 2 backward for the activations' gradients, +2 for the
-  weights' gradients when the whole model trains (full, freeze's layers); at EFFICIENCY × the float32 matmul speed
-  measured on this machine. When a finished run in the workspace trained the same model with the same method, its
-  logged tokens/s is used instead (a measurement beats a model of one). Model loading and evaluation are left out.
-Compared with benchmarks/RESULTS.md (SmolLM2-135M, lora, batch 4): the estimate lands within ~1.5× of the
-measured peak RSS and tokens/s; treat it as an order of magnitude.
+  weights' gradients when the whole model trains (full, freeze); at EFFICIENCY × the float32 matmul speed measured
+  on this machine. When a run in the workspace trained the same model with the same method, its logged tokens/s is
+  used instead (a measurement beats a model of one). Model loading, data preparation and evaluation are left out.
 """
 
 from __future__ import annotations
@@ -29,12 +21,17 @@ import math
 import struct
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from ..config import Config
+from ..train.memory import count_parameters as count_trainable
+from ..train.memory import estimate_peak
+
 EFFICIENCY = 0.5  # share of the measured matmul speed a training step reaches (benchmarks/RESULTS.md, lora)
-RUNTIME_BYTES = 400 * 2**20
+RUNTIME_BYTES = 450 * 2**20  # a training process before its model loads: interpreter, torch, tokenizer, data
 MIB = 2**20
 _speed: dict[str, float] = {}
 _speed_lock = threading.Lock()
@@ -72,55 +69,32 @@ def count_parameters(model_dir: Path) -> dict:
     return {"total": total, "embedding": embedding}
 
 
-def estimate(model_dir: str | Path, config: dict, tokens_per_example: float | None = None,
+def estimate(model_dir: str | Path, config: Config, tokens_per_example: float | None = None,
              measured_tokens_per_s: float | None = None) -> dict:
-    """`config` is a run config as a dict (sections method / data / train)."""
     model_dir = Path(model_dir)
-    arch = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    arch = arch.get("text_config", arch)
-    hidden, layers = arch["hidden_size"], arch["num_hidden_layers"]
-    inter = arch.get("intermediate_size", 4 * hidden)
-    heads = arch.get("num_attention_heads", 1)
-    kv = hidden * arch.get("num_key_value_heads", heads) // heads
+    train, cutoff = config.train, config.data.cutoff_len
+    per_example = min(float(tokens_per_example or cutoff), cutoff)
+    tokens = max(1, round(train.batch_size * per_example))
+    memory = replace(estimate_peak(config, str(model_dir), tokens,
+                                   needs_reference_copy=train.stage in ("dpo", "kto") and
+                                   config.method.type in ("full", "freeze")),
+                     process=RUNTIME_BYTES)
+    _, trainable, _ = count_trainable(str(model_dir), config.method, config.model.dtype)
     params = count_parameters(model_dir)
     matmul_params = max(params["total"] - params["embedding"], 1)
-    method, data, train = config.get("method", {}), config.get("data", {}), config.get("train", {})
-    kind = method.get("type", "lora")
-
-    linear_in_out = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden), (hidden, inter),
-                     (hidden, inter), (inter, hidden)]
-    lora = layers * method.get("lora_rank", 8) * sum(a + b for a, b in linear_in_out)
-    per_layer = (params["total"] - params["embedding"]) / layers
-    trainable = {"lora": lora, "dora": lora, "qlora": lora, "loha": 2 * lora,
-                 "adapter": layers * 2 * 2 * hidden * method.get("adapter_size", 64),
-                 "freeze": per_layer * abs(method.get("freeze_trainable_layers", 2)),
-                 "full": params["total"]}.get(kind, lora / 100)
-
-    weights = 4 * params["total"]
-    if kind == "qlora" or method.get("quantization_bit"):
-        bits = method.get("quantization_bit") or 4
-        weights = 4 * params["embedding"] + matmul_params * (0.5625 if bits == 4 else 1.0)
-    optimizer = 16 * trainable
-    per_example = min(float(tokens_per_example or data.get("cutoff_len", 1024)), data.get("cutoff_len", 1024))
-    tokens = train.get("batch_size", 4) * per_example
-    activations = tokens * layers * (16 * hidden + 3 * inter) * 4
-    peak = RUNTIME_BYTES + weights + optimizer + activations
-    if train.get("stage") in ("dpo", "kto") and kind in ("full", "freeze"):
-        peak += 4 * params["total"]  # a frozen reference copy
-
-    steps_tokens = tokens * train.get("gradient_accumulation_steps", 1)
+    step_tokens = tokens * train.gradient_accumulation_steps
     if measured_tokens_per_s:
         speed, source = measured_tokens_per_s, "measured"
     else:
-        flops_per_token = (6 if kind in ("full", "freeze") else 4) * matmul_params
+        flops_per_token = (6 if config.method.type in ("full", "freeze") else 4) * matmul_params
         speed, source = EFFICIENCY * matmul_flops_per_second() / flops_per_token, "model"
-    seconds_per_step = steps_tokens / speed
     return {"parameters": params["total"], "trainable_parameters": int(trainable),
-            "memory_mib": {"weights": round(weights / MIB), "optimizer": round(optimizer / MIB),
-                           "activations": round(activations / MIB), "runtime": round(RUNTIME_BYTES / MIB),
-                           "peak": round(peak / MIB)},
-            "tokens_per_step": round(steps_tokens), "tokens_per_s": round(speed, 1), "speed_source": source,
-            "seconds_per_step": round(seconds_per_step, 3)}
+            "memory_mib": {"weights": round(memory.weights / MIB), "optimizer": round(memory.training_state / MIB),
+                           "activations": round((memory.activations + memory.head) / MIB),
+                           "reference": round(memory.reference / MIB), "runtime": round(memory.process / MIB),
+                           "peak": round(memory.peak / MIB)},
+            "tokens_per_step": step_tokens, "tokens_per_s": round(speed, 1), "speed_source": source,
+            "seconds_per_step": round(step_tokens / speed, 3)}
 
 
 def with_steps(result: dict, steps: int | None) -> dict:
