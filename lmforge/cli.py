@@ -198,9 +198,9 @@ def _names(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
-def _add_test_options(parser) -> None:
+def _add_test_options(parser, data_required: bool = True) -> None:
     """The test set and decoding options shared by `eval` and `compare`."""
-    parser.add_argument("--data", required=True, metavar="TEST[,TEST]",
+    parser.add_argument("--data", required=data_required, metavar="TEST[,TEST]",
                         help="test set(s): .json/.jsonl files or dataset_info.json names, comma-separated; the last "
                              "assistant message of each conversation is the reference, everything before it the "
                              "prompt")
@@ -219,6 +219,29 @@ def _add_test_options(parser) -> None:
                              "when the references are a few short labels)")
 
 
+def _predict_yaml_into(args) -> None:
+    """`lmforge eval predict.yaml`: LLaMA-Factory's do_predict file → the run or model, the test set and options."""
+    from .config.llamafactory_infer import read_predict_yaml
+
+    request = read_predict_yaml(args.run_dir)
+    for note in request.notes:
+        print(f"note: {note}")
+    loaded = request.inference
+    args.run_dir, args.model, args.adapter = loaded.run_dir, loaded.model, loaded.adapter
+    args.data = args.data or ",".join(request.data)
+    args.dataset_dir = args.dataset_dir or request.dataset_dir
+    args.max_samples = args.max_samples or request.max_samples
+    args.output = args.output or request.output
+    args.no_generate = args.no_generate or not request.generate
+    for name, value in (("cutoff_len", request.cutoff_len), ("batch_size", request.batch_size),
+                        ("max_new_tokens", loaded.max_new_tokens), ("temperature", loaded.temperature),
+                        ("top_p", loaded.top_p)):
+        if value is not None:
+            setattr(args, name, value)
+    if args.model and not args.output:
+        raise UserError(f"{args.run_dir or 'the prediction config'}: set output_dir (where eval.json goes)")
+
+
 def cmd_eval(args) -> int:
     from .eval.evaluate import (
         evaluate_run_or_model,
@@ -228,6 +251,10 @@ def cmd_eval(args) -> int:
         sweep_checkpoints,
     )
 
+    if args.run_dir and args.run_dir.endswith((".yaml", ".yml")):
+        _predict_yaml_into(args)
+    if not args.data:
+        raise UserError("lmforge eval: name the test set with --data TEST (or give a LLaMA-Factory do_predict YAML)")
     if bool(args.run_dir) == bool(args.model):
         raise UserError("name a run dir (lmforge eval runs/NAME --data TEST) or a model (--model NAME "
                         "[--adapter DIR] -o OUT_DIR), not both")
@@ -261,7 +288,8 @@ def add_eval(verbs) -> None:
                     "predictions.jsonl (into the run dir for a run).",
         epilog="examples: lmforge eval runs/demo --data test.jsonl · lmforge eval --model smollm2-135m-instruct "
                "--data test.jsonl -o eval/base · lmforge eval runs/demo --data test.jsonl --all-checkpoints")
-    evaluate.add_argument("run_dir", nargs="?", help="a run dir (runs/NAME) from lmforge train")
+    evaluate.add_argument("run_dir", nargs="?", help="a run dir (runs/NAME) from lmforge train, or a LLaMA-Factory "
+                                                     "do_predict YAML (its model, adapter, eval_dataset, output_dir)")
     evaluate.add_argument("--model", help="instead of a run: base model (builtin alias, local dir or hub id)")
     evaluate.add_argument("--adapter", help="a PEFT adapter dir to apply to --model")
     evaluate.add_argument("--checkpoint", metavar="step-N|final|best",
@@ -276,7 +304,7 @@ def add_eval(verbs) -> None:
     evaluate.add_argument("-o", "--output", metavar="OUT_DIR",
                           help="where eval.json and predictions.jsonl go (default for a run: the run dir; "
                                "needed with --model)")
-    _add_test_options(evaluate)
+    _add_test_options(evaluate, data_required=False)
     evaluate.set_defaults(func=cmd_eval)
 
 
@@ -369,12 +397,38 @@ def add_export(verbs) -> None:
     export.set_defaults(func=cmd_export)
 
 
+def _inference_yaml_into(args) -> None:
+    """`lmforge serve infer.yaml` or `--config infer.yaml` with LLaMA-Factory's inference file: serve what it names."""
+    from .config.llamafactory_infer import is_inference_file, read_inference_yaml
+
+    path = next((p for p in (args.target, args.config) if p and p.endswith((".yaml", ".yml")) and
+                 is_inference_file(p)), None)
+    if path is None:
+        return
+    request = read_inference_yaml(path)
+    for note in request.notes:
+        print(f"note: {note}")
+    if request.template:
+        print(f"note: {path}: template: {request.template} — serve uses the chat template of the run or model "
+              f"(ignored)")
+    args.config = None if args.config == path else args.config
+    args.target = None if args.target == path else args.target
+    if args.target or args.model:
+        raise UserError(f"{path} already names what to serve; drop the run dir / --model from the command line")
+    if request.run_dir or request.adapter:  # an adapter dir records its base model
+        args.target = request.run_dir or request.adapter
+    else:
+        args.model = request.model
+    args.backend = args.backend or request.backend
+
+
 def cmd_serve(args) -> int:
     from .serve.app import run_server
     from .serve.loading import build_engine, parse_adapters
     from .serve.settings import load_settings
     from .serve.vllm_engine import parse_vllm_args
 
+    _inference_yaml_into(args)
     settings = load_settings(args.config, {
         "host": args.host, "port": args.port, "api_keys": args.api_key, "api_key_file": args.api_key_file,
         "admin_keys": args.admin_key, "requests_per_minute": args.requests_per_minute,
@@ -398,7 +452,8 @@ def add_serve(verbs) -> None:
                     "per-key rate limits, a bounded queue, a kill switch and Prometheus /metrics. Binds 127.0.0.1 "
                     "unless given keys. Every setting can also live in --config serve.yaml.",
         epilog="example: lmforge serve runs/legal --adapter medical=runs/medical/adapter --api-key-file keys.txt")
-    serve.add_argument("target", nargs="?", metavar="RUN_OR_EXPORT_DIR", help="run dir, export dir or adapter dir")
+    serve.add_argument("target", nargs="?", metavar="RUN_OR_EXPORT_DIR",
+                       help="run dir, export dir, adapter dir, or a LLaMA-Factory inference YAML")
     serve.add_argument("--model", help="base model instead of a dir: builtin alias, local dir or hub id")
     serve.add_argument("--adapter", action="append", metavar="NAME=DIR",
                        help="a LoRA adapter on the same base, requested as model NAME (repeat the option)")
@@ -527,7 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     chat = verbs.add_parser("chat", help="talk to a trained run or a model in the terminal")
-    chat.add_argument("run_dir", nargs="?", help="a run dir (runs/NAME) from lmforge train")
+    chat.add_argument("run_dir", nargs="?", help="a run dir (runs/NAME) from lmforge train, or a LLaMA-Factory "
+                                                 "inference YAML (model_name_or_path, adapter_name_or_path, template)")
     chat.add_argument("--model", help="base model: builtin alias, local dir or hub id")
     chat.add_argument("--adapter", help="a PEFT adapter dir to apply to --model")
     chat.add_argument("--prompt", help="answer this one message and exit")

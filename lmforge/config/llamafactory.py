@@ -29,6 +29,14 @@ def _bool_true_only(key: str, meaning: str) -> Callable[[Any], tuple[dict | None
     return convert
 
 
+def _false_only(key: str, meaning: str) -> Callable[[Any], tuple[dict | None, str | None]]:
+    def convert(value: Any) -> tuple[dict | None, str | None]:
+        if value:
+            raise Refused(f"{key}: true — {meaning}")
+        return None, None
+    return convert
+
+
 def _dtype(key: str) -> Callable[[Any], tuple[dict | None, str | None]]:
     def convert(value: Any) -> tuple[dict | None, str | None]:
         name = {"fp16": "float16", "bf16": "bfloat16", "pure_bf16": "bfloat16"}[key]
@@ -218,6 +226,10 @@ FLAT_KEYS: dict[str, str | Callable[[Any], tuple[dict | None, str | None]]] = {
     "disable_gradient_checkpointing": _ignored("disable_gradient_checkpointing: lmforge does not checkpoint "
                                                "activations (packing and a lean MLP keep their memory down)"),
     "run_name": _ignored("run_name: the run is named after output_dir"),
+    "do_predict": _false_only("do_predict", "a prediction config is run by `lmforge eval THIS.yaml` (BLEU-4 / ROUGE "
+                                            "on eval_dataset, as LLaMA-Factory's predict)"),
+    "predict_with_generate": _ignored("predict_with_generate: generation metrics come from `lmforge eval`"),
+    "do_eval": _ignored("do_eval: validation runs every eval_steps when there is validation data"),
 }
 
 
@@ -309,6 +321,13 @@ _EXPORT_NOTES = {
 }
 
 
+def is_lmforge_run(path: Any) -> bool:
+    """An lmforge run dir (config.yaml from `lmforge train`, no model config.json of its own): where LLaMA-Factory's
+    files point at a training output_dir, the weights are in this run."""
+    return isinstance(path, str) and bool(path) and (Path(path) / "config.yaml").is_file() \
+        and not (Path(path) / "config.json").is_file()
+
+
 def is_export_yaml(raw: dict) -> bool:
     return "export_dir" in raw or any(key.startswith("export_") for key in raw)
 
@@ -340,6 +359,14 @@ def translate_export(raw: dict, source: str) -> tuple[dict, list[str]]:
     if "base_model" not in fields:
         problems.append("model_name_or_path is missing: name the base model (or, for finetuning_type: full, the "
                         "trained model dir)")
+    for key, name in (("adapter", "adapter_name_or_path"), ("base_model", "model_name_or_path")):
+        if is_lmforge_run(fields.get(key)):  # LLaMA-Factory's output_dir is where `lmforge train` made a run dir
+            fields["source"] = str(fields.pop(key))
+            fields.pop("base_model", None)
+            fields.pop("adapter", None)
+            notes.append(f"{source}: {name} {fields['source']} is an lmforge run dir: exporting its weights "
+                         f"(best.json's choice, else the final ones) on the base model it was trained from")
+            break
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
         raise ConfigError(f"{source}: {len(problems)} problem{'s' if len(problems) > 1 else ''} in the export "

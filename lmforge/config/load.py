@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from ..errors import ConfigError
 from .chatglm3 import is_chatglm3, resolve_data_files, translate_chatglm3
 from .llamafactory import FLAT_KEYS, WARMUP_RATIO_NOTE, is_flat_llamafactory, translate_flat
+from .llamafactory_infer import is_inference_yaml
 from .schema import SECTIONS, Config, known_paths
 
 
@@ -27,6 +28,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         source = str(path)
         raw = _read_yaml(Path(path))
     notes: list[str] = []
+    if is_inference_yaml(raw) and not any(item.startswith(("dataset=", "data.train=")) for item in overrides):
+        raise ConfigError(f"{source} names a model but no dataset: it looks like an inference config; talk to it "
+                          f"with `lmforge chat {source}` or serve it with `lmforge serve {source}` (to train, add "
+                          f"dataset: …)")
     if is_flat_llamafactory(raw):
         raw, notes = translate_flat(raw, source)
     elif is_chatglm3(raw):
