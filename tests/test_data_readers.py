@@ -76,13 +76,23 @@ def test_sharegpt_system_message_in_the_list_wins_over_the_column():
     assert convert(record, "f:1") == conv(("system", "S1"), ("user", "hi"), ("assistant", "yo"))
 
 
-def test_sharegpt_tool_call_record_is_rejected_with_the_role():
+def test_sharegpt_tool_call_record_is_read():
     record = {"conversations": [{"from": "human", "value": "weather?"},
-                                {"from": "function_call", "value": "{}"},
-                                {"from": "observation", "value": "{}"}, {"from": "gpt", "value": "sunny"}]}
-    with pytest.raises(DataError, match=r"f:7: tool-call conversations are not supported yet "
-                                        r"\(record has role 'function_call'\)"):
-        convert(record, "f:7")
+                                {"from": "function_call", "value": '{"name": "weather", "arguments": {"city": "Rome"}}'},
+                                {"from": "observation", "value": '{"sky": "sunny"}'}, {"from": "gpt", "value": "sunny"}],
+              "tools": '[{"name": "weather", "description": "today", "parameters": {"type": "object", '
+                       '"properties": {"city": {"type": "string"}}}}]'}
+    result = convert(record, "f:7")
+    assert [m.role for m in result.messages] == ["user", "assistant", "tool", "assistant"]
+    assert result.messages[1].tool_calls[0].name == "weather"
+    assert result.messages[1].tool_calls[0].arguments == {"city": "Rome"}
+    assert result.messages[2].content == '{"sky": "sunny"}'
+    assert result.tools[0]["function"]["name"] == "weather"
+    bad = {**record, "conversations": [record["conversations"][0], {"from": "function_call", "value": '{"name": '}]}
+    with pytest.raises(DataError, match=r"f:7: message 1 \(function_call\) is not valid JSON"):
+        convert(bad, "f:7")
+    with pytest.raises(DataError, match=r"f:7: field 'tools' is not valid JSON"):
+        convert({**record, "tools": "[{"}, "f:7")
 
 
 def test_sharegpt_non_alternating_turns_report_the_message_index():
@@ -97,17 +107,26 @@ def test_chatglm3_conversations():
     assert convert(record, "f:1") == conv(("system", "S"), ("user", "q"), ("assistant", "a"))
 
 
-def test_chatglm3_loss_false_is_refused_not_ignored():
+def test_chatglm3_loss_false_marks_an_untrained_turn():
     record = {"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "loss": False},
                                 {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]}
-    with pytest.raises(DataError, match=r"f:1: message 1 .*per-turn loss flags are not supported yet"):
-        convert(record, "f:1")
+    result = convert(record, "f:1")
+    assert [m.train for m in result.messages] == [None, False, None, None]
+    assert result.to_record()["messages"][1]["loss"] is False
 
 
-def test_chatglm3_tool_role_is_rejected():
-    record = {"conversations": [{"role": "user", "content": "q"}, {"role": "observation", "content": "{}"}]}
-    with pytest.raises(DataError, match="tool-call conversations are not supported yet"):
-        convert(record, "f:1")
+def test_chatglm3_tool_turn_is_a_call_and_its_result():
+    record = {"tools": [{"name": "search", "description": "find", "parameters": {"type": "object", "properties": {}}}],
+              "conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "Let me look."},
+                                {"role": "tool", "name": "search", "parameters": {"k": "v"},
+                                 "observation": {"hits": 1}},
+                                {"role": "assistant", "content": "Found one."}]}
+    result = convert(record, "f:1")
+    assert [m.role for m in result.messages] == ["user", "assistant", "tool", "assistant"]
+    assert result.messages[1].content == "Let me look." and result.messages[1].tool_calls[0].arguments == {"k": "v"}
+    assert result.messages[2].content == '{"hits": 1}' and result.messages[2].name == "search"
+    with pytest.raises(DataError, match=r"f:1: message 1 is 'tool' but 'assistant' was expected"):
+        convert({"conversations": [{"role": "user", "content": "q"}, {"role": "observation", "content": "{}"}]}, "f:1")
 
 
 def test_openai_messages():
@@ -299,6 +318,7 @@ def test_llamafactory_demo_datasets_load_through_dataset_info():
         ("user", "图书馆几点开门？"), ("assistant", "工作日早上八点开门。"),
         ("user", "晚上几点关门？"), ("assistant", "晚上九点关门。"),
         ("user", "那周末呢？"), ("assistant", "周末上午十点开门，下午五点关门。")]
-    with pytest.raises(DataError, match=r"glaive_toolcall_en_demo\.json:\d+: tool-call conversations are not "
-                                        r"supported yet"):
-        load_many(["glaive_toolcall_en_demo"], LLAMAFACTORY_DATA)
+    tool_use, _ = load_many(["glaive_toolcall_en_demo"], LLAMAFACTORY_DATA)  # sharegpt function_call / observation
+    assert [m.role for m in tool_use[0].messages] == ["user", "assistant", "tool", "assistant"]
+    assert tool_use[0].messages[1].tool_calls[0].arguments == {"value": 80, "percent": 15}
+    assert tool_use[0].tools[0]["function"]["name"] == "percentage"

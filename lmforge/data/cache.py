@@ -24,7 +24,7 @@ from .datasets import DatasetSpec, dataset_files
 from .recipe import Step
 from .render import Example, RenderStats, render_dataset
 
-_RENDER_CODE = Path(__file__).with_name("render.py")
+_RENDER_CODE = (Path(__file__).with_name("render.py"), Path(__file__).with_name("templates.py"))
 
 
 def cache_root() -> Path:
@@ -70,11 +70,12 @@ def rendered_dataset(tokenizer, conversations: list[Conversation], train_on: str
     """render.render_dataset(...), from the cache when the same conversations were rendered with the same tokenizer,
     chat template and options before. Returns (examples, stats, cache hit)."""
     digest = hashlib.sha256(f"render {__version__}".encode())
-    digest.update(_RENDER_CODE.read_bytes())
+    for code in _RENDER_CODE:
+        digest.update(code.read_bytes())
     digest.update(tokenizer_fingerprint(tokenizer).encode())
     digest.update(f"{train_on} {cutoff_len}".encode())
     for conversation in conversations:
-        digest.update(json.dumps(conversation.to_dicts(), ensure_ascii=False).encode())
+        digest.update(json.dumps(conversation.to_record(), ensure_ascii=False).encode())  # + tools, loss flags
         digest.update(b"\x00")
     entry = cache_root() / "tokenized" / f"{digest.hexdigest()[:24]}.npz"
     if entry.is_file():

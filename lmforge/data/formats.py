@@ -1,7 +1,10 @@
 """Edge converters: one small function per record shape, each turning one record into a Conversation.
 
 Owns the shapes we read (alpaca, sharegpt, ChatGLM3 "conversations", OpenAI "messages"), format detection, and
-LLaMA-Factory's dataset_info.json column/tag mapping (FormatSpec). Must not open files (sources.py does that) nor
+LLaMA-Factory's dataset_info.json column/tag mapping (FormatSpec). Tool use in each shape's own spelling (sharegpt's
+function_call / observation turns and tools column, ChatGLM3's "tool" turns, OpenAI's tool_calls and "tool" messages)
+and per-turn loss flags ("loss": false, OpenAI's "weight": 0) become the Conversation's tool calls, tool messages and
+untrained turns. Must not open files (sources.py does that) nor
 clean or filter content (later data/ stages do). Everything ends in conversation.validate(), so all shapes get the
 same checks.
 """
@@ -13,7 +16,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..conversation import Conversation, validate
+from ..conversation import Conversation, parse_json_object, validate, validate_tools
 from ..errors import DataError
 
 FORMAT_NAMES = ("alpaca", "sharegpt", "conversations", "messages")
@@ -25,7 +28,6 @@ DEFAULT_COLUMNS = {"prompt": "instruction", "query": "input", "response": "outpu
                    "chosen": "chosen", "rejected": "rejected", "kto_tag": "kto_tag"}
 DEFAULT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
                 "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
-TOOL_ROLES = ("function_call", "observation", "tool", "function", "tool_call")
 MEDIA_COLUMNS = ("images", "videos", "audios")
 
 
@@ -136,7 +138,7 @@ def alpaca(record: dict, where: str, spec: FormatSpec = FormatSpec()) -> Convers
     # LLaMA-Factory's rule: the non-empty parts of instruction and input joined by a newline.
     prompt = "\n".join(part for part in (instruction, query) if part)
     messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-    return Conversation.from_dicts(validate(messages, where), source=where)
+    return Conversation.from_dicts(validate(messages, where), where, _tools(record, where, spec))
 
 
 def sharegpt(record: dict, where: str, spec: FormatSpec = FormatSpec()) -> Conversation:
@@ -145,19 +147,24 @@ def sharegpt(record: dict, where: str, spec: FormatSpec = FormatSpec()) -> Conve
     turns = _message_list(record, spec.columns.get("messages", "conversations"), where)
     role_tag, content_tag = spec.tag("role_tag"), spec.tag("content_tag")
     roles = _sharegpt_roles(spec)
-    tool_roles = {spec.tag("function_tag"), spec.tag("observation_tag"), *TOOL_ROLES}
-    messages = []
+    function_tag, observation_tag = spec.tag("function_tag"), spec.tag("observation_tag")
+    messages: list = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             messages.append(turn)  # validate() reports it with its index
             continue
         value = turn.get(role_tag)
-        if isinstance(value, str) and value in tool_roles:
-            raise _tool_call_error(where, f"role {value!r}")
+        if value == function_tag:  # the assistant's call(s): {"name", "arguments"} as JSON, or a list of them
+            _add_tool_calls(messages, _function_calls(turn.get(content_tag), f"{where}: message {i} ({value})"))
+            continue
+        if value == observation_tag:
+            messages.append({"role": "tool", "content": _tool_result(turn.get(content_tag))})
+            continue
         if not isinstance(value, str) or value not in roles:
             raise DataError(f"{where}: message {i} has {role_tag}={_preview(value)}; expected one of "
-                            f"{', '.join(map(repr, roles))}")
-        messages.append({"role": roles[value], "content": turn.get(content_tag)})
+                            f"{', '.join(map(repr, [*roles, function_tag, observation_tag]))}")
+        messages.append({"role": roles[value], "content": turn.get(content_tag),
+                         **({"loss": turn["loss"]} if "loss" in turn else {})})
     return _with_system_column(validate(messages, where), record, where, spec)
 
 
@@ -165,7 +172,6 @@ def conversations(record: dict, where: str, spec: FormatSpec = FormatSpec()) -> 
     """ChatGLM3 finetune-demo shape: {"conversations": [{"role": ..., "content": ...}]}."""
     reject_unsupported_columns(record, where, spec)
     turns = _message_list(record, spec.columns.get("messages", "conversations"), where)
-    _reject_turn_loss_flags(turns, where, flag="loss", off=False)
     return _role_content(turns, record, where, spec)
 
 
@@ -173,7 +179,6 @@ def messages(record: dict, where: str, spec: FormatSpec = FormatSpec()) -> Conve
     """OpenAI chat shape: {"messages": [{"role": ..., "content": ...}]}."""
     reject_unsupported_columns(record, where, spec)
     turns = _message_list(record, spec.columns.get("messages", "messages"), where)
-    _reject_turn_loss_flags(turns, where, flag="weight", off=0)
     return _role_content(turns, record, where, spec)
 
 
@@ -182,9 +187,7 @@ FORMATS: dict[str, Callable[[dict, str, FormatSpec], Conversation]] = {
 
 
 def reject_unsupported_columns(record: dict, where: str, spec: FormatSpec) -> None:
-    """Tool descriptions and media files change what a sample means; refuse them rather than drop them."""
-    if _is_present(record.get(spec.column("tools"))):
-        raise _tool_call_error(where, f"a non-empty {spec.column('tools')!r} field")
+    """Media files change what a sample means; refuse them rather than drop them."""
     media = [spec.column(key) for key in MEDIA_COLUMNS if _is_present(record.get(spec.column(key)))]
     if media:
         raise DataError(f"{where}: multimodal data not supported (record has {', '.join(media)}); lmforge trains "
@@ -192,24 +195,89 @@ def reject_unsupported_columns(record: dict, where: str, spec: FormatSpec) -> No
 
 
 def _role_content(turns: list, record: dict, where: str, spec: FormatSpec) -> Conversation:
-    for turn in turns:
+    """role/content messages (ChatGLM3, OpenAI), with each one's way of writing tool use and loss flags."""
+    messages: list = []
+    tools = _tools(record, where, spec)
+    for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
+            messages.append(turn)  # validate() reports it with its index
             continue
-        if turn.get("role") in TOOL_ROLES:
-            raise _tool_call_error(where, f"role {turn['role']!r}")
-        for key in ("tool_calls", "function_call", "tools"):
-            if _is_present(turn.get(key)):
-                raise _tool_call_error(where, f"a message with {key!r}")
-    return _with_system_column(validate(turns, where), record, where, spec)
+        role = turn.get("role")
+        if role == "system" and _is_present(turn.get("tools")):  # ChatGLM3 may carry the tools on the system turn
+            tools = tools or validate_tools(turn["tools"], f"{where}: message {i} tools")
+        if role == "tool" and ("observation" in turn or "parameters" in turn):  # ChatGLM3: call + result in one
+            name = turn.get("name")
+            if not isinstance(name, str) or not name:
+                raise DataError(f"{where}: message {i} (tool) has no \"name\" (the tool called)")
+            arguments = parse_json_object(turn.get("parameters", {}), f"{where}: message {i} (tool) parameters")
+            _add_tool_calls(messages, [{"name": name, "arguments": arguments}])
+            messages.append({"role": "tool", "name": name, "content": _tool_result(turn.get("observation"))})
+            continue
+        item = {key: turn[key] for key in ("role", "content", "tool_calls", "name", "loss") if key in turn}
+        if role in ("observation", "function"):  # ChatGLM3's and OpenAI's older names of a tool result
+            item["role"] = "tool"
+            item["content"] = _tool_result(turn.get("content"))
+        elif role == "tool":
+            item["content"] = _tool_result(turn.get("content"))
+        if role == "assistant" and _is_present(turn.get("function_call")):  # OpenAI's older single call
+            item["tool_calls"] = [turn["function_call"]]
+        if "weight" in turn:  # OpenAI fine-tuning files: weight 0 = do not train this assistant turn
+            if turn["weight"] not in (0, 1):
+                raise DataError(f"{where}: message {i} has \"weight\": {_preview(turn['weight'])}; expected 0 or 1")
+            if turn["weight"] == 0:
+                item["loss"] = False
+        messages.append(item)
+    return _with_system_column(validate(messages, where), record, where, spec, tools)
 
 
-def _with_system_column(messages: list[dict], record: dict, where: str, spec: FormatSpec) -> Conversation:
+def _with_system_column(messages: list[dict], record: dict, where: str, spec: FormatSpec,
+                        tools: list[dict] | None = None) -> Conversation:
     """Messages already validated (so error indices match the file), plus the record's top-level system prompt
     when the messages do not start with one (a system message in the list wins, as in LLaMA-Factory)."""
     system = _optional_text(record, spec.column("system"), where)
     if system and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system}, *messages]
-    return Conversation.from_dicts(validate(messages, where), source=where)
+    tools = _tools(record, where, spec) if tools is None else tools
+    return Conversation.from_dicts(validate(messages, where), where, tools)
+
+
+def _tools(record: dict, where: str, spec: FormatSpec) -> list[dict]:
+    value = record.get(spec.column("tools"))
+    return validate_tools(value, f"{where}: field {spec.column('tools')!r}") if _is_present(value) else []
+
+
+def _add_tool_calls(messages: list, calls: list[dict]) -> None:
+    """Calls join the assistant message right before them (its text is the thought before calling), else they are
+    an assistant message of their own."""
+    previous = messages[-1] if messages else None
+    if isinstance(previous, dict) and previous.get("role") == "assistant" and not previous.get("tool_calls"):
+        previous["tool_calls"] = calls
+    else:
+        messages.append({"role": "assistant", "content": "", "tool_calls": calls})
+
+
+def _function_calls(value: object, what: str) -> list[dict]:
+    """sharegpt function_call content: {"name", "arguments"} as JSON (or a list of them, for parallel calls)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{what} is not valid JSON ({error.msg} at character {error.pos}): "
+                            f"{_preview(value)}") from None
+    calls = value if isinstance(value, list) else [value]
+    for call in calls:
+        if not (isinstance(call, dict) and isinstance(call.get("name"), str)):
+            raise DataError(f"{what} should be {{\"name\": ..., \"arguments\": {{...}}}} (or a list of them), "
+                            f"got {_preview(value)}")
+    return [{"name": call["name"], "arguments": parse_json_object(call.get("arguments", {}), f"{what} arguments")}
+            for call in calls]
+
+
+def _tool_result(value: object) -> object:
+    """A tool's result as text: JSON values (ChatGLM3's observation need not be a string) are written as JSON."""
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _sharegpt_roles(spec: FormatSpec) -> dict[str, str]:
@@ -217,14 +285,6 @@ def _sharegpt_roles(spec: FormatSpec) -> dict[str, str]:
     roles.update({spec.tag("user_tag"): "user", spec.tag("assistant_tag"): "assistant",
                   spec.tag("system_tag"): "system"})
     return roles
-
-
-def _reject_turn_loss_flags(turns: list, where: str, *, flag: str, off: object) -> None:
-    for i, turn in enumerate(turns):
-        if isinstance(turn, dict) and turn.get("role") == "assistant" and flag in turn and turn[flag] == off:
-            raise DataError(f"{where}: message {i} has \"{flag}\": {json.dumps(off)}; per-turn loss flags are not "
-                            f"supported yet (every assistant turn is trained). Remove the flag, or drop that turn "
-                            f"and the ones after it")
 
 
 def _message_list(record: dict, key: str, where: str) -> list:
@@ -273,11 +333,6 @@ def _string_mapping(value: object, known: dict[str, str], name: str, where: str)
             raise DataError(f"{where}: unknown key {key!r} in {name!r}{_did_you_mean(key, known)}; "
                             f"known keys: {', '.join(known)}")
     return dict(value)
-
-
-def _tool_call_error(where: str, what: str) -> DataError:
-    return DataError(f"{where}: tool-call conversations are not supported yet (record has {what}); remove tool-call "
-                     f"records from the dataset, or leave this dataset out for now")
 
 
 def _unknown_shape_hint(record: dict) -> str:

@@ -5,6 +5,9 @@ found by prefix difference: the text of messages[:k] with a generation prompt mu
 which must be a prefix of the whole conversation; the tokens in between are assistant turn k. A template that breaks
 this is refused. A model without a template takes a named one (templates.py: chatml, human_assistant and LLaMA-Factory's
 common names) set on the tokenizer as Jinja; a model with one keeps it when a LLaMA-Factory name is given.
+Tool use (tool descriptions, the assistant's tool calls, tool results) goes through the chat template when it renders
+them (Qwen2.5 / Llama 3.1 style, `tools=`), else through LLaMA-Factory's default tool format (templates.py); the
+assistant's calls train like any reply, tool results never do, and a turn marked "loss": false does not either.
 """
 
 from __future__ import annotations
@@ -13,7 +16,13 @@ from dataclasses import dataclass
 
 from ..conversation import Conversation
 from ..errors import ConfigError, DataError
-from .templates import LLAMAFACTORY_TEMPLATES, NAMED_TEMPLATES, TEMPLATE_TOKENS, template_names
+from .templates import (
+    LLAMAFACTORY_TEMPLATES,
+    NAMED_TEMPLATES,
+    TEMPLATE_TOKENS,
+    plain_tool_messages,
+    template_names,
+)
 
 IGNORE_INDEX = -100
 
@@ -90,8 +99,47 @@ def _is_single_token(tokenizer, token: str) -> bool:
     return len(ids) == 1 and ids[0] != tokenizer.unk_token_id  # a vocabulary may map an unknown word to one <unk>
 
 
-def render_text(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def render_text(tokenizer, messages: list[dict], add_generation_prompt: bool = False,
+                tools: list[dict] | None = None) -> str:
+    return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+
+
+_PROBE_TOOLS = [{"type": "function", "function": {"name": "probe_tool_lmforge", "description": "d",
+                                                  "parameters": {"type": "object", "properties": {}}}}]
+_PROBE_CALLS = [{"role": "user", "content": "u"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"type": "function", "function": {"name": "probe_call_lmforge", "arguments": {"a": 1}}}]},
+                {"role": "tool", "name": "probe_call_lmforge", "content": "probe_result_lmforge"},
+                {"role": "assistant", "content": "done"}]
+_RENDERS_TOOLS: dict[str, bool] = {}
+
+
+def template_renders_tools(tokenizer) -> bool:
+    """Whether the chat template writes tool descriptions, tool calls and tool results (Qwen2.5, Llama 3.1, …)."""
+    template = tokenizer.chat_template or ""
+    if template not in _RENDERS_TOOLS:
+        try:
+            text = render_text(tokenizer, _PROBE_CALLS, tools=_PROBE_TOOLS)
+            _RENDERS_TOOLS[template] = all(marker in text for marker in
+                                           ("probe_tool_lmforge", "probe_call_lmforge", "probe_result_lmforge"))
+        except Exception:  # a template that raises on tools or tool roles does not render them
+            _RENDERS_TOOLS[template] = False
+    return _RENDERS_TOOLS[template]
+
+
+def chat_messages(tokenizer, conversation: Conversation) -> tuple[list[dict], list[dict] | None, frozenset[int]]:
+    """What the chat template renders for a conversation: (messages, tools or None, indices of untrained turns).
+    A conversation using tools keeps them for a template that renders them; for any other template they become
+    plain system / user / assistant text in LLaMA-Factory's default tool format."""
+    messages = conversation.to_dicts()
+    untrained = frozenset(i for i, m in enumerate(conversation.messages) if m.train is False)
+    if not conversation.uses_tools:
+        return messages, None, untrained
+    if template_renders_tools(tokenizer):
+        return messages, list(conversation.tools) or None, untrained
+    plain, untrained = plain_tool_messages(messages, list(conversation.tools), untrained)
+    return plain, None, untrained
 
 
 def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
@@ -121,9 +169,11 @@ def _reply_spans(text: str, messages: list[dict]) -> list[tuple]:
     return spans
 
 
-def assistant_spans(tokenizer, messages: list[dict], train_on: str, where: str = "") -> tuple[str, list[tuple]]:
-    """Render the conversation; return (text, [(start, end) character spans that carry loss])."""
-    full = render_text(tokenizer, messages)
+def assistant_spans(tokenizer, messages: list[dict], train_on: str, where: str = "", tools: list[dict] | None = None,
+                    untrained: frozenset[int] = frozenset()) -> tuple[str, list[tuple]]:
+    """Render the conversation; return (text, [(start, end) character spans that carry loss]). Assistant turns in
+    `untrained` ("loss": false) carry none."""
+    full = render_text(tokenizer, messages, tools=tools)
     if train_on == "all":
         return full, [(0, len(full))]
     turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
@@ -131,8 +181,10 @@ def assistant_spans(tokenizer, messages: list[dict], train_on: str, where: str =
         turns = turns[-1:]
     spans = []
     for k in turns:
-        prompt = render_text(tokenizer, messages[:k], add_generation_prompt=True)
-        upto = full if k == len(messages) - 1 else render_text(tokenizer, messages[:k + 1])
+        if k in untrained:
+            continue
+        prompt = render_text(tokenizer, messages[:k], add_generation_prompt=True, tools=tools)
+        upto = full if k == len(messages) - 1 else render_text(tokenizer, messages[:k + 1], tools=tools)
         if not upto.startswith(prompt) or not full.startswith(upto):
             raise ConfigError(
                 f"{where}: the chat template is not prefix-preserving at assistant message {k} (rendering the "
@@ -144,19 +196,19 @@ def assistant_spans(tokenizer, messages: list[dict], train_on: str, where: str =
 
 
 def render_example(tokenizer, conversation: Conversation, train_on: str = "assistant") -> Example:
-    messages = conversation.to_dicts()
-    text, spans = assistant_spans(tokenizer, messages, train_on, conversation.source)
-    turns = spans if train_on == "assistant" else _turn_spans(tokenizer, messages)
+    messages, tools, untrained = chat_messages(tokenizer, conversation)
+    text, spans = assistant_spans(tokenizer, messages, train_on, conversation.source, tools, untrained)
+    turns = spans if train_on == "assistant" and not untrained else _turn_spans(tokenizer, messages, tools)
     ids, labels = _tokenize(tokenizer, text, turns, spans)
     if all(label == IGNORE_INDEX for label in labels):
         raise DataError(f"{conversation.source}: no trainable tokens after rendering (empty assistant reply?)")
     return Example(ids, labels)
 
 
-def _turn_spans(tokenizer, messages: list[dict]) -> list[tuple]:
+def _turn_spans(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[tuple]:
     """Spans of every assistant turn, or none if the template is not prefix-preserving (then only trained spans cut)."""
     try:
-        return assistant_spans(tokenizer, messages, "assistant")[1]
+        return assistant_spans(tokenizer, messages, "assistant", tools=tools)[1]
     except ConfigError:
         return []
 

@@ -12,9 +12,14 @@ Where LLaMA-Factory's text has no end to a reply, or ends it outside the text, t
 - alpaca: a system message is followed by a blank line (LLaMA-Factory's runs into "### Instruction:").
 - qwen3: ChatML; thinking blocks (<think>) are not added — a Qwen3 model ships its own template, which wins.
 System messages: llama2, mistral and gemma put it in front of the first user message, as LLaMA-Factory does.
+
+Tool use, for a chat template that does not render tools itself: LLaMA-Factory's default tool format (tool_prompt,
+plain_tool_messages below), so such a model learns one consistent way to call tools.
 """
 
 from __future__ import annotations
+
+import json
 
 _SYSTEM_FIRST = (  # splits off a leading system message for templates that fuse it into the first user turn
     "{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] %}"
@@ -124,3 +129,73 @@ TEMPLATE_TOKENS = {
 
 def template_names() -> list[str]:
     return [*NAMED_TEMPLATES, *LLAMAFACTORY_TEMPLATES]
+
+
+# --- tool use for templates that do not render it ------------------------------------------------------------------
+# LLaMA-Factory's default tool format (its DefaultToolUtils): the tools described in the system message, each call
+# written as "Action: NAME\nAction Input: {JSON}" in the assistant's reply, each result given back as a user turn.
+
+DEFAULT_TOOL_PROMPT = (
+    "You have access to the following tools:\n{tool_text}"
+    "Use the following format if using a tool:\n"
+    "```\n"
+    "Action: tool name (one of [{tool_names}])\n"
+    "Action Input: the input to the tool, in a JSON format representing the kwargs "
+    """(e.g. ```{{"input": "hello world", "num_beams": 5}}```)\n"""
+    "```\n"
+)
+
+
+def tool_prompt(tools: list[dict]) -> str:
+    """The system-message text describing `tools` (OpenAI's {"type": "function", "function": {...}} each)."""
+    tool_text, names = "", []
+    for tool in tools:
+        function = tool.get("function", tool)
+        parameters = function.get("parameters") or {}
+        required = parameters.get("required", [])
+        args = ""
+        for name, param in (parameters.get("properties") or {}).items():
+            enum = f", should be one of [{', '.join(map(str, param['enum']))}]" if param.get("enum") else ""
+            items = f", where each item should be {param['items'].get('type', '')}" if param.get("items") else ""
+            args += (f"  - {name} ({param.get('type', '')}{', required' if name in required else ''}): "
+                     f"{param.get('description', '')}{enum}{items}\n")
+        tool_text += (f"> Tool Name: {function['name']}\nTool Description: {function.get('description', '')}\n"
+                      f"Tool Args:\n{args}\n")
+        names.append(function["name"])
+    return DEFAULT_TOOL_PROMPT.format(tool_text=tool_text, tool_names=", ".join(names))
+
+
+def tool_call_text(calls: list[dict]) -> str:
+    return "\n".join(f"Action: {call['function']['name']}\nAction Input: "
+                     f"{json.dumps(call['function']['arguments'], ensure_ascii=False)}" for call in calls)
+
+
+def plain_tool_messages(messages: list[dict], tools: list[dict], untrained: frozenset[int]
+                        ) -> tuple[list[dict], frozenset[int]]:
+    """Tool use as plain system / user / assistant messages in the default tool format; the indices of untrained
+    turns follow the messages (consecutive tool results become one user turn)."""
+    out: list[dict] = []
+    still_untrained = set()
+    if tools:
+        if messages and messages[0]["role"] == "system":
+            out.append({"role": "system", "content": messages[0]["content"] + tool_prompt(tools)})
+            messages = messages[1:]
+            untrained = frozenset(i - 1 for i in untrained)
+        else:
+            out.append({"role": "system", "content": tool_prompt(tools)})
+    for i, message in enumerate(messages):
+        if message["role"] == "tool":
+            if out and out[-1].get("_results"):
+                out[-1]["content"] += "\n" + message["content"]
+                continue
+            out.append({"role": "user", "content": message["content"], "_results": True})
+            continue
+        if message.get("tool_calls"):
+            text = tool_call_text(message["tool_calls"])
+            message = {"role": "assistant", "content": f"{message['content']}\n{text}" if message["content"] else text}
+        else:
+            message = {"role": message["role"], "content": message["content"]}
+        if i in untrained:
+            still_untrained.add(len(out))
+        out.append(message)
+    return [{k: v for k, v in m.items() if k != "_results"} for m in out], frozenset(still_untrained)
