@@ -149,3 +149,21 @@ def test_glaive_toolcall_shape_through_dataset_info_columns():
     assert trained_texts(tokenizer, example) == [
         'Action: percentage\nAction Input: {"value": 80, "percent": 15}<|im_end|>', "12.<|im_end|>"]
     assert '{"result": 12}' in tokenizer.decode(example.input_ids)  # in context, not trained
+
+
+def test_data_convert_keeps_tools_and_loss_flags(tmp_path):
+    from lmforge.data.convert import convert_file
+
+    source = tmp_path / "glm.jsonl"
+    flagged = {"conversations": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "loss": False},
+                                 {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]}
+    source.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in (CHATGLM3_RECORD, flagged)) + "\n")
+    convert_file(str(source), str(tmp_path / "out.jsonl"), to="messages")
+    written = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert written[0]["tools"][0]["function"]["name"] == "search_law"
+    assert written[0]["messages"][2]["tool_calls"][0]["function"]["arguments"] == {"keyword": "limitation"}
+    assert written[1]["messages"][1]["loss"] is False
+    assert convert(written[0], "out.jsonl:1") == convert(CHATGLM3_RECORD, "glm.jsonl:1")  # read back the same
+    report = convert_file(str(source), str(tmp_path / "out_sharegpt.jsonl"), to="sharegpt")
+    assert report.rows_rejected == 2  # not written without their tools / flags: rejected with the reason
+    assert "use --to messages" in (tmp_path / "out_sharegpt.rejects.jsonl").read_text()

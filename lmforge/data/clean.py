@@ -204,8 +204,9 @@ def as_messages_record(record: dict, where: str, spec: FormatSpec = FormatSpec()
     """`{"messages": [...], **metadata}` from a record in any shape we read; the shape's own keys are consumed."""
     found = spec.format if spec.format != "auto" else detect_format(record, where)
     conversation = convert_record(record, where, replace(spec, format=found))
-    consumed = {"messages"} if found == "messages" else {spec.column(key) for key in _CONSUMED[found]}
-    return {"messages": conversation.to_dicts(), **{k: v for k, v in record.items() if k not in consumed}}
+    consumed = {"messages", "tools"} if found == "messages" else {spec.column(key) for key in _CONSUMED[found]}
+    # to_record keeps the tools and "loss": false flags of the conversation (nothing the reader understood is lost)
+    return {**conversation.to_record(), **{k: v for k, v in record.items() if k not in consumed}}
 
 
 def _chars(record: dict) -> int:

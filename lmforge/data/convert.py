@@ -159,9 +159,13 @@ def shape(conversation: Conversation, to: str) -> dict:
     """A Conversation as one output record in the `to` shape."""
     messages = conversation.to_dicts()
     if to == "messages":
-        return {"messages": messages}
+        return conversation.to_record()  # with its tools and "loss": false flags
     if to == "conversations":  # ChatGLM3 finetune_demo
-        return {"conversations": messages}
+        record = conversation.to_record()
+        return {"conversations": record.pop("messages"), **record}
+    if conversation.uses_tools or any(m.train is False for m in conversation.messages):
+        raise _Problem(f"the conversation has tool calls or \"loss\": false turns, which the {to} shape written "
+                       f"here cannot hold; use --to messages")
     system = messages[0]["content"] if messages[0]["role"] == "system" else ""
     turns = messages[1:] if messages[0]["role"] == "system" else messages
     if to == "sharegpt":  # the system prompt in its own column, LLaMA-Factory's default "system"
