@@ -124,17 +124,28 @@ def test_bad_preference_and_kto_records_name_file_and_line(tmp_path):
         resolve_dataset("plain", tmp_path, "pairs")
 
 
-def test_llamafactory_demo_preference_files_read(tmp_path):
+def test_llamafactory_demo_preference_files_read():
+    """LLaMA-Factory's ranking (sharegpt chosen/rejected) and kto_tag entries, from a data folder written for the
+    tests in the shapes of its dpo_*_demo / kto_en_demo files (tests/assets/llamafactory)."""
     from pathlib import Path
 
-    demo = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "llamafactory"
-    if not demo.is_dir():
-        pytest.skip("LLaMA-Factory demo data not present")
-    read, _ = load_pairs([resolve_dataset("dpo_en_demo", demo, "pairs"), resolve_dataset("dpo_zh_demo", demo,
-                                                                                         "pairs")])
-    assert len(read) == 600 and all(p.chosen.messages[:-1] == p.rejected.messages[:-1] for p in read)
+    demo = Path(__file__).resolve().parent / "assets" / "llamafactory"
+    read, counts = load_pairs([resolve_dataset("dpo_en_demo", demo, "pairs"),
+                               resolve_dataset("dpo_zh_demo", demo, "pairs")])
+    assert counts == {"dpo_en_demo": 3, "dpo_zh_demo": 2} and len(read) == 5
+    assert all(p.chosen.messages[:-1] == p.rejected.messages[:-1] for p in read)
+    assert all(p.chosen.messages[-1].role == p.rejected.messages[-1].role == "assistant" for p in read)
+    multi_turn, with_system = read[1], read[4]  # earlier turns and a system message stay in the shared prompt
+    assert [m.role for m in multi_turn.chosen.messages] == ["user", "assistant", "user", "assistant"]
+    assert (multi_turn.chosen.messages[-1].content, multi_turn.rejected.messages[-1].content) == (
+        "Then Sir Whiskerton, or Marmalade Fog if you like something softer.", "Pebble.")
+    assert [(m.role, m.content) for m in with_system.rejected.messages] == [
+        ("system", "你是一名耐心的数学老师。"), ("user", "三分之一加六分之一等于多少？"),
+        ("assistant", "等于九分之二。")]
     labelled, _ = load_labelled([resolve_dataset("kto_en_demo", demo, "kto")])
-    assert len(labelled) == 300 and sum(item.desirable for item in labelled) == 150
+    assert [item.desirable for item in labelled] == [True, False, True, False, True]
+    assert labelled[2].conversation.messages[-1].content == "谢谢 (xiè xie)."
+    assert labelled[1].conversation.source == f"{demo / 'kto_en_demo.json'}:15"
 
 
 def test_pt_blocks_keep_documents_apart(tokenizer):
@@ -227,11 +238,12 @@ def test_kto_moves_desirable_and_undesirable_log_ratios_apart(llama_dir, tmp_pat
                              {"role": "assistant", "content": f"Yes, {i} is a number." if i % 2 else "Banana."}],
                 "label": bool(i % 2)} for i in range(8)]
     run = train(stage_config(llama_dir, tmp_path, "kto", write(tmp_path / "kto.jsonl", records), max_steps=10,
-                             batch_size=8))
+                             batch_size=8, learning_rate=5e-3))
     logs = logged(run)
     first, last = logs[0], logs[-1]
     assert "kl" in last
     assert first["rewards/chosen"] - first["rewards/rejected"] == pytest.approx(0, abs=1e-3)
+    assert last["rewards/chosen"] > 0 > last["rewards/rejected"]  # desirable replies up, undesirable ones down
     assert last["rewards/chosen"] - last["rewards/rejected"] > 0.5
 
 
@@ -256,14 +268,12 @@ def test_preference_data_for_sft_says_which_stage(tmp_path):
         read_stage_data(run)
 
 
-def test_kto_kl_rows_pair_each_prompt_with_another_reply_at_any_batch_size(bundled_model_dir):
+def test_kto_kl_rows_pair_each_prompt_with_another_reply_at_any_batch_size(tokenizer):
     """KTO's KL estimate needs unrelated prompt/reply pairs; they are fixed per example over the whole dataset, so a
     batch of one still gets a mismatched row (not its own reply, which would make the KL equal the reward)."""
     from lmforge.conversation import Conversation
     from lmforge.data.preference import LabelledReply
-    from lmforge.model.loader import load_tokenizer
 
-    tokenizer = load_tokenizer(bundled_model_dir)
     items = [LabelledReply(Conversation.from_dicts([{"role": "user", "content": f"question {i}"},
                                                    {"role": "assistant", "content": f"answer {i} " * (i + 1)}]),
                            bool(i % 2)) for i in range(3)]
