@@ -11,14 +11,13 @@ import pytest
 import torch
 from test_train import observe
 
-import lmforge.train.loop as train_module
 from lmforge.config import Config, MethodConfig, load_config
 from lmforge.conversation import Conversation
 from lmforge.data.render import render_example, render_prompt
 from lmforge.errors import ConfigError
 from lmforge.generate import SamplingParams, load_for_inference, reply
 from lmforge.model.loader import load_model, load_tokenizer
-from lmforge.model.methods import apply_method, check_method, unwrap
+from lmforge.model.methods import apply_method, check_method, load_base, unwrap
 from lmforge.train.batching import collate, pack
 from lmforge.train.loop import train
 from lmforge.train.losses import sft_loss_sum
@@ -68,6 +67,30 @@ def run_method(llama_dir, tmp_path, settings: dict):
         seen = observe(patch)  # the real apply_method / save_artifact, watched
         run = train(config)
     return SimpleNamespace(run=run, **seen)
+
+
+def watch_weight_loads(monkeypatch) -> list[tuple[str, str]]:
+    """Record (what, path) for every weight load from here on, at two public seams whatever module calls them:
+    lmforge's loader.load_model and transformers' AutoModelForCausalLM.from_pretrained (qlora's quantised load goes
+    straight there). The real functions still run."""
+    import transformers
+
+    import lmforge.model.loader as loader
+
+    loads: list[tuple[str, str]] = []
+    real_load, real_from_pretrained = loader.load_model, transformers.AutoModelForCausalLM.from_pretrained
+
+    def load_model(path, *args, **kwargs):
+        loads.append(("load_model", path))
+        return real_load(path, *args, **kwargs)
+
+    def from_pretrained(path, *args, **kwargs):
+        loads.append(("from_pretrained", str(path)))
+        return real_from_pretrained(path, *args, **kwargs)
+
+    monkeypatch.setattr(loader, "load_model", load_model)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    return loads
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -121,8 +144,7 @@ def test_qlora_base_stays_4bit_and_frozen_while_the_adapter_trains(llama_dir, tm
 
 
 def test_wrong_target_lists_the_modules_that_exist_before_any_model_loads(llama_dir, tmp_path, monkeypatch):
-    loads = []
-    monkeypatch.setattr(train_module, "load_model", lambda *a, **k: loads.append(a))
+    loads = watch_weight_loads(monkeypatch)
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(c) + "\n" for c in conversations(2)))
     config = Config.model_validate({"model": {"name_or_path": llama_dir},
@@ -134,6 +156,8 @@ def test_wrong_target_lists_the_modules_that_exist_before_any_model_loads(llama_
     assert "query_key_value not found" in message and "q_proj" not in message.split("not found")[0]
     assert all(name in message for name in ("down_proj", "gate_proj", "k_proj", "o_proj", "up_proj", "v_proj"))
     assert not loads and not (tmp_path / "r").exists()
+    load_base(llama_dir, torch.float32, MethodConfig(type="loha"))  # the watch sees the load train() makes
+    assert loads == [("load_model", llama_dir), ("from_pretrained", llama_dir)]
     with pytest.raises(ConfigError, match="adapter_target: attn_out not found.*o_proj"):
         check_method(MethodConfig(type="adapter", adapter_target=["attn_out"]), llama_dir)
     with pytest.raises(ConfigError, match="freeze_trainable_layers: 5 — this model has 2 decoder layers"):
