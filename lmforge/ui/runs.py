@@ -145,8 +145,8 @@ def hints(run: RunDir, records: list[dict]) -> list[dict]:
             found.append({"id": "overfitting", "best_step": best_step, "best_eval_loss": best_eval,
                           "last_eval_loss": evals[-1][1]})
     report = read_json(run.data_report) or {}
-    if report.get("train_supervised_tokens") == 0 or (records and all(
-            r.get("supervised_tokens_per_s") == 0 for r in records if "supervised_tokens_per_s" in r)):
+    rates = [r["supervised_tokens_per_s"] for r in records if "supervised_tokens_per_s" in r]
+    if report.get("train_supervised_tokens") == 0 or (rates and not any(rates)):
         found.append({"id": "no_supervised"})
     return found
 

@@ -99,7 +99,11 @@ function renderInspect(report) {
   out.push(h("p", {}, `${report.conversations} ${t("conversations")} · ${report.problems.length} ${t("problems")}`));
   if (!report.problems.length) out.push(h("p", {class: "ok"}, t("no_problems")));
   out.push(h("ul", {class: "errors"}, report.problems.slice(0, 50).map((p) => h("li", {}, `${p.where}: ${p.message}`))));
-  if (report.tokens) out.push(h("h3", {}, t("tokens")), h("pre", {}, JSON.stringify(report.tokens, null, 1)));
+  const tk = report.tokens;
+  if (tk && tk.length) out.push(h("h3", {}, `${t("tokens")} · ${tk.model}`), h("p", {},
+    `p50 ${tk.length.p50} · p90 ${tk.length.p90} · p99 ${tk.length.p99} · max ${tk.length.max} · mean ${tk.length.mean} · ` +
+    `cutoff_len ${tk.cutoff_len}: ${tk.fit}/${tk.conversations} fit, ${tk.truncated} truncated, ${tk.dropped} dropped · ` +
+    `${tk.kept_supervised_tokens.toLocaleString()} / ${tk.kept_tokens.toLocaleString()} trained`));
   report.samples.forEach((sample, i) => out.push(h("h3", {}, `${t("sample")} ${i + 1} · ${sample.where}`),
     h("pre", {class: "sample"}, sample.segments.map((s) => s.trained ? h("mark", {class: "trained"}, s.text) : h("span", {}, s.text)))));
   if (report.samples.length) out.push(h("p", {class: "help"}, t("trained_legend")));
@@ -109,8 +113,9 @@ async function inspect() {
   const path = $("dataFile").value;
   working($("inspectOut"));
   await attempt(async () => {
+    const model = $("cfg-model-name_or_path") && $("cfg-model-name_or_path").value.trim();
     const job = await api("POST", "/api/data/inspect", {path, cutoff_len: Number($("inspectCutoff").value),
-      train_on: $("inspectTrainOn").value, samples: 3});
+      train_on: $("inspectTrainOn").value, samples: 3, model: model || null});
     await watchJob(job.id, (done) => {
       try { renderInspect(JSON.parse(done.output)); } catch (e) { failure($("inspectOut"), done); }
     });
