@@ -489,8 +489,9 @@ def add_serve(verbs) -> None:
     serve.add_argument("--vllm-arg", action="append", metavar="KEY=VALUE",
                        help="a vLLM engine argument with --backend vllm, e.g. tensor_parallel_size=2 (repeat the "
                             "option); on a CPU lmforge sets enforce_eager, dtype and the KV cache size unless given")
-    serve.add_argument("--decode-dtype", choices=["auto", "float32", "float16"],
-                       help="weights in float16 (half the memory, ~2x faster on CPU) or float32 (replies exactly as "
+    serve.add_argument("--decode-dtype", choices=["auto", "float32", "float16", "bfloat16"],
+                       help="weights in float16 (half the memory, ~2x faster on CPU), bfloat16 (CPUs with AMX / "
+                            "AVX512_BF16; fastest at wide batches there) or float32 (replies exactly as "
                             "`lmforge chat`); default auto: float16 on x86-64, else float32")
     serve.set_defaults(func=cmd_serve)
 

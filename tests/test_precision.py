@@ -6,6 +6,7 @@ import torch
 
 from lmforge.errors import UserError
 from lmforge.model import precision
+from lmforge.model.lean_decoder import bfloat16_kernels
 from lmforge.model.precision import CpuCapability, GemmProbe, Precision, choose_cpu_training, cpu_capability
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -159,3 +160,33 @@ def test_training_says_which_precision_it_chose(llama_dir, tmp_path, capsys):
     train(config)
     err = capsys.readouterr().err
     assert "precision: bf16 requested: " in err
+
+
+# ---------------------------------------------------------------------------------------------- serving weights
+
+
+@pytest.mark.skipif(not bfloat16_kernels(),
+                    reason="no native bf16 kernels in torch's oneDNN on this CPU: decode_dtype bfloat16 is refused")
+def test_bfloat16_decode_stays_close_to_float32_and_a_reply_does_not_depend_on_its_neighbours(tmp_path, tokenizer):
+    """decode_dtype bfloat16: logits within bf16's rounding of float32's, the same greedy choice, and a row's
+    logits bit-identical alone or beside longer sequences (so a reply does not depend on server load)."""
+    from conftest import make_tiny_model
+
+    from lmforge.model.lean_decoder import Decoder
+    from lmforge.model.loader import load_model
+
+    model = load_model(make_tiny_model("qwen2", tokenizer, tmp_path / "qwen2"), torch.float32).eval()  # q/k/v bias
+    exact = Decoder(model, slots=4, max_len=96)
+    alone, beside = (Decoder(model, slots=4, max_len=96, weights="bfloat16") for _ in range(2))
+    prompt, longer = [(7 * i) % 200 + 5 for i in range(30)], [[(3 * i + j) % 200 + 5 for i in range(45 + 9 * j)]
+                                                              for j in range(3)]
+    exact.prefill(0, prompt, 0, 0)
+    alone.prefill(0, prompt, 0, 0)
+    beside.prefill_many([0, 1, 2, 3], [prompt] + longer, [0] * 4, [0] * 4)
+    for step in range(3):
+        reference = exact.decode([0], [7 + step], [30 + step], [0])[0]
+        one = alone.decode([0], [7 + step], [30 + step], [0])
+        many = beside.decode([0, 1, 2, 3], [7 + step] * 4, [30 + step] + [len(p) + step for p in longer], [0] * 4)
+        assert torch.equal(one[0], many[0])
+        assert not torch.equal(one[0], reference)  # bf16 really computed it …
+        torch.testing.assert_close(one[0], reference, atol=3e-2 * reference.abs().max(), rtol=0)  # … within rounding

@@ -223,8 +223,8 @@ def _decoder_for(model, settings) -> Decoder | ModelDecoder:
                             max_len=_context_length(model, settings, own_forward=True))
     return Decoder(model, slots=settings.max_concurrent,
                    max_len=_context_length(model, settings, own_forward=applies_windows(model.config)),
-                   float16=settings.decode_dtype == "float16" or (settings.decode_dtype == "auto" and
-                                                                  holds_in_float16(model)))
+                   weights=settings.decode_dtype if settings.decode_dtype != "auto" else
+                   "float16" if holds_in_float16(model) else "float32")
 
 
 def _context_length(model, settings, own_forward: bool = False) -> int:
