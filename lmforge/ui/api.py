@@ -260,7 +260,7 @@ def run_metrics(request: Request, name: str):
 
 @router.get("/runs/{name}/log")
 def run_log(request: Request, name: str):
-    return PlainTextResponse(runview.logtail(run_of(ctx(request), name)))
+    return PlainTextResponse(runview.log_tail(run_of(ctx(request), name)))
 
 
 @router.get("/runs/{name}/config.yaml")
@@ -282,7 +282,7 @@ async def run_stream(request: Request, name: str):
     async def events():
         offset, last_status = start, None
         yield "retry: 2000\n\n"
-        while not await request.is_disconnected():
+        while not ui.closing.is_set() and not await request.is_disconnected():
             records, offset_now = runview.read_metrics(run, offset)
             if records:
                 offset = offset_now

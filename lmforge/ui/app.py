@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import sys
+import threading
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,7 @@ class BoardState:
         self.settings = settings
         self.ws = Workspace(settings.workspace)
         self.supervisor = Supervisor(self.ws.root, settings.max_runs)
+        self.closing = threading.Event()  # set on Ctrl-C / SIGTERM: SSE streams end so the server can stop
 
 
 def create_app(settings: UISettings) -> FastAPI:
@@ -160,8 +162,13 @@ def run_board(settings: UISettings) -> None:
     app = create_app(settings)
     where = f"http://{settings.host if ':' not in settings.host else f'[{settings.host}]'}:{settings.port}/"
     print(f"lmforge ui: {where}  (workspace {app.state.ui.ws.root}; Ctrl-C stops the board)", file=sys.stderr)
+    class BoardServer(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            app.state.ui.closing.set()
+            super().handle_exit(sig, frame)
+
     try:
-        uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
-                                      timeout_graceful_shutdown=3)).run()
+        BoardServer(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
+                                   timeout_graceful_shutdown=5)).run()
     except KeyboardInterrupt:
         pass

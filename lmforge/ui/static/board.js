@@ -318,7 +318,7 @@ function makeCharts() {
     state.charts[id] = new uPlot({width: Math.max(260, el.clientWidth || 420), height: 180, scales: {x: {time: false}},
       series: [{label: "step"}, ...series.map(([label, stroke]) => ({label, stroke, width: 2, spanGaps: true,
         points: {show: label === "eval_loss" ? true : undefined}}))],
-      axes: [{label: "step"}, {size: 60}]}, [[], ...series.map(() => [])], el);
+      legend: {live: false}, axes: [{label: "step"}, {size: 60}]}, [[], ...series.map(() => [])], el);
   }
 }
 function drawCharts() {
