@@ -6,7 +6,8 @@ Measures (1) the peer: transformers generate, batch 1, one prompt after another 
 decode tokens/s and TTFT; (3) `lmforge serve` in its own process, one client streaming — decode tokens/s after the first token, and TTFT;
 (4) lmforge, N concurrent clients — aggregate generated tokens/s, p50/p95 latency and TTFT, and that every reply
 equals the single-stream greedy reply for its prompt (nothing lost, duplicated or mixed up). (3) and (4) run once per
---decode-dtype, with the server's start-up time and peak RSS. Bounded: fixed request counts, max_tokens, and a
+--decode-dtype, with the server's start-up time and peak RSS; (5) the same with `--backend vllm` (vLLM's engine,
+run by .venv-vllm's python: `make vllm`). Bounded: fixed request counts, max_tokens, and a
 wall-clock limit. Greedy decoding, end of text ignored (`ignore_eos`) so every reply has exactly --max-tokens tokens.
 Every side gets the same --threads.
 
@@ -114,19 +115,24 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def measure_lmforge(args, path: str, dtype: str, threads: int, peer: dict) -> dict:
-    """`lmforge serve` in its own process (as users run it) with this decode_dtype: one client streaming, then
-    args.clients concurrent clients; the server's peak RSS at the end."""
+def measure_lmforge(args, path: str, dtype: str, threads: int, peer: dict, backend: str = "lmforge") -> dict:
+    """`lmforge serve` in its own process (as users run it) with this decode_dtype, or with `--backend vllm` through
+    .venv-vllm's python (vLLM's CPU defaults: float32, eager; its OpenMP threads bound to the same number of cores):
+    one client streaming, then args.clients concurrent clients; the server's peak RSS at the end."""
     port = free_port()
-    log = Path(tempfile.gettempdir()) / f"lmforge-bench-serve-{dtype}.log"
-    command = [sys.executable, "-m", "lmforge", "serve", "--model", path, "--port", str(port), "--threads",
+    log = Path(tempfile.gettempdir()) / f"lmforge-bench-serve-{backend}-{dtype}.log"
+    python = args.vllm_python if backend == "vllm" else sys.executable
+    command = [python, "-m", "lmforge", "serve", "--model", path, "--port", str(port), "--threads",
                str(threads), "--decode-dtype", dtype, "--max-concurrent", str(args.clients),
-               "--served-model-name", "bench"]
-    print(f"lmforge (decode_dtype {dtype}): {' '.join(command[2:])}  (log: {log})", flush=True)
+               "--served-model-name", "bench", "--backend", backend]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if backend == "vllm":
+        env.update(VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}", VLLM_NO_USAGE_STATS="1")
+    label = "vLLM (float32)" if backend == "vllm" else f"lmforge (decode_dtype {dtype})"
+    print(f"{label}: {' '.join(command[2:])}  (log: {log})", flush=True)
     started = time.perf_counter()
     with open(log, "w") as out:
-        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, server, log)
@@ -202,10 +208,33 @@ def wait_ready(url: str, server: subprocess.Popen, log: Path, timeout: float = 6
 
 
 def peak_rss_gb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024 ** 2
-    return float("nan")
+    """The server's peak RSS: its own, plus its child processes' (vLLM runs its engine core and worker in child
+    processes) — the sum of each process's peak, an upper bound on their peak together."""
+    total = 0.0
+    for process in [pid, *descendants(pid)]:
+        try:
+            for line in Path(f"/proc/{process}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) / 1024 ** 2
+        except OSError:
+            pass
+    return total
+
+
+def descendants(pid: int) -> list[int]:
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def main() -> int:
@@ -221,6 +250,8 @@ def main() -> int:
     parser.add_argument("--decode-dtype", action="append", choices=["auto", "float32", "float16"],
                         help="lmforge's decode_dtype; repeat to measure several in one run (default: float16, "
                              "then float32)")
+    parser.add_argument("--vllm-python", default=".venv-vllm/bin/python",
+                        help="python of a venv with vLLM and lmforge (`make vllm`); vLLM is measured when it exists")
     parser.add_argument("--json", metavar="FILE", help="also write the figures here")
     args = parser.parse_args()
 
@@ -260,6 +291,11 @@ def main() -> int:
     for dtype in dtypes:
         figures[f"lmforge_{dtype}"] = measure_lmforge(args, path, dtype, threads, peer)
     ok = all(figures[f"lmforge_{dtype}"]["ok"] for dtype in dtypes)
+    if Path(args.vllm_python).exists():
+        figures["vllm_float32"] = measure_lmforge(args, path, "float32", threads, peer, backend="vllm")
+        ok = ok and figures["vllm_float32"]["ok"]
+    else:
+        figures["vllm_float32"] = f"not run: {args.vllm_python} not found (make vllm builds it)"
     print(json.dumps(figures, indent=2))
     if args.json:
         with open(args.json, "w") as f:
