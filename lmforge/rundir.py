@@ -240,9 +240,10 @@ def save_artifact(run: RunDir, model, tokenizer, method: str, *,
     """Write adapter/ (an adapter dir: PEFT format, or lmforge's bottleneck adapters in the same layout) or model/
     (full / freeze: full weights), with the tokenizer and its chat template, and `extra` safetensors files (a reward
     model's value head)."""
+    from .model.method_specs import METHOD_SPECS
     from .model.methods import save_trained
 
-    final = run.model if method in ("full", "freeze") else run.adapter
+    final = run.model if METHOD_SPECS[method].saves_model else run.adapter
     tmp = run.root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lmforge.data.render import IGNORE_INDEX, Example
-from lmforge.train.batching import DataOrder, eval_batches, pack
+from lmforge.train.batching import DataOrder, pack
 
 X = IGNORE_INDEX  # no loss
 
@@ -72,12 +72,6 @@ def test_single_example_pack():
     assert batch.cu_seq_lens.tolist() == [0, 3]
     assert batch.position_ids.tolist() == [[0, 1, 2]]
     assert batch.targets.tolist() == [21, 22, X]
-
-
-def test_eval_batches_cover_every_example_once():
-    batches = eval_batches(EXAMPLES, batch_size=2)
-    assert [b.cu_seq_lens.tolist() for b in batches] == [[0, 5, 8], [0, 7]]
-    assert sum(b.num_supervised for b in batches) == pack(EXAMPLES).num_supervised
 
 
 # ---------------------------------------------------------------------------------------------- data order

@@ -206,3 +206,31 @@ def test_bottleneck_adapter_starts_as_the_identity(llama_dir):
     wrapped = [n for n, _ in model.named_modules() if n.endswith(("o_proj", "down_proj"))]
     assert len(wrapped) == 4
     torch.testing.assert_close(logits_of(model, tokenizer), before)
+
+
+def test_the_method_table_is_the_config_choices_and_each_peft_entry_builds(llama_dir):
+    """model/method_specs.py is the one list of methods: method.type's choices come from it, and every peft entry's
+    builder gives the config of its kind for a real architecture (virtual-token methods are prompt learning)."""
+    from typing import get_args
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lmforge.model.method_specs import ALL, BOTTLENECK, LAYERS, METHOD_SPECS
+    from lmforge.model.methods import peft_config
+
+    assert tuple(METHOD_SPECS) == get_args(MethodConfig.model_fields["type"].annotation)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(llama_dir))
+    kinds = {}
+    for name, spec in METHOD_SPECS.items():
+        if spec.peft_config is None:
+            assert spec.changes in (BOTTLENECK, LAYERS, ALL), name
+            continue
+        config = peft_config(model, MethodConfig(type=name))
+        kinds[name] = type(config).__name__
+        assert config.is_prompt_learning == spec.virtual_tokens == MethodConfig(type=name).virtual_tokens, name
+    assert kinds == {"lora": "LoraConfig", "dora": "LoraConfig", "qlora": "LoraConfig", "loha": "LoHaConfig",
+                     "lokr": "LoKrConfig", "ia3": "IA3Config", "prefix": "PrefixTuningConfig",
+                     "ptuning": "PrefixTuningConfig", "prompt": "PromptTuningConfig"}
+    assert [n for n, s in METHOD_SPECS.items() if s.saves_model] == ["freeze", "full"]
+    assert [n for n, s in METHOD_SPECS.items() if not s.mergeable] == ["prefix", "ptuning", "prompt", "adapter"]

@@ -286,3 +286,16 @@ def test_kto_kl_rows_pair_each_prompt_with_another_reply_at_any_batch_size(token
     assert batch.kl_rows.input_ids.tolist() != batch.rows.input_ids.tolist()
     with pytest.raises(DataError, match="at least 2 replies"):
         STAGES["kto"].units(tokenizer, items[:1], 256)
+
+
+def test_the_stage_registry_is_the_config_choices():
+    """train/stages/'s STAGES and config's train.stage choices name the same stages; each object answers to its name
+    and only dpo / kto ask for a reference model."""
+    from typing import get_args
+
+    from lmforge.config import TrainConfig
+    from lmforge.train.stages import Stage
+
+    assert set(STAGES) == set(get_args(TrainConfig.model_fields["stage"].annotation))
+    assert all(isinstance(stage, Stage) and stage.name == name for name, stage in STAGES.items())
+    assert sorted(name for name, stage in STAGES.items() if stage.needs_reference) == ["dpo", "kto"]

@@ -7,10 +7,12 @@ Must not read files: load.py reads YAML and overrides, llamafactory.py translate
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+from ..model.method_specs import METHOD_SPECS, MethodSpec, spoken_list
 
 
 class Section(BaseModel):
@@ -27,14 +29,13 @@ class ModelConfig(Section):
     """auto | float32 | bfloat16 | float16. Half precision without a GPU falls back to float32 with a warning."""
 
 
-METHODS = ("lora", "dora", "qlora", "loha", "lokr", "ia3", "prefix", "ptuning", "prompt", "adapter", "freeze",
-           "full")
-STAGES = ("pt", "sft", "rm", "dpo", "orpo", "simpo", "kto")
+MethodName = Literal[tuple(METHOD_SPECS)]  # the methods of model/method_specs.py, in its order
+StageName = Literal["pt", "sft", "rm", "dpo", "orpo", "simpo", "kto"]  # train/stages/'s STAGES (tests check they agree)
+METHODS, STAGES = tuple(METHOD_SPECS), get_args(StageName)
 
 
 class MethodConfig(Section):
-    type: Literal["lora", "dora", "qlora", "loha", "lokr", "ia3", "prefix", "ptuning", "prompt", "adapter", "freeze",
-                  "full"] = "lora"
+    type: MethodName = "lora"
     """How parameters are made trainable (LLaMA-Factory: finetuning_type). lora/dora/qlora/loha/lokr/ia3 add weights
     to linear layers; prefix (prefix tuning), ptuning (P-tuning v2) and prompt (prompt tuning) add virtual tokens;
     adapter adds bottleneck adapters after each attention and MLP block; freeze trains some layers; full trains all."""
@@ -87,11 +88,11 @@ class MethodConfig(Section):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> MethodConfig:
-        lora_family = ("lora", "dora", "qlora")
-        if self.quantization_bit is not None and self.type not in lora_family:
-            raise ValueError(f"method.quantization_bit: a quantised base trains with lora, dora or qlora, not "
+        if self.quantization_bit is not None and not self.spec.quantized_base:
+            quantizable = spoken_list(name for name, spec in METHOD_SPECS.items() if spec.quantized_base)
+            raise ValueError(f"method.quantization_bit: a quantised base trains with {quantizable}, not "
                              f"{self.type!r} (set method.type: qlora, or remove quantization_bit)")
-        if self.lora_init != "default" and self.type not in ("lora", "dora"):
+        if self.lora_init != "default" and not self.spec.lora_init:
             raise ValueError(f"method.lora_init: {self.lora_init} initialises a LoRA on an unquantised base; it does "
                              f"not apply to {self.type!r}")
         if self.num_virtual_tokens < 1:
@@ -99,14 +100,19 @@ class MethodConfig(Section):
         return self
 
     @property
+    def spec(self) -> MethodSpec:
+        """What the method is (model/method_specs.py)."""
+        return METHOD_SPECS[self.type]
+
+    @property
     def peft(self) -> bool:
         """Saved as a PEFT adapter dir (adapter/); full and freeze save the whole model (model/)."""
-        return self.type not in ("full", "freeze")
+        return not self.spec.saves_model
 
     @property
     def virtual_tokens(self) -> bool:
         """Methods that add tokens in front of each sequence: packing does not apply, rows are padded instead."""
-        return self.type in ("prefix", "ptuning", "prompt")
+        return self.spec.virtual_tokens
 
     @property
     def dora(self) -> bool:
@@ -115,7 +121,7 @@ class MethodConfig(Section):
     @property
     def bits(self) -> int | None:
         """Quantisation of the frozen base: qlora defaults to 4-bit."""
-        return self.quantization_bit or (4 if self.type == "qlora" else None)
+        return self.quantization_bit or self.spec.default_bits
 
 
 class DataConfig(Section):
@@ -165,7 +171,7 @@ class PreferenceConfig(Section):
 
 
 class TrainConfig(Section):
-    stage: Literal["pt", "sft", "rm", "dpo", "orpo", "simpo", "kto"] = "sft"
+    stage: StageName = "sft"
     """pt: continued pretraining on raw text; sft: conversations; rm: a reward model on preference pairs; dpo / orpo /
     simpo: preference pairs; kto: single responses labelled desirable or undesirable."""
     output_dir: str | None = None
@@ -226,9 +232,9 @@ class Config(Section):
                              f"{'documents' if self.train.stage == 'pt' else 'preference data'}: clean the files "
                              f"before training, or remove data.recipe")
         if self.train.stage == "rm" and self.method.virtual_tokens:
+            usable = spoken_list(name for name, spec in METHOD_SPECS.items() if not spec.virtual_tokens)
             raise ValueError(f"train.stage rm with method.type {self.method.type}: a reward model scores the last "
-                             f"token's hidden state, which virtual-token methods do not train towards; use lora, "
-                             f"dora, qlora, loha, lokr, ia3, adapter, freeze or full")
+                             f"token's hidden state, which virtual-token methods do not train towards; use {usable}")
         return self
 
     @property

@@ -36,6 +36,7 @@ from ..model.loader import (
     resolve_model,
     sha256_of,
 )
+from ..model.method_specs import method_spec
 from ..rundir import RunDir, choose_weights
 from .checks import (
     logit_gap,
@@ -61,9 +62,6 @@ from .modelfile import (
 
 MANIFEST = "manifest.json"
 # Methods whose trained part is not a change to existing weights, so merge_and_unload has nothing to fold in.
-UNMERGEABLE = {"prefix": "its virtual tokens live outside the weights", "ptuning": "its virtual tokens live outside "
-               "the weights", "prompt": "its virtual tokens live outside the weights",
-               "adapter": "bottleneck adapters add layers the base architecture does not have"}
 
 
 @dataclass
@@ -184,11 +182,12 @@ def check_request(request: ExportRequest, source: Source) -> Path:
         check_architecture(_model_type(source))
     if request.adapter_only and request.gguf:
         raise UserError("--gguf needs merged weights; drop --adapter-only (llama.cpp applies no PEFT adapters here)")
-    if request.adapter_only and source.method in (None, "full", "freeze"):
+    spec = method_spec(source.method)
+    if request.adapter_only and (source.method is None or spec is not None and spec.saves_model):
         raise UserError(f"--adapter-only needs an adapter; {source.path} holds {source.method or 'full'} weights: "
                         f"export the merged model instead (drop --adapter-only)")
-    if not request.adapter_only and source.method in UNMERGEABLE:
-        raise UserError(f"a {source.method} run cannot be merged into plain weights ({UNMERGEABLE[source.method]}); "
+    if not request.adapter_only and spec is not None and not spec.mergeable:
+        raise UserError(f"a {source.method} run cannot be merged into plain weights ({spec.unmergeable}); "
                         f"export it with --adapter-only")
     out = Path(request.output)
     if out.is_file():

@@ -1,8 +1,10 @@
 """Fine-tuning methods — which parameters train: lora (+ dora, rslora, pissa/olora), qlora (bitsandbytes 4/8-bit base),
-loha, lokr, ia3, prefix, ptuning (P-tuning v2), prompt via peft; adapter (adapters.py); freeze; full.
+loha, lokr, ia3, prefix, ptuning (P-tuning v2), prompt via peft; adapter (bottleneck.py); freeze; full. What each
+method is (what it changes, its peft config) is its entry in method_specs.py; this module acts on it.
 `check_method` checks a method against the architecture on an empty meta-device copy before weights load;
 `apply_method` marks exactly the method's parameters trainable; `save_trained` / `load_saved_adapter` write and
-read the artifact so a reload computes what was trained. Must not know about data or the loop.
+read the artifact so a reload computes what was trained. `method` is always the run's config.MethodConfig (not
+imported: config sits above model). Must not know about data or the loop.
 """
 
 from __future__ import annotations
@@ -10,14 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from ..config import MethodConfig
 from ..errors import ConfigError, ModelError
 from . import bottleneck as adapters
+from .method_specs import ALL, BOTTLENECK, LAYERS, LINEAR, METHOD_SPECS
 
 QUANTIZATION_FILE = "lmforge_quantization.json"  # beside adapter_config.json: the base was quantised in training
 # bitsandbytes (imported by peft) warns on every import that an optional CPU kernel package from the Hugging Face Hub
@@ -46,7 +48,7 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 # ---------------------------------------------------------------------------------------------- checks, before loading
 
 
-def check_method(method: MethodConfig, model_path: str) -> None:
+def check_method(method, model_path: str) -> None:
     """Every problem the method has with this architecture, found on an empty copy of the model (no weights)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -54,21 +56,23 @@ def check_method(method: MethodConfig, model_path: str) -> None:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     _targets(model, method)
-    if method.type == "adapter":
+    changes = METHOD_SPECS[method.type].changes
+    if changes == BOTTLENECK:
         _adapter_targets(model, method)
-    if method.type == "freeze":
+    if changes == LAYERS:
         _freeze_plan(model, method)
     if method.bits:
         _require_bitsandbytes()
 
 
-def _targets(model, method: MethodConfig) -> list[str] | None:
+def _targets(model, method) -> list[str] | None:
     """LoRA-style target short names (None = peft's defaults, for ia3 with "all")."""
-    if method.type not in ("lora", "dora", "qlora", "loha", "lokr", "ia3"):
+    spec = METHOD_SPECS[method.type]
+    if spec.changes != LINEAR:
         return None
     available = linear_module_names(model)
     if method.lora_target == "all":
-        return None if method.type == "ia3" and _ia3_defaults(model) else available
+        return None if spec.peft_default_targets and _ia3_defaults(model) else available
     missing = [t for t in method.lora_target if t not in available]
     if missing:
         raise ConfigError(f"method.lora_target: {', '.join(missing)} not found in this model "
@@ -82,7 +86,7 @@ def _ia3_defaults(model) -> bool:
     return model.config.model_type in TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING
 
 
-def _adapter_targets(model, method: MethodConfig) -> list[str]:
+def _adapter_targets(model, method) -> list[str]:
     targets, available = adapters.adapter_targets(model, method.adapter_target)
     wanted = [] if method.adapter_target == "auto" else method.adapter_target
     missing = [t for t in wanted if t not in available]
@@ -92,7 +96,7 @@ def _adapter_targets(model, method: MethodConfig) -> list[str]:
     return targets
 
 
-def _freeze_plan(model, method: MethodConfig) -> tuple[str, ...]:
+def _freeze_plan(model, method) -> tuple[str, ...]:
     layers = decoder_layers(model)
     n = method.freeze_trainable_layers
     if n == 0 or abs(n) > len(layers):
@@ -116,7 +120,7 @@ def _require_bitsandbytes():
 # ---------------------------------------------------------------------------------------------- applying
 
 
-def load_base(path: str, dtype: torch.dtype, method: MethodConfig):
+def load_base(path: str, dtype: torch.dtype, method):
     """The base model to train: as models.load_model loads it, or for qlora quantised while it loads (one tensor at a
     time, so peak memory is the quantised model's, not the full-precision one's)."""
     from .loader import load_model
@@ -140,18 +144,19 @@ def load_base(path: str, dtype: torch.dtype, method: MethodConfig):
     return model
 
 
-def apply_method(model, method: MethodConfig):
-    if method.type == "full":
+def apply_method(model, method):
+    changes = METHOD_SPECS[method.type].changes
+    if changes == ALL:
         for parameter in model.parameters():
             parameter.requires_grad_(True)
         return model
-    if method.type == "freeze":
+    if changes == LAYERS:
         prefixes = _freeze_plan(model, method)
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(any(p in name for p in prefixes) or
                                      any(m in name for m in method.freeze_trainable_modules))
         return model
-    if method.type == "adapter":
+    if changes == BOTTLENECK:
         adapters.add_adapters(model, method.adapter_size, _adapter_targets(model, method))
         return model
     if method.bits and not getattr(model, "lmforge_quantization", None):  # loaded unquantised (load_base was not used)
@@ -159,7 +164,7 @@ def apply_method(model, method: MethodConfig):
     return _apply_peft(model, method)
 
 
-def _apply_peft(model, method: MethodConfig):
+def _apply_peft(model, method):
     from peft import get_peft_model
     from peft.utils import get_peft_model_state_dict
 
@@ -169,37 +174,12 @@ def _apply_peft(model, method: MethodConfig):
     return peft_model
 
 
-def peft_config(model, method: MethodConfig):
-    import peft
-
-    targets = _targets(model, method)
-    rank, alpha = method.lora_rank, method.lora_alpha or 2 * method.lora_rank
-    if method.type in ("lora", "dora", "qlora"):
-        return peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=method.lora_dropout, target_modules=targets,
-                               use_dora=method.dora, use_rslora=method.use_rslora, task_type="CAUSAL_LM",
-                               init_lora_weights=True if method.lora_init == "default" else method.lora_init)
-    if method.type == "loha":
-        return peft.LoHaConfig(r=rank, alpha=alpha, rank_dropout=method.lora_dropout, target_modules=targets,
-                               task_type="CAUSAL_LM")
-    if method.type == "lokr":
-        return peft.LoKrConfig(r=rank, alpha=alpha, rank_dropout=method.lora_dropout, target_modules=targets,
-                               task_type="CAUSAL_LM")
-    if method.type == "ia3":
-        feedforward = None if targets is None else [t for t in targets if t in ("down_proj", "fc2", "c_proj",
-                                                                                "dense_4h_to_h")]
-        return peft.IA3Config(target_modules=targets, feedforward_modules=feedforward, task_type="CAUSAL_LM")
-    if method.type in ("prefix", "ptuning"):
-        # prefix: Li & Liang's MLP reparameterisation; ptuning: P-tuning v2 trains the per-layer prefix directly
-        return peft.PrefixTuningConfig(num_virtual_tokens=method.num_virtual_tokens, task_type="CAUSAL_LM",
-                                       prefix_projection=method.type == "prefix",
-                                       encoder_hidden_size=method.prefix_projection_dim)
-    if method.type == "prompt":
-        if method.prompt_init_text:
-            return peft.PromptTuningConfig(num_virtual_tokens=method.num_virtual_tokens, task_type="CAUSAL_LM",
-                                           prompt_tuning_init="TEXT", prompt_tuning_init_text=method.prompt_init_text,
-                                           tokenizer_name_or_path=model.name_or_path)
-        return peft.PromptTuningConfig(num_virtual_tokens=method.num_virtual_tokens, task_type="CAUSAL_LM")
-    raise ConfigError(f"method.type {method.type!r} is not supported")
+def peft_config(model, method):
+    """The peft config of a peft method (its builder in method_specs.py) for this model."""
+    build = METHOD_SPECS[method.type].peft_config
+    if build is None:
+        raise ConfigError(f"method.type {method.type!r} is not supported")
+    return build(method, _targets(model, method), model)
 
 
 def quantize(model, bits: int, quant_type: str = "nf4", double_quant: bool = True) -> int:
@@ -276,14 +256,6 @@ def save_trained(model, directory: Path) -> None:
         (directory / QUANTIZATION_FILE).write_text(json.dumps(quantization, indent=2) + "\n")
 
 
-def is_adapter_dir(directory: Path) -> bool:
-    return (Path(directory) / "adapter_config.json").is_file()
-
-
-def adapter_base_name(directory: Path) -> str:
-    return json.loads((Path(directory) / "adapter_config.json").read_text())["base_model_name_or_path"]
-
-
 def load_saved_adapter(base_model, directory: Path):
     """A loaded base model + the adapter dir written by save_trained (PEFT or ours), quantising the base first
     when it was quantised in training, so the result computes what the trained model computed."""
@@ -305,11 +277,6 @@ def load_saved_adapter(base_model, directory: Path):
 
         return VirtualTokenModel(model)
     return model
-
-
-def reference_context(model):
-    """What to run the reference pass under: the adapter switched off, or nothing (a separate frozen model)."""
-    return adapter_disabled(model) if has_adapter(model) else nullcontext()
 
 
 def trainable_summary(model) -> str:

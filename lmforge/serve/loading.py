@@ -31,6 +31,7 @@ from ..errors import ModelError, UserError
 from ..generate import load_for_inference, load_run_weights, run_config
 from ..model import bottleneck
 from ..model.loader import load_model, load_tokenizer, resolve_model
+from ..model.method_specs import METHOD_SPECS, PER_REQUEST_LORA
 from ..model.methods import save_trained, unwrap
 from ..model.virtual_tokens import VirtualTokenModel
 from ..rundir import RunDir, RunWeights, choose_weights
@@ -261,7 +262,7 @@ def _resolve_target(target: str | None, model: str | None) -> Target:
     label = "dora" if method.dora else method.type
     if not weights.is_checkpoint:
         return _adapter_target(weights.path, name, label)
-    if method.type in ("lora", "qlora") and not method.dora:  # per-request LoRA rows need an adapter dir
+    if METHOD_SPECS[label].serve == PER_REQUEST_LORA:  # per-request LoRA rows need an adapter dir
         return _adapter_target(_written_out(weights), name, label)
     load = partial(load_run_weights, weights, "float32")
     if not method.peft:  # a full / freeze checkpoint: a whole model, served as the base

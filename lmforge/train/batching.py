@@ -151,7 +151,3 @@ class DataOrder:
         per_step = self.batch_size * self.accumulation
         chosen = order[index * per_step:(index + 1) * per_step]
         return [chosen[i:i + self.batch_size] for i in range(0, len(chosen), self.batch_size)]
-
-
-def eval_batches(examples: list[Example], batch_size: int, padded: bool = False) -> list[Batch | PaddedBatch]:
-    return [collate(examples[i:i + batch_size], padded) for i in range(0, len(examples), batch_size)]
