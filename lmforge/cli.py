@@ -29,7 +29,20 @@ def cmd_train(args) -> int:
         raise UserError("lmforge train: give a config YAML (or --help-config to list every key)")
     from .train.loop import train
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides)  # every problem reported before any process starts
+    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from .train.distributed import launch
+
+        print(f"starting {args.nproc} training processes with torchrun (DDP, gloo on CPU / nccl on GPU)")
+        code = launch(args.nproc, ["train", args.config, *args.overrides], args.threads_per_rank)
+        if code:
+            from .rundir import RunDir, complete_checkpoints
+
+            saved = complete_checkpoints(RunDir(config.output_dir))
+            hint = (f"the last checkpoint ({saved[-1]}) is intact: continue with train.resume_from_checkpoint=latest"
+                    if saved else "no checkpoint was written (see the first error above)")
+            print(f"error: a training process failed (torchrun exit code {code}); {hint}", file=sys.stderr)
+        return code
     run = train(config)
     return 0 if run.finished else 130  # stopped early (Ctrl-C): a checkpoint was saved, not the final artifact
 
@@ -323,7 +336,7 @@ def cmd_compare(args) -> int:
     options = _eval_options(args)
     test = load_test_set(_names(args.data), args.dataset_dir, args.max_samples)
     out = Path(args.output)
-    compare(args.models, test, options, out, judge)
+    compare(args.models, test, options, out, judge, kb=args.kb, kb_k=args.kb_k)
     print(f"wrote {out / 'report.html'}, {out / 'report.md'} and {out / 'compare.json'}")
     return 0
 
@@ -346,6 +359,10 @@ def add_compare(verbs) -> None:
                                                                "http://127.0.0.1:8000/v1")
     comparison.add_argument("--judge-model", metavar="NAME", help="the judge model's name at that endpoint")
     comparison.add_argument("--judge-key", metavar="KEY", help="API key (default: $OPENAI_API_KEY, if set)")
+    comparison.add_argument("--kb", metavar="KB", help="also run every model with this knowledge base's passages in "
+                                                       "its prompts (base tuned --kb kb/ → base, tuned, base+kb, "
+                                                       "tuned+kb); or give one model as MODEL+kb:KB")
+    comparison.add_argument("--kb-k", type=int, default=3, metavar="K", help="passages per question (default 3)")
     _add_test_options(comparison)
     comparison.set_defaults(func=cmd_compare)
 
@@ -437,9 +454,14 @@ def cmd_serve(args) -> int:
         "cors_origins": args.cors_origin, "threads": args.threads, "decode_dtype": args.decode_dtype,
         "backend": args.backend, "metrics_keys": args.metrics_key, "max_queue": args.max_queue,
         "max_body_bytes": args.max_body_bytes, "request_timeout": args.request_timeout,
-        "kill_switch_mode": args.kill_switch_mode})
+        "kill_switch_mode": args.kill_switch_mode, "state": args.state, "state_fail": args.state_fail,
+        "kb": args.kb, "kb_k": args.kb_k})
     settings.vllm_args = {**settings.vllm_args, **parse_vllm_args(args.vllm_arg)}
     settings.check_bind()  # before minutes of loading, not after
+    if settings.kb:  # a missing or damaged knowledge base is said before the model loads
+        from .kb.store import KnowledgeBase
+
+        KnowledgeBase.open(settings.kb)
     adapters = {**settings.adapters, **parse_adapters(args.adapter)}
     return run_server(build_engine(args.target, args.model, adapters, settings), settings)  # 1: the engine died
 
@@ -478,6 +500,10 @@ def add_serve(verbs) -> None:
                        help="a request is cut off after this long (default 300): 504, or a final error event")
     serve.add_argument("--served-model-name", metavar="NAME", help="the name clients use for the model or run")
     serve.add_argument("--kill-switch-file", metavar="FILE", help="while FILE exists, answer 503 (degraded mode)")
+    serve.add_argument("--kb", metavar="KB", help="answer chat requests with passages from this knowledge base "
+                                                  "(lmforge kb build): a Sources line in the reply, a `sources` "
+                                                  "field; a request sends \"kb\": false to skip it")
+    serve.add_argument("--kb-k", type=int, metavar="K", help="passages per chat request with --kb (default 3)")
     serve.add_argument("--kill-switch-mode", choices=["drain", "abort"],
                        help="what the kill switch does to running streams: drain (default) lets them finish, abort "
                             "ends them with a final error event")
@@ -489,6 +515,11 @@ def add_serve(verbs) -> None:
     serve.add_argument("--vllm-arg", action="append", metavar="KEY=VALUE",
                        help="a vLLM engine argument with --backend vllm, e.g. tensor_parallel_size=2 (repeat the "
                             "option); on a CPU lmforge sets enforce_eager, dtype and the KV cache size unless given")
+    serve.add_argument("--state", metavar="redis://HOST:PORT/DB",
+                       help="share rate limits, usage and the kill switch with other replicas through Redis "
+                            "(default: this process only)")
+    serve.add_argument("--state-fail", choices=["open", "closed"],
+                       help="when Redis is unreachable: open (default) serves with local limits, closed answers 503")
     serve.add_argument("--decode-dtype", choices=["auto", "float32", "float16", "bfloat16"],
                        help="weights in float16 (half the memory, ~2x faster on CPU), bfloat16 (CPUs with AMX / "
                             "AVX512_BF16; fastest at wide batches there) or float32 (replies exactly as "
@@ -578,6 +609,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--help-config", nargs="?", const="", metavar="SECTION",
                        choices=["", "model", "method", "data", "train", "preference"],
                        help="print every config key (or one section's) with its default and meaning, then exit")
+    train.add_argument("--nproc", type=int, metavar="N",
+                       help="train on N processes of this machine through torchrun (data parallel; see "
+                            "train.distributed); for several machines run torchrun yourself: torchrun ... -m lmforge "
+                            "train CONFIG")
+    train.add_argument("--threads-per-rank", type=int, metavar="T",
+                       help="with --nproc: torch threads of each process (default: torchrun's, 1)")
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="override config keys, e.g. train.learning_rate=1e-4 or learning_rate=1e-4")
     train.set_defaults(func=cmd_train)
@@ -600,8 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_export(verbs)
     add_serve(verbs)
     add_score(verbs)
-    add_ui(verbs)
     add_kb(verbs)
+    add_ui(verbs)
 
     data = verbs.add_parser("data", help="prepare datasets: convert tables and files into conversations")
     data_verbs = data.add_subparsers(dest="data_verb", metavar="SUBCOMMAND", required=True)

@@ -192,14 +192,39 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().contiguous().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(run: RunDir, step: int, model, optimizer, scheduler, state: dict, keep: int | None) -> Path:
+@dataclass
+class TrainingState:
+    """What a checkpoint holds besides its step record: the trainable tensors, optimizer and schedule state, and each
+    training process's random-number state (one entry per rank; a single-process run has one)."""
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict
+    rng: list[dict]
+
+
+def rng_state() -> dict:
+    """This process's random-number state (torch, Python, and CUDA where present)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(run: RunDir, step: int, training: TrainingState, state: dict, keep: int | None) -> Path:
     final = run.checkpoints / f"step-{step}"
     tmp = run.checkpoints / f".tmp-step-{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(trainable_state(model), str(tmp / TRAINABLE_FILE))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}, tmp / "optimizer.pt")
+    save_file(training.trainable, str(tmp / TRAINABLE_FILE))
+    torch.save({"optimizer": training.optimizer, "scheduler": training.scheduler, "rng": training.rng},
+               tmp / "optimizer.pt")
     (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -220,19 +245,16 @@ def _prune(run: RunDir, keep: int | None) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+def load_checkpoint(path: Path, trainable_names: set[str]) -> tuple[TrainingState, dict]:
+    """A checkpoint's training state and its step record, checked against the names of the run's trainable tensors."""
     weights = load_file(str(path / TRAINABLE_FILE))
-    expected = {name for name, p in model.named_parameters() if p.requires_grad}
-    if set(weights) != expected:
+    if set(weights) != trainable_names:
         raise ConfigError(f"checkpoint {path} does not match this model/method: it holds {len(weights)} trainable "
-                          f"tensors, the run expects {len(expected)} (was the method or model changed?)")
-    model.load_state_dict(weights, strict=False)
+                          f"tensors, the run expects {len(trainable_names)} (was the method or model changed?)")
     extra = torch.load(path / "optimizer.pt", weights_only=False)
-    optimizer.load_state_dict(extra["optimizer"])
-    scheduler.load_state_dict(extra["scheduler"])
-    torch.set_rng_state(extra["rng"]["torch"])
-    random.setstate(extra["rng"]["python"])
-    return json.loads((path / STATE_FILE).read_text())
+    rng = extra["rng"] if isinstance(extra["rng"], list) else [extra["rng"]]  # before multi-process runs: one state
+    training = TrainingState(weights, extra["optimizer"], extra["scheduler"], rng)
+    return training, json.loads((path / STATE_FILE).read_text())
 
 
 def save_artifact(run: RunDir, model, tokenizer, method: str, *,

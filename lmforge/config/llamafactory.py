@@ -93,9 +93,10 @@ def _warmup_steps(value: Any) -> tuple[dict | None, str | None]:
 WARMUP_RATIO_NOTE = ("warmup_steps: {value} is below 1, so it is a share of the total steps, as transformers reads it "
                      "(= train.warmup_ratio: {value})")
 
-# DeepSpeed ZeRO stage → the FSDP sharding strategy that does the same across processes (torch's names). Under one
-# process every stage is plain training; the table is what multi-process training will use.
-DEEPSPEED_ZERO_TO_FSDP = {0: "NO_SHARD", 1: "SHARD_GRAD_OP", 2: "SHARD_GRAD_OP", 3: "FULL_SHARD"}
+# DeepSpeed ZeRO stage → train.distributed under torchrun: ZeRO-0 is plain data parallel (DDP); ZeRO-1/2 shard
+# optimizer state and gradients but keep whole weights between forward and backward (FSDP2 without resharding after
+# forward, FSDP1's SHARD_GRAD_OP); ZeRO-3 shards the weights too (FSDP2 full sharding). Under one process: nothing.
+DEEPSPEED_ZERO_TO_FSDP = {0: "ddp", 1: "fsdp_grad_op", 2: "fsdp_grad_op", 3: "fsdp"}
 
 
 def deepspeed_zero_stage(value: Any) -> int | None:
@@ -116,10 +117,30 @@ def _deepspeed(value: Any) -> tuple[dict | None, str | None]:
     if value in (None, "", False):
         return None, None
     stage = deepspeed_zero_stage(value)
-    what = f"ZeRO stage {stage}" if stage is not None else "a DeepSpeed config"
-    return None, (f"deepspeed: {what} shards optimizer state, gradients or weights across GPU processes; this run "
-                  f"is one process, where it changes nothing (the optimizer, precision and batch sizes come from "
-                  f"the other keys) (ignored)")
+    if stage is None:
+        return None, ("deepspeed: a DeepSpeed config without a ZeRO stage; under torchrun (--nproc N) lmforge "
+                      "trains with DDP (train.distributed auto); in one process it changes nothing")
+    mode = DEEPSPEED_ZERO_TO_FSDP[stage]
+    offload = _offloads(value)
+    note = (f"deepspeed: ZeRO-{stage} → train.distributed {mode} under torchrun (lmforge train CONFIG --nproc N); "
+            f"in one process it changes nothing")
+    if offload:
+        note += (f"; its {offload} is not used: lmforge keeps weights and optimizer state on the training device "
+                 f"(the memory pre-flight says before loading when that will not fit)")
+    return {"train": {"distributed": mode}}, note
+
+
+def _offloads(value: Any) -> str | None:
+    config = value if isinstance(value, dict) else None
+    if config is None and isinstance(value, str):
+        try:
+            config = json.loads(Path(value).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return "CPU offload" if "offload" in Path(value).name else None
+    zero = (config or {}).get("zero_optimization", {}) if isinstance(config, dict) else {}
+    kinds = [name for name in ("offload_optimizer", "offload_param")
+             if isinstance(zero.get(name), dict) and zero[name].get("device") not in (None, "none")]
+    return " and ".join(kinds) or None
 
 
 def _ray(key: str) -> Callable[[Any], tuple[dict | None, str | None]]:
@@ -226,10 +247,28 @@ FLAT_KEYS: dict[str, str | Callable[[Any], tuple[dict | None, str | None]]] = {
     "disable_gradient_checkpointing": _ignored("disable_gradient_checkpointing: lmforge does not checkpoint "
                                                "activations (packing and a lean MLP keep their memory down)"),
     "run_name": _ignored("run_name: the run is named after output_dir"),
+    "packing": _ignored("packing: lmforge always packs examples into rows, each attending only to itself (no "
+                        "cross-contamination), so results equal unpacked training"),
+    "neat_packing": _ignored("neat_packing: lmforge's packing never lets examples attend to each other"),
+    "gradient_checkpointing": _ignored("gradient_checkpointing: lmforge does not checkpoint activations (packing "
+                                       "and a lean MLP keep their memory down)"),
+    "use_reentrant_gc": _ignored("use_reentrant_gc: a setting of gradient checkpointing, which lmforge does not use"),
+    "enable_liger_kernel": _ignored("enable_liger_kernel: GPU Triton kernels; lmforge computes the LM-head loss in "
+                                    "chunks itself"),
+    "use_unsloth": _ignored("use_unsloth: GPU kernels; lmforge runs its own CPU-friendly training path"),
+    "use_v1_kernels": _ignored("use_v1_kernels: LLaMA-Factory's GPU kernels; lmforge uses its own"),
+    "fp8": _false_only("fp8", "FP8 training needs an FP8-capable GPU (H100 class); on this machine train in "
+                              "bf16 or float32 (remove fp8)"),
+    "fp8_backend": _ignored("fp8_backend: a setting of fp8 training"),
+    "fp8_enable_fsdp_float8_all_gather": _ignored("fp8_enable_fsdp_float8_all_gather: a setting of fp8 training"),
     "do_predict": _false_only("do_predict", "a prediction config is run by `lmforge eval THIS.yaml` (BLEU-4 / ROUGE "
                                             "on eval_dataset, as LLaMA-Factory's predict)"),
     "predict_with_generate": _ignored("predict_with_generate: generation metrics come from `lmforge eval`"),
     "do_eval": _ignored("do_eval: validation runs every eval_steps when there is validation data"),
+    "adapter_name_or_path": "model.adapter",
+    "create_new_adapter": _false_only("create_new_adapter", "lmforge continues the adapter it is given; to start a "
+                                                            "new one on top, merge it first (`lmforge export`) and "
+                                                            "train on the merged model"),
 }
 
 
@@ -242,6 +281,55 @@ def merge_partial(into: dict, partial: dict) -> None:
             into[key] = dict(value)
         else:
             into[key] = value
+
+
+def adapter_dir(path: str) -> Path:
+    """The adapter dir a path means: itself, or an lmforge run dir's adapter/."""
+    return Path(path) / "adapter" if is_lmforge_run(path) else Path(path)
+
+
+def _adopt_adapter_settings(nested: dict, notes: list[str], refused: list[str], source: str) -> None:
+    """adapter_name_or_path in training: the adapter's own adapter_config.json decides its method and LoRA settings,
+    as when LLaMA-Factory loads it (PeftModel.from_pretrained); settings in the file that differ are noted."""
+    path = str(nested["model"]["adapter"])
+    method = nested.setdefault("method", {})
+    if "," in path:
+        refused.append(f"adapter_name_or_path: {path!r} — lmforge continues one adapter; merge the others first "
+                       f"(`lmforge export`) and train on the merged model")
+        return
+    if method.get("type") in ("full", "freeze"):
+        refused.append(f"adapter_name_or_path with finetuning_type: {method['type']} — a full or freeze run continues "
+                       f"from its model dir: point model_name_or_path at it")
+        return
+    config_file = adapter_dir(path) / "adapter_config.json"
+    try:
+        saved = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        refused.append(f"adapter_name_or_path: {path} — no readable adapter_config.json there (a PEFT adapter dir, "
+                       f"or the output_dir of an lmforge LoRA run)")
+        return
+    kind = {"LORA": "dora" if saved.get("use_dora") else "lora", "LOHA": "loha", "LOKR": "lokr", "IA3": "ia3",
+            "PREFIX_TUNING": "prefix" if saved.get("prefix_projection") else "ptuning",
+            "PROMPT_TUNING": "prompt"}.get(saved.get("peft_type"))
+    if kind is None:
+        refused.append(f"adapter_name_or_path: {path} — its peft_type {saved.get('peft_type')!r} is not one lmforge "
+                       f"continues")
+        return
+    if kind == "lora" and (method.get("type") == "qlora" or method.get("quantization_bit")):
+        kind = "qlora"
+    adopted = {"type": kind}
+    targets = saved.get("target_modules")
+    for field, value in (("lora_rank", saved.get("r")), ("lora_alpha", saved.get("lora_alpha")),
+                         ("lora_dropout", saved.get("lora_dropout")), ("use_rslora", saved.get("use_rslora")),
+                         ("lora_target", sorted(targets) if isinstance(targets, list) else None),
+                         ("num_virtual_tokens", saved.get("num_virtual_tokens"))):
+        if value is not None and (field != "num_virtual_tokens" or kind in ("prefix", "ptuning", "prompt")):
+            adopted[field] = value
+    changed = [f"{field} {method[field]!r} → {value!r}" for field, value in adopted.items()
+               if field in method and method[field] != value]
+    method.update(adopted)
+    notes.append(f"{source}: adapter_name_or_path: continuing {path} with its own settings (adapter_config.json)"
+                 + (f"; the file's {', '.join(changed)}" if changed else ""))
 
 
 def is_flat_llamafactory(raw: dict) -> bool:
@@ -280,6 +368,8 @@ def translate_flat(raw: dict, source: str) -> tuple[dict, list[str]]:
                     nested.setdefault(section, {}).update(fields)
             if note:
                 notes.append(f"{source}: {note}")
+    if nested.get("model", {}).get("adapter"):
+        _adopt_adapter_settings(nested, notes, refused, source)
     if refused:  # reported by the caller together with unknown keys and invalid values: every problem at once
         nested["_refused"] = refused
     if unknown:

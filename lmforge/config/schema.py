@@ -26,7 +26,12 @@ class ModelConfig(Section):
     """Chat template: a Jinja string, a name (chatml, human_assistant: replace the model's own), or a LLaMA-Factory
     name (llama3, llama2, qwen, qwen3, mistral, gemma, glm4, alpaca, default, empty: used when the model has none)."""
     dtype: str = "auto"
-    """auto | float32 | bfloat16 | float16. Half precision without a GPU falls back to float32 with a warning."""
+    """auto | float32 | bfloat16 | float16. On a CPU, bfloat16 and auto train under bf16 autocast (float32
+    parameters) where the CPU multiplies bf16 fast (AMX / AVX512_BF16, confirmed by a probe; auto: models of hidden
+    size 256 and up), else in float32; one line says which and why. On a GPU: the weights in that dtype."""
+    adapter: str | None = None
+    """A trained PEFT adapter dir (or an lmforge run dir) to continue training: its weights replace the method's fresh
+    ones, so method.type and the LoRA settings must be the adapter's (LLaMA-Factory: adapter_name_or_path)."""
 
 
 MethodName = Literal[tuple(METHOD_SPECS)]  # the methods of model/method_specs.py, in its order
@@ -187,7 +192,8 @@ class TrainConfig(Section):
     batch_size: int = 4
     """Examples per micro-batch (per_device_train_batch_size)."""
     gradient_accumulation_steps: int = 1
-    """Micro-batches per optimizer step; the loss is normalised over the whole step, so this equals one batch this many times larger."""
+    """Micro-batches per optimizer step; the loss is normalised over the whole step, so this equals one batch this
+    many times larger."""
     lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     """Learning-rate schedule after warm-up."""
     warmup_ratio: float = 0.0
@@ -212,6 +218,19 @@ class TrainConfig(Section):
     """A checkpoint dir, or "latest" for the newest complete one in output_dir."""
     overwrite_output_dir: bool = False
     """Replace a previous run in output_dir (without it, a non-empty output_dir is refused unless resuming)."""
+    distributed: Literal["auto", "ddp", "fsdp", "fsdp_grad_op"] = "auto"
+    """Under torchrun (`--nproc N` or `torchrun ... -m lmforge train`): ddp keeps a whole model on every process and
+    averages gradients; fsdp shards weights, gradients and optimizer state across processes (FSDP2, one shard group
+    per decoder layer: DeepSpeed ZeRO-3), for models that do not fit one device; fsdp_grad_op shards gradients and
+    optimizer state but keeps whole weights between forward and backward (ZeRO-2); auto = ddp. batch_size is per
+    process: the global batch is processes × batch_size × gradient_accumulation_steps."""
+    ddp_find_unused_parameters: bool = False
+    """ddp: let gradient averaging wait only for parameters the step used (needed when some trainable parameters
+    get no gradient in a step; slower)."""
+    ddp_timeout: int = 1800
+    """Seconds a process waits for the others at a synchronisation point before the job fails."""
+    skip_memory_check: bool = False
+    """Start even when the memory pre-flight estimates that the run will not fit (the estimate is still printed)."""
 
 
 class Config(Section):

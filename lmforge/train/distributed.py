@@ -25,8 +25,18 @@ import torch
 import torch.distributed as dist
 
 from ..errors import ConfigError
+from ..rundir import trainable_state
 
-MODES = ("ddp", "fsdp")
+MODES = ("ddp", "fsdp", "fsdp_grad_op")
+
+
+def peer_lost(error: BaseException) -> bool:
+    """Whether a collective failed because another process died: torch's DistError (nccl, timeouts), or gloo's
+    plain RuntimeError naming its closed or reset connection."""
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and "gloo" in text and ("by peer" in text or "Timed out" in text)
 
 
 @dataclass(frozen=True)
@@ -68,14 +78,16 @@ def training_device(ranks: Ranks) -> torch.device:
     return torch.device("cpu")
 
 
-def start(ranks: Ranks, device: torch.device, timeout_s: float = 1800.0) -> None:
-    """Join the process group: nccl between GPUs, gloo on the CPU. Nothing to do for one process."""
+def start(ranks: Ranks, device: torch.device, timeout_s: float = 1800.0) -> bool:
+    """Join the process group: nccl between GPUs, gloo on the CPU. Nothing to do for one process (or when the
+    caller already joined one). True when this call started it (the caller stops it)."""
     if not ranks.distributed or dist.is_initialized():
-        return
+        return False
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return True
 
 
 def stop() -> None:
@@ -89,7 +101,7 @@ def choose_mode(requested: str, ranks: Ranks) -> str | None:
     if not ranks.distributed:
         return None
     if requested not in ("auto", *MODES):
-        raise ConfigError(f"train.distributed: {requested!r} is not one of auto, ddp, fsdp")
+        raise ConfigError(f"train.distributed: {requested!r} is not one of auto, {', '.join(MODES)}")
     return "ddp" if requested == "auto" else requested
 
 
@@ -121,12 +133,13 @@ class Parallel:
             self.wrapped = DistributedDataParallel(
                 self.module, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False,
                 find_unused_parameters=find_unused_parameters)
-        elif mode == "fsdp":
+        elif mode in ("fsdp", "fsdp_grad_op"):
             from torch.distributed.fsdp import fully_shard
 
+            keep_whole = mode == "fsdp_grad_op"  # ZeRO-2: weights stay gathered from forward to backward
             for layer in _decoder_layers(model):  # one group per decoder layer; embeddings, norm and head in the root
-                fully_shard(layer)
-            self.wrapped = fully_shard(self.module)
+                fully_shard(layer, reshard_after_forward=not keep_whole)
+            self.wrapped = fully_shard(self.module, reshard_after_forward=not keep_whole)
         else:
             raise ValueError(mode)
 
@@ -146,10 +159,14 @@ class Parallel:
         dist.all_reduce(tensor)
         return tensor.tolist()
 
+    def any(self, flag: bool) -> bool:
+        """True on every process when it is true on one (a stop request reaches the processes at different times)."""
+        return self.sum([1.0 if flag else 0.0])[0] > 0
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The trainable tensors by name, whole, on the CPU (every rank must call; rank 0 writes them)."""
         if self.mode == "ddp":
-            return {name: p.detach().cpu() for name, p in self.model.named_parameters() if p.requires_grad}
+            return trainable_state(self.model)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -193,21 +210,22 @@ class Parallel:
                              options=StateDictOptions(full_state_dict=True, strict=False))
 
     @contextmanager
-    def whole_model(self) -> Iterator[torch.nn.Module]:
-        """The model with every parameter whole on this rank (FSDP: gathered for the duration), e.g. to save it."""
+    def whole_model(self, rebuild: Callable[[], torch.nn.Module]) -> Iterator[torch.nn.Module | None]:
+        """The trained model, whole, on rank 0 (None on the others), e.g. to save it. DDP: the model itself. FSDP:
+        every process sends its shards; rank 0 loads them into a plain copy built by `rebuild` (the same model and
+        method, unsharded), since sharded parameters are not tensors a saver can write."""
         if self.mode == "ddp":
             yield self.model
             return
-        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        sharded = [m for m in self.module.modules() if isinstance(m, FSDPModule)]
-        for module in sharded:
-            module.unshard()
-        try:
-            yield self.model
-        finally:
-            for module in sharded:
-                module.reshard()
+        full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.ranks.is_main:
+            yield None
+            return
+        copy = rebuild()
+        copy.load_state_dict({name.removeprefix("model."): tensor for name, tensor in full.items()})
+        yield copy
 
 
 def _decoder_layers(model) -> list[torch.nn.Module]:
@@ -255,6 +273,25 @@ def gather_objects(value, ranks: Ranks) -> list:
     out = [None] * ranks.world if ranks.is_main else None
     dist.gather_object(value, out, dst=0)
     return out or []
+
+
+def processes_here() -> int:
+    """Training processes on this machine (torchrun's LOCAL_WORLD_SIZE): they share its memory."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def to_device(batch, device: torch.device):
+    """A copy of a batch (a dataclass of tensors, possibly nested) with its tensors on `device` (the GPU path)."""
+    import dataclasses
+
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if dataclasses.is_dataclass(batch):
+        return dataclasses.replace(batch, **{f.name: to_device(getattr(batch, f.name), device)
+                                             for f in dataclasses.fields(batch) if f.init})
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(item, device) for item in batch)
+    return batch
 
 
 def launch(nproc: int, argv: list[str], threads_per_rank: int | None = None) -> int:

@@ -2,19 +2,21 @@
 read top to bottom as `train()` = `set_up()` → `run_steps()` → `finish()`. Each micro-batch's summed loss is divided
 by the step's units (supervised tokens, pairs or replies), so accumulation equals one big batch. Ctrl-C checkpoints
 and stops; `resume_from_checkpoint` continues exactly. Two hooks are here and only here: `wrap_model()` (the one place
-the model is wrapped after set-up: distributed training) and `forward_precision()` (the context every forward runs
-under: autocast). Must not know a stage or a method by name.
+the model is wrapped after set-up: DDP / FSDP2 under torchrun, train/distributed.py) and `forward_precision()` (the
+context every forward runs under: autocast). Under torchrun every process runs this same loop on its share of each
+micro-batch; only rank 0 writes. Must not know a stage or a method by name.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import threading
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from transformers import get_scheduler
 
 from ..config import Config
 from ..data.render import ensure_chat_template
+from ..errors import UserError
 from ..model import packed_attention as attention
 from ..model.lean_mlp import use_lean_mlp
 from ..model.loader import load_model, load_tokenizer, pick_dtype, resolve_model
@@ -33,14 +36,21 @@ from ..model.precision import training_precision
 from ..model.value_head import VALUE_HEAD_FILE, detached_value_head, value_head
 from ..rundir import (
     RunDir,
+    TrainingState,
     load_checkpoint,
     resolve_resume,
+    rng_state,
     save_artifact,
     save_checkpoint,
+    set_rng_state,
+    trainable_state,
 )
+from . import distributed
 from .batching import DataOrder
+from .distributed import Parallel, Ranks
 from .heap import trim_heap_between_layers
 from .losses import sft_loss_sum
+from .memory import MemoryEstimate, available_bytes, check_fits, estimate_peak, peak_process_bytes
 from .plots import plot_losses
 from .stages import LossOutput, Reference, Stage, StageData, reference_needs_copy, stage_of
 
@@ -62,10 +72,16 @@ def prepare_for_training(model):
 # ---------------------------------------------------------------------------------------------- the two hooks
 
 
-def wrap_model(model, config: Config):
-    """The one place the model is wrapped after set-up, before the optimizer sees its parameters (distributed data
-    parallel / FSDP will wrap here). Today: the model itself."""
-    return model
+def wrap_model(model, config: Config, loss: Callable, ranks: Ranks) -> Parallel | None:
+    """The one place the model is wrapped after set-up, before the optimizer sees its parameters: under torchrun,
+    DDP or FSDP2 around the step's loss (train/distributed.py); one process: nothing."""
+    mode = distributed.choose_mode(config.train.distributed, ranks)
+    if mode is None:
+        return None
+    cfg = config.train
+    print(f"training on {ranks.world} processes ({mode}): global batch {ranks.world} × {cfg.batch_size} per "
+          f"process × {cfg.gradient_accumulation_steps} accumulation")
+    return Parallel(model, loss, mode, ranks, cfg.ddp_find_unused_parameters)
 
 
 def forward_precision(config: Config, model) -> Callable[[], AbstractContextManager]:
@@ -93,24 +109,44 @@ def _sft_loss(model, batch) -> LossOutput:
 
 
 def train_step(model, micro_batches: list, parameters, optimizer, scheduler, max_grad_norm: float,
-               loss_fn: Callable = _sft_loss, precision: Callable[[], AbstractContextManager] = nullcontext
-               ) -> StepResult:
+               loss_fn: Callable = _sft_loss, precision: Callable[[], AbstractContextManager] = nullcontext,
+               parallel: Parallel | None = None, weights: list[float] | None = None) -> StepResult:
     """One optimizer step over micro-batches; each micro-batch's summed loss is divided by the units of the whole
-    step, so accumulating micro-batches equals one large batch. Forwards run under `precision()`."""
-    units = sum(b.units for b in micro_batches)
+    step, so accumulating micro-batches equals one large batch. Forwards run under `precision()`.
+
+    Under torchrun (`parallel`) this process holds its share of the step's micro-batches (weight 0 marks a stand-in
+    for an empty share); the divisor is the whole step's units over all processes divided by their number, because
+    DDP and FSDP average gradients — so N processes × batch b train exactly as one process × batch N·b."""
+    weights = weights or [1.0] * len(micro_batches)
+    units = sum(b.units for b, weight in zip(micro_batches, weights) if weight)
+    divisor = units if parallel is None else parallel.sum([units])[0] / parallel.ranks.world
     loss_sum, metrics = 0.0, {}
-    for batch in micro_batches:
-        with precision():
-            output = loss_fn(model, batch)
-        (output.loss_sum / units).backward()
-        loss_sum += output.loss_sum.item()
-        _add_metrics(metrics, output.metrics)
+    for i, (batch, weight) in enumerate(zip(micro_batches, weights)):
+        with parallel.no_sync(last=i == len(micro_batches) - 1) if parallel else nullcontext():
+            with precision():
+                output = loss_fn(model, batch)
+            (output.loss_sum / divisor * weight).backward()
+        if weight:
+            loss_sum += output.loss_sum.item()
+            _add_metrics(metrics, output.metrics)
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss_sum, sum(b.num_supervised for b in micro_batches),
-                      sum(b.num_tokens for b in micro_batches), float(grad_norm), units, metrics)
+    counted = [b for b, weight in zip(micro_batches, weights) if weight]
+    result = StepResult(loss_sum, sum(b.num_supervised for b in counted), sum(b.num_tokens for b in counted),
+                        float(grad_norm), units, metrics)
+    return result if parallel is None else _summed_over_processes(result, parallel)
+
+
+def _summed_over_processes(result: StepResult, parallel: Parallel) -> StepResult:
+    """The step's figures over every process (each holds its share), for the record rank 0 writes."""
+    names = sorted(result.metrics or {})
+    values = [result.loss_sum, result.supervised, result.tokens, result.units]
+    values += [v for name in names for v in result.metrics[name]]
+    total = parallel.sum(values)
+    metrics = {name: (total[4 + 2 * i], int(total[5 + 2 * i])) for i, name in enumerate(names)}
+    return StepResult(total[0], int(total[1]), int(total[2]), result.grad_norm, int(total[3]), metrics)
 
 
 def _add_metrics(into: dict, metrics: dict) -> None:
@@ -209,12 +245,34 @@ class TrainingSession:
     start: int  # the step it starts from (> 0 when resuming)
     history: list[dict]  # metrics records so far
     precision: Callable[[], AbstractContextManager] = nullcontext
+    ranks: Ranks = field(default_factory=Ranks)  # this process among the training processes (torchrun)
+    parallel: Parallel | None = None  # DDP / FSDP2 around the step's loss when several processes train
+    memory: MemoryEstimate | None = None
 
     def batch(self, units: list):
-        return self.stage.batch(units, self.config.method.virtual_tokens, self.pad_id)
+        batch = self.stage.batch(units, self.config.method.virtual_tokens, self.pad_id)
+        device = next(self.model.parameters()).device
+        return batch if device.type == "cpu" else distributed.to_device(batch, device)
 
     def loss(self, model, batch) -> LossOutput:
         return self.stage.loss(self.config, model, batch, self.reference)
+
+    def rebuild(self):
+        """A fresh copy of the model with the method applied, unsharded (FSDP saves the gathered weights into it)."""
+        return _model_with_method(self.config, self.stage, resolve_model(self.config.model.name_or_path))
+
+    def step_loss(self, model, batch) -> LossOutput:
+        """The loss the loop trains and evaluates on: through the wrapped module when several processes train."""
+        return self.loss(model, batch) if self.parallel is None else LossOutput(*self.parallel.loss(batch))
+
+    def micro_batches(self, step: int) -> tuple[list, list[float]]:
+        """This process's micro-batches of optimizer step `step` and their weights (0: a stand-in, see Ranks.share)."""
+        batches, weights = [], []
+        for indices in self.order.step(step):
+            mine, stand_in = self.ranks.share(indices)
+            batches.append(self.batch([self.data.train[i] for i in mine]))
+            weights.append(0.0 if stand_in else 1.0)
+        return batches, weights
 
     @property
     def pad_id(self) -> int:
@@ -223,16 +281,31 @@ class TrainingSession:
 
 
 def train(config: Config, callback: Callable[[dict], bool | None] | None = None) -> RunDir:
-    """Run one training job. `callback(record)` sees every logged record; returning True stops like Ctrl-C."""
-    session = set_up(config)
-    step = run_steps(session, callback)
-    return finish(session, step)
+    """Run one training job. `callback(record)` sees every logged record; returning True stops like Ctrl-C.
+    Under torchrun, this process joins the others first; only rank 0 prints and writes."""
+    ranks = distributed.ranks_from_environment()
+    with ExitStack() as stack:
+        if distributed.start(ranks, distributed.training_device(ranks), config.train.ddp_timeout):
+            stack.callback(distributed.stop)
+        if not ranks.is_main:
+            stack.enter_context(redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+        try:
+            session = set_up(config, ranks)
+            step = run_steps(session, callback)
+            return finish(session, step)
+        except RuntimeError as error:
+            if not (ranks.distributed and distributed.peer_lost(error)):
+                raise
+            raise UserError(f"training process {ranks.rank}: another process stopped (its message is above); "
+                            f"stopping too") from None
 
 
-def set_up(config: Config) -> TrainingSession:
-    """Everything before the first step: the run dir (checked before any work), data, model + method, reference,
-    optimizer and schedule, and the state of the checkpoint being resumed."""
+def set_up(config: Config, ranks: Ranks | None = None) -> TrainingSession:
+    """Everything before the first step: the run dir (checked before any work), data, the memory pre-flight, model +
+    method, reference, the wrapping for several processes, optimizer and schedule, and the state of the checkpoint
+    being resumed."""
     cfg = config.train
+    ranks = ranks or Ranks()
     run = RunDir(config.output_dir)
     resume_from = resolve_resume(run, cfg.resume_from_checkpoint)
     run.check_free(cfg.overwrite_output_dir, resuming=resume_from is not None)  # before any data or model work
@@ -245,34 +318,49 @@ def set_up(config: Config) -> TrainingSession:
     if note:
         print(f"note: {note}")
     stage = stage_of(config)
-    data = _set_up_data(config, stage, tokenizer, run, resuming=resume_from is not None)
+    if not ranks.is_main:  # rank 0 prepares the data and the run dir first; the others then read its caches
+        distributed.barrier(ranks)
+    data = _set_up_data(config, stage, tokenizer, run, resuming=resume_from is not None, writes=ranks.is_main)
+    if ranks.is_main:
+        distributed.barrier(ranks)
+    device = distributed.training_device(ranks)
+    memory = _check_memory(config, stage, model_path, data, ranks, device)
 
-    model = _set_up_model(config, stage, model_path)
+    model = _set_up_model(config, stage, model_path).to(device)
     reference = _set_up_reference(config, stage, model, model_path)
-    model = wrap_model(model, config)
+
+    def loss(model, batch):
+        return stage.loss(config, model, batch, reference)
+
+    parallel = wrap_model(model, config, loss, ranks)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    order = DataOrder(len(data.train), cfg.batch_size, cfg.gradient_accumulation_steps, cfg.seed)
+    order = DataOrder(len(data.train), cfg.batch_size * ranks.world, cfg.gradient_accumulation_steps, cfg.seed)
     steps = total_steps(config, order)
     warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * steps)
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
 
     start, history = 0, []
     if resume_from is not None:
-        start = load_checkpoint(resume_from, model, optimizer, scheduler)["step"]
+        start = _restore(resume_from, model, optimizer, scheduler, parallel, ranks, cfg.seed)
         history = _read_metrics(run.metrics, upto=start)
         print(f"resumed from {resume_from} at step {start}")
-    _write_metrics(run.metrics, history)
+    if ranks.is_main:
+        _write_metrics(run.metrics, history)
     return TrainingSession(config, stage, run, tokenizer, data, model, reference, parameters, optimizer, scheduler,
-                           order, steps, start, history, forward_precision(config, model))
+                           order, steps, start, history, forward_precision(config, model), ranks, parallel, memory)
 
 
-def _set_up_data(config: Config, stage: Stage, tokenizer, run: RunDir, resuming: bool) -> StageData:
-    """The stage's data, summarised on the terminal; then the run dir is created with config.yaml and data_report."""
+def _set_up_data(config: Config, stage: Stage, tokenizer, run: RunDir, resuming: bool, writes: bool = True
+                 ) -> StageData:
+    """The stage's data, summarised on the terminal; then the run dir is created with config.yaml and data_report
+    (by rank 0 only, when several processes train)."""
     data = stage.prepare(config, tokenizer)
     print(f"data ({stage.name}): train {len(data.train)} units, {data.report['train_tokens']:,} tokens "
           f"({data.report['train_supervised_tokens']:,} trained) · val {len(data.val)} · "
           f"{stage.summary(data.report)}")
+    if not writes:
+        return data
     run.prepare(config.train.overwrite_output_dir, resuming=resuming)
     run.config.write_text(config.to_yaml(), encoding="utf-8")
     run.data_report.write_text(json.dumps(data.report, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -282,10 +370,14 @@ def _set_up_data(config: Config, stage: Stage, tokenizer, run: RunDir, resuming:
 def _set_up_model(config: Config, stage: Stage, model_path: str):
     """The base with the method applied (only its parameters train) and what the stage adds, ready for packed
     training."""
+    model = prepare_for_training(_model_with_method(config, stage, model_path))
+    print(trainable_summary(model))
+    return model
+
+
+def _model_with_method(config: Config, stage: Stage, model_path: str):
     model = apply_method(load_base(model_path, pick_dtype(config.model.dtype), config.method), config.method)
     stage.prepare_model(model)
-    model = prepare_for_training(model)
-    print(trainable_summary(model))
     return model
 
 
@@ -296,8 +388,67 @@ def _set_up_reference(config: Config, stage: Stage, model, model_path: str) -> R
     frozen = None
     if reference_needs_copy(model):  # full / freeze change the base: the reference is a frozen copy of it
         frozen = prepare_for_training(load_model(model_path, pick_dtype(config.model.dtype))).eval()
+        frozen.to(next(model.parameters()).device)
         frozen.requires_grad_(False)
     return Reference(frozen)
+
+
+def _check_memory(config: Config, stage: Stage, model_path: str, data: StageData, ranks: Ranks,
+                  device: torch.device) -> MemoryEstimate:
+    """The pre-flight, printed on every run: the estimated peak of this process, refused when it cannot fit."""
+    cfg = config.train
+    sizes = sorted((_unit_tokens(unit) for unit in data.train), reverse=True)[:cfg.batch_size]
+    longest = len(sizes) * sizes[0] if config.method.virtual_tokens and sizes else sum(sizes)
+    mode = distributed.choose_mode(cfg.distributed, ranks)
+    estimate = estimate_peak(config, model_path, longest, ranks.world, mode, distributed.processes_here(),
+                             str(device), stage.needs_reference and config.method.type in ("full", "freeze"))
+    print(estimate.summary())
+    if not cfg.skip_memory_check:
+        check_fits(estimate, available_bytes(str(device)), config.method.type, cfg.batch_size,
+                   config.data.cutoff_len, ranks.world, mode)
+    return estimate
+
+
+def _unit_tokens(unit) -> int:
+    """Tokens of a unit of any stage: an Example, a pt block (a list of them), a pair or a KTO triple."""
+    if hasattr(unit, "input_ids"):
+        return len(unit.input_ids)
+    if isinstance(unit, (list, tuple)):
+        return sum(_unit_tokens(part) for part in unit)
+    return 0
+
+
+def _restore(path: Path, model, optimizer, scheduler, parallel: Parallel | None, ranks: Ranks, seed: int) -> int:
+    """Load a checkpoint written by any number of processes into this run (of any number); returns its step."""
+    names = {name for name, p in model.named_parameters() if p.requires_grad}
+    training, record = load_checkpoint(path, names)
+    if parallel is None:
+        model.load_state_dict(training.trainable, strict=False)
+        optimizer.load_state_dict(training.optimizer)
+    else:
+        parallel.load_trainable(training.trainable)
+        parallel.load_optimizer_state(optimizer, training.optimizer)
+    scheduler.load_state_dict(training.scheduler)
+    if ranks.rank < len(training.rng):
+        set_rng_state(training.rng[ranks.rank])
+    else:  # more processes than the checkpoint had: a fresh, distinct stream for this one
+        torch.manual_seed(seed + 7919 * ranks.rank + record["step"])
+    return record["step"]
+
+
+def _save_checkpoint(session: TrainingSession, step: int) -> Path | None:
+    """Every process takes part (FSDP gathers the shards); rank 0 writes. Returns the path on rank 0."""
+    parallel = session.parallel
+    if parallel is None:
+        training = TrainingState(trainable_state(session.model), session.optimizer.state_dict(),
+                                 session.scheduler.state_dict(), [rng_state()])
+    else:
+        training = TrainingState(parallel.trainable_state(), parallel.optimizer_state(session.optimizer),
+                                 session.scheduler.state_dict(), distributed.gather_objects(rng_state(), session.ranks))
+    if not session.ranks.is_main:
+        return None
+    return save_checkpoint(session.run, step, training, {"epoch": step / session.order.steps_per_epoch},
+                           session.config.train.save_total_limit)
 
 
 def run_steps(session: TrainingSession, callback: Callable[[dict], bool | None] | None = None) -> int:
@@ -305,13 +456,16 @@ def run_steps(session: TrainingSession, callback: Callable[[dict], bool | None] 
     checkpoints on schedule. Returns the step reached."""
     cfg, run, data, order, steps = session.config.train, session.run, session.data, session.order, session.steps
     totals = RunningTotals()
-    progress = tqdm(total=steps, initial=session.start, desc="train", unit="step", dynamic_ncols=True)
+    main = session.ranks.is_main
+    progress = tqdm(total=steps, initial=session.start, desc="train", unit="step", dynamic_ncols=True,
+                    disable=not main)
     step = session.start
     with _StopRequest() as stop:
         while step < steps and not stop.requested:
-            micro_batches = [session.batch([data.train[i] for i in indices]) for indices in order.step(step)]
+            micro_batches, weights = session.micro_batches(step)
             result = train_step(session.model, micro_batches, session.parameters, session.optimizer,
-                                session.scheduler, cfg.max_grad_norm, session.loss, session.precision)
+                                session.scheduler, cfg.max_grad_norm, session.step_loss, session.precision,
+                                session.parallel, weights)
             totals.add(result)
             step += 1
             progress.update(1)
@@ -322,18 +476,22 @@ def run_steps(session: TrainingSession, callback: Callable[[dict], bool | None] 
                                        session.scheduler.get_last_lr()[0])
             if data.val and cfg.eval_steps and (step % cfg.eval_steps == 0 or step == steps):
                 record = (record or {"step": step}) | evaluate_stage(session.model, data.val, cfg.eval_batch_size,
-                                                                     session.batch, session.loss, session.precision)
+                                                                     session.batch, session.step_loss,
+                                                                     session.precision)
             if record:
                 session.history.append(record)
-                _append_metric(run.metrics, record)
-                progress.set_postfix(loss=record.get("loss"), refresh=False)
-                tqdm.write(json.dumps(record))
+                if main:
+                    _append_metric(run.metrics, record)
+                    progress.set_postfix(loss=record.get("loss"), refresh=False)
+                    tqdm.write(json.dumps(record))
                 if callback and callback(record):
                     stop.requested = True
+            if session.parallel is not None:  # every process stops at the same step (Ctrl-C may reach one)
+                stop.requested = session.parallel.any(stop.requested)
             if cfg.save_steps and step % cfg.save_steps == 0 or (stop.requested and step < steps):
-                path = save_checkpoint(run, step, session.model, session.optimizer, session.scheduler,
-                                       {"epoch": step / order.steps_per_epoch}, cfg.save_total_limit)
-                tqdm.write(f"saved checkpoint {path}")
+                path = _save_checkpoint(session, step)
+                if path is not None:
+                    tqdm.write(f"saved checkpoint {path}")
     progress.close()
     return step
 
@@ -341,22 +499,37 @@ def run_steps(session: TrainingSession, callback: Callable[[dict], bool | None] 
 def finish(session: TrainingSession, step: int) -> RunDir:
     """The loss plot; then, when every step ran, the artifact (adapter/ or model/, + the reward model's value head)
     and the run marked finished — otherwise how to continue."""
-    run, model, config = session.run, session.model, session.config
-    plot_losses(session.history, run.loss_plot)
+    run, main = session.run, session.ranks.is_main
+    if main:
+        plot_losses(session.history, run.loss_plot)
     if step < session.steps:
         print(f"stopped at step {step}/{session.steps}; continue with: lmforge train {run.config} "
               f"train.resume_from_checkpoint=latest")
         return run
-    head = value_head(model)
-    if head is None:
-        path = save_artifact(run, model, session.tokenizer, config.method.type)
-    else:  # the head is saved beside the weights, not inside them (a full model/ must reload as a plain causal LM)
-        with detached_value_head(model):
-            path = save_artifact(run, model, session.tokenizer, config.method.type,
-                                 extra={VALUE_HEAD_FILE: head.state_dict()})
+    whole = session.parallel.whole_model(session.rebuild) if session.parallel else nullcontext(session.model)
+    with whole as model:
+        if main:  # under FSDP, rank 0 holds the gathered weights
+            path = _save_trained(session, model)
+    distributed.barrier(session.ranks)
     run.finished = True
-    print(f"done: {path}  ·  {session.stage.follow_up(run.root)}")
+    if main:
+        print(f"done: {path}  ·  {session.stage.follow_up(run.root)}")
+    if session.memory is not None and session.memory.device == "cpu":
+        print(f"memory: peak {peak_process_bytes() / 2**30:.2f} GiB, estimated {session.memory.peak / 2**30:.2f} GiB "
+              f"(this process)")
     return run
+
+
+def _save_trained(session: TrainingSession, model) -> Path:
+    """adapter/ or model/, and the reward model's value head beside the weights, not inside them (a full model/
+    must reload as a plain causal LM)."""
+    head = value_head(model)
+    method = session.config.method.type
+    if head is None:
+        return save_artifact(session.run, model, session.tokenizer, method)
+    with detached_value_head(model):
+        return save_artifact(session.run, model, session.tokenizer, method,
+                             extra={VALUE_HEAD_FILE: head.state_dict()})
 
 
 def _read_metrics(path: Path, upto: int) -> list[dict]:

@@ -17,7 +17,6 @@ Must not load weights, and must not decide anything but "fits / does not fit".
 
 from __future__ import annotations
 
-import os
 import resource
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,14 +118,16 @@ def _trained_layers(model, layers: int) -> int:
     return layers if first is None else layers - first
 
 
-def estimate_peak(config, model_path: str, longest_batch_tokens: int, world: int = 1, sharded: bool = False,
+def estimate_peak(config, model_path: str, longest_batch_tokens: int, world: int = 1, mode: str | None = None,
                   processes_here: int = 1, device: str = "cpu", needs_reference_copy: bool = False
                   ) -> MemoryEstimate:
-    """The peak of one training process (see the module docstring for what is counted)."""
+    """The peak of one training process (see the module docstring for what is counted). `mode`: None (one process),
+    ddp, fsdp (weights, gradients and optimizer state sharded) or fsdp_grad_op (gradients and optimizer state)."""
     weight_bytes, trainable, facts = count_parameters(model_path, config.method, config.model.dtype)
-    share = world if sharded else 1
-    weights = weight_bytes // share + (2 * facts["layer_bytes"] if sharded else 0)  # + a gathered layer, prefetched
-    training_state = trainable * 12 // share
+    sharded_weights = mode == "fsdp"
+    state_share = world if mode in ("fsdp", "fsdp_grad_op") else 1
+    weights = weight_bytes // world + 2 * facts["layer_bytes"] if sharded_weights else weight_bytes  # + 2 gathered
+    training_state = trainable * 12 // state_share
     reference = weight_bytes if needs_reference_copy else 0
     activation_bytes = 4  # float32 activations (bf16 autocast keeps some in 2 bytes: this is the upper bound)
     per_token_layer = (5 * facts["hidden"] + 2 * facts["kv"] + 3 * facts["intermediate"]) * activation_bytes
@@ -179,7 +180,7 @@ def available_bytes(device: str = "cpu") -> int | None:
 
 
 def check_fits(estimate: MemoryEstimate, available: int | None, method: str, batch_size: int, cutoff_len: int,
-               world: int, sharded: bool) -> None:
+               world: int, mode: str | None) -> None:
     """Refuse a run that cannot fit, with the numbers and the levers that would make it fit."""
     if available is None:
         return
@@ -194,7 +195,7 @@ def check_fits(estimate: MemoryEstimate, available: int | None, method: str, bat
         advice.append("train fewer parameters: method.type lora (or qlora for 4-bit frozen weights)")
     elif method not in ("qlora",):
         advice.append("method.type qlora: the frozen weights in 4 bits")
-    if world > 1 and not sharded:
+    if world > 1 and mode != "fsdp":
         advice.append("train.distributed fsdp: shard weights, gradients and optimizer state across the processes")
     advice.append("or more processes / machines (torchrun), each holding a share")
     raise ConfigError(f"this run needs about {_gib(needed)} more memory ({estimate.summary()}"
@@ -202,7 +203,3 @@ def check_fits(estimate: MemoryEstimate, available: int | None, method: str, bat
                       f", and {_gib(available)} is available on {estimate.device}. To make it fit:\n"
                       + "\n".join(f"  - {line}" for line in advice)
                       + "\n  (train.skip_memory_check=true runs anyway)")
-
-
-def processes_on_this_machine() -> int:
-    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
