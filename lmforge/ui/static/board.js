@@ -69,6 +69,16 @@ async function refreshJobs() {
     h("code", {}, `lmforge ${job.args.slice(0, 3).join(" ")}`), " ", jobLine(job))));
 }
 function working(el, text) { el.replaceChildren(h("span", {class: "muted"}, text || t("working"))); }
+// A report page (clean, compare) runs in a sandboxed frame with an origin of its own; with a token it is fetched with
+// the header and never opened with the token in its address.
+function reportView(path, id) {
+  const frame = h("iframe", {class: "report", sandbox: "allow-scripts", title: path, id});
+  api("GET", `/api/files/raw?path=${encodeURIComponent(path)}`).then((html) => { frame.srcdoc = html; })
+    .catch((error) => { frame.srcdoc = error.message; });
+  const link = state.info && state.info.auth ? h("code", {}, path)
+    : h("a", {href: fileUrl(path), target: "_blank", rel: "noopener"}, t("open_report"));
+  return [h("p", {}, link), frame];
+}
 function failure(el, job) { el.replaceChildren(h("div", {class: "errors"}, t("job_failed")), h("pre", {class: "log"}, job.log_tail || "")); }
 
 // --- Data tab ------------------------------------------------------------------------------------------------
@@ -128,9 +138,9 @@ async function clean() {
     await watchJob(job.id, async (done) => {
       if (done.state !== "done") return failure($("cleanOut"), done);
       await refreshInfo();
-      $("cleanOut").replaceChildren(`${t("wrote")} ${done.meta.output} · `,
-        h("a", {href: fileUrl(done.meta.report_html), target: "_blank", id: "cleanReport"}, t("open_report")),
-        h("pre", {}, (done.log_tail || "").trim().split("\n").slice(-3).join("\n")));
+      $("cleanOut").replaceChildren(`${t("wrote")} ${done.meta.output}`,
+        h("pre", {}, (done.log_tail || "").trim().split("\n").slice(-3).join("\n")),
+        ...reportView(done.meta.report_html, "cleanReport"));
     });
   });
 }
@@ -308,6 +318,10 @@ const SERIES = {
   chartLoss: [["loss", "#2b6cb0"], ["eval_loss", "#c05621"]], chartGrad: [["grad_norm", "#2f855a"]],
   chartLr: [["learning_rate", "#6b46c1"]], chartSpeed: [["tokens_per_s", "#b7791f"]],
 };
+const STEP_INCREMENTS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000];
+function tickLabels(u, splits) {  // 2e-4, not 0: learning rates are small
+  return splits.map((v) => v === null ? "" : v !== 0 && Math.abs(v) < 0.01 ? v.toExponential(1) : String(+v.toPrecision(4)));
+}
 function makeCharts() {
   for (const chart of Object.values(state.charts)) chart.destroy();
   state.charts = {};
@@ -318,7 +332,8 @@ function makeCharts() {
     state.charts[id] = new uPlot({width: Math.max(260, el.clientWidth || 420), height: 180, scales: {x: {time: false}},
       series: [{label: "step"}, ...series.map(([label, stroke]) => ({label, stroke, width: 2, spanGaps: true,
         points: {show: label === "eval_loss" ? true : undefined}}))],
-      legend: {live: false}, axes: [{label: "step"}, {size: 60}]}, [[], ...series.map(() => [])], el);
+      legend: {live: false}, axes: [{label: "step", incrs: STEP_INCREMENTS}, {size: 64, values: tickLabels}]},
+      [[], ...series.map(() => [])], el);
   }
 }
 function drawCharts() {
@@ -424,8 +439,7 @@ async function compareModels() {
       const models = (done.compare && done.compare.models) || [];
       const columns = models.length ? Object.keys(models[0].metrics).filter((k) => typeof models[0].metrics[k] === "number") : [];
       out.replaceChildren(metricsTable(models.map((m) => [m.label, m.metrics]), columns),
-        h("p", {}, h("a", {href: fileUrl(done.meta.report_html), target: "_blank", id: "compareReport"}, t("open_report"))),
-        h("iframe", {src: fileUrl(done.meta.report_html), class: "report", sandbox: "allow-same-origin", title: "report"}));
+        ...reportView(done.meta.report_html, "compareReport"));
     });
   });
 }
