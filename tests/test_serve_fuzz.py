@@ -1,7 +1,9 @@
 """Property-based fuzzing of /v1/chat/completions and /v1/completions from the app's own OpenAPI schema
 (schemathesis → hypothesis), against a real server on 127.0.0.1: schema-valid bodies (half of them naming the served
-model, so they generate) and schema-violating ones. Every answer must be a valid completion (JSON or a well-formed
-event stream) or an error in OpenAI's shape, never a 5xx; after each batch a normal request must still work.
+model, so they generate) and schema-violating ones, with legal-but-hostile values mixed in (seeds past 64 bits,
+subnormal temperatures and top_p, text with lone surrogates) that the schema alone rarely draws. Every answer must be
+a valid completion (JSON or a well-formed event stream) or an error in OpenAI's shape, never a 5xx; after each batch
+a normal request must still work.
 
 A tiny random model keeps the few hundred cases within about a minute on two busy cores; the bundled model would
 spend most of that time generating tokens the assertions do not look at (test_e2e.py serves the bundled model).
@@ -24,13 +26,25 @@ from lmforge.serve.settings import ServeSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CASES_PER_BATCH = 60  # 2 endpoints x 2 modes x 60 = 240 cases
+TEXT = st.one_of(st.text(min_size=1, max_size=40),
+                 st.text(st.characters(categories=["L", "Zs", "Cs"]), max_size=20))  # Cs: lone surrogates
+HOSTILE = st.fixed_dictionaries({}, optional={
+    "seed": st.one_of(st.integers(), st.sampled_from([2**63, 2**64 - 1, 2**64, -(2**63) - 1, 10**40])),
+    "temperature": st.one_of(st.floats(0, 2), st.sampled_from([5e-324, 1e-300, 1e-30, 1e-8])),
+    "top_p": st.sampled_from([5e-324, 1e-300, 1e-9, 1.0]),
+    "n": st.integers(1, 3),
+    "max_tokens": st.integers(1, 8),
+    "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]),
+                                                "content": TEXT}), min_size=1, max_size=3),
+    "prompt": TEXT,
+})
 FUZZ = settings(max_examples=CASES_PER_BATCH, deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))
 
 
 @pytest.fixture(scope="module")
 def served(llama_dir):
-    config = ServeSettings(max_tokens=8, default_max_tokens=8, context_length=256, max_n=2, request_timeout=60)
+    config = ServeSettings(max_tokens=16, default_max_tokens=8, context_length=256, request_timeout=60)
     engine = build_engine(llama_dir, None, {}, config)
     app = create_app(engine, config)
     with live_server(app) as (url, _):
@@ -57,7 +71,7 @@ def _check_answer(response, path: str) -> None:
         return
     body = response.json()
     assert body["object"] == kind and body["choices"], body
-    assert body["usage"]["completion_tokens"] <= 8 * len(body["choices"])
+    assert body["usage"]["completion_tokens"] <= 16 * len(body["choices"])
     for choice in body["choices"]:
         assert choice["finish_reason"] in ("stop", "length")
 
@@ -75,14 +89,21 @@ def _normal_request_works(url: str) -> None:
 def test_fuzzed_requests_never_5xx(served, path, mode):
     url, schema, engine = served
     operation = schema[path]["POST"]
+    statuses: list[int] = []
 
     @FUZZ
-    @given(case=operation.as_strategy(generation_mode=mode), name_the_model=st.booleans())
-    def one_request(case, name_the_model):
-        if name_the_model and isinstance(case.body, dict):
-            case.body["model"] = "tiny-llama"
-        _check_answer(case.call(base_url=url, timeout=60), path)
+    @given(case=operation.as_strategy(generation_mode=mode), name_the_model=st.booleans(), hostile=HOSTILE)
+    def one_request(case, name_the_model, hostile):
+        if isinstance(case.body, dict):
+            case.body.update(hostile)
+            if name_the_model:
+                case.body["model"] = "tiny-llama"
+        response = case.call(base_url=url, timeout=60)
+        statuses.append(response.status_code)
+        _check_answer(response, path)
 
     one_request()
+    if mode == GenerationMode.POSITIVE:  # the fuzz reached the engine, not only the validation
+        assert statuses.count(200) >= 5, sorted(set(statuses))
     _normal_request_works(url)
     assert engine.alive

@@ -40,13 +40,17 @@ def field_path(location: tuple) -> str:
     return path
 
 
+UNION_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}  # pydantic's names of union members
+
+
 def user_path(location: tuple, data: Any) -> str:
     """A pydantic error location → the field path in the client's own JSON. Pydantic puts the names of union members
     ('str', 'list[str]') between real keys; only keys and indexes that exist in `data`, or a missing field's name,
     are kept."""
     kept: list = []
     for part in location:
-        if isinstance(data, dict) and isinstance(part, str) and (part in data or part.isidentifier()):
+        if isinstance(data, dict) and isinstance(part, str) and (part in data or (part.isidentifier() and
+                                                                            part not in UNION_TAGS)):
             kept.append(part)  # a key of the body, or the name of a required field that is missing
             data = data.get(part)
         elif isinstance(data, list) and isinstance(part, int):
@@ -100,15 +104,14 @@ class ContentPart(BaseModel):
     text: str
 
 
-TEXT_PARTS_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": ContentPart.model_json_schema()},
-                               {"type": "null"}]}
+TEXT_PARTS_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": ContentPart.model_json_schema()}]}
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
     # Any + our own check: one clear message instead of one per union member.
-    content: Annotated[Any, WithJsonSchema(TEXT_PARTS_SCHEMA)] = Field(default=None, validate_default=True)
+    content: Annotated[Any, WithJsonSchema(TEXT_PARTS_SCHEMA)]
 
     @field_validator("content")
     @classmethod
@@ -155,6 +158,7 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM's extension (extra_body): no stop at end of text / turn, max_tokens tokens
+    kb: bool = True  # lmforge's extension (extra_body), with serve --kb: false answers without retrieval
     # Accepted by OpenAI, not by us: refused by name when set, never silently ignored.
     logit_bias: dict[str, float] | None = None
     logprobs: Any = None
@@ -255,11 +259,22 @@ class CompletionRequest(_Sampling):
         return self.max_tokens
 
 
+# Fields OpenAI accepts and this server refuses by name unless they are empty (validators above).
+REFUSED_FIELDS = {"logit_bias", "logprobs", "top_logprobs", "tools", "tool_choice", "functions", "function_call",
+                  "echo", "suffix", "best_of"}
+
+
 def request_body_schema(model: type[BaseModel]) -> dict:
     """The OpenAPI requestBody of an endpoint that reads `model` itself (routes.py parses off the event loop), with
     the schema inlined (no $refs), so the app's /openapi.json describes what it accepts."""
     schema = model.model_json_schema()
     definitions = schema.pop("$defs", {})
+    for name in REFUSED_FIELDS & set(schema["properties"]):  # accepted only when empty; say so
+        schema["properties"][name] = {"type": "null", "description": "not supported: refused unless null"}
+    if "response_format" in schema["properties"]:
+        schema["properties"]["response_format"] = {
+            "anyOf": [{"type": "null"}, {"type": "object", "properties": {"type": {"const": "text"}},
+                                         "required": ["type"]}]}
 
     def inline(node):
         if isinstance(node, dict):
