@@ -105,6 +105,17 @@ def test_backend_vllm_without_vllm_says_how_to_get_it(capsys, tmp_path, bundled_
     assert "pip install vllm" in err and "GPU" in err
 
 
+@pytest.mark.skipif(not HAS_VLLM, reason="needs vLLM: `make test-vllm` builds .venv-vllm and runs this file there")
+def test_what_vllm_cannot_run_is_refused_before_loading(capsys, tmp_path, bundled_model_dir):
+    tiny = vivid_tiny_model("llama", load_tokenizer(bundled_model_dir), tmp_path / "tiny")  # head size 16
+    capsys.readouterr()
+    err = assert_user_error(*run_cli(capsys, "serve", "--model", tiny, "--backend", "vllm"))
+    assert "head size is 16" in err and "drop --backend vllm" in err
+    err = assert_user_error(*run_cli(capsys, "serve", "--model", bundled_model_dir, "--backend", "vllm",
+                                     "--vllm-arg", "tensor_paralel_size=2"))
+    assert "did you mean 'tensor_parallel_size'" in err
+
+
 @pytest.mark.e2e
 @pytest.mark.skipif(not HAS_VLLM, reason="needs vLLM: `make test-vllm` builds .venv-vllm and runs this file there")
 def test_vllm_backend_serves_base_and_adapters_as_the_builtin_engine_does(tmp_path, bundled_model_dir):

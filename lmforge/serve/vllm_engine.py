@@ -60,22 +60,12 @@ class VllmEngine:
         self._ids = itertools.count()
         self._stopping = False
         self.failure: BaseException | None = None
+        self.arguments = self._engine_arguments()  # a wrong argument or model is refused here, before the server
 
-    @property
-    def running(self) -> int:
-        return min(self._active, self.slots)
-
-    @property
-    def queued(self) -> int:
-        return max(0, self._active - self.slots)
-
-    @property
-    def alive(self) -> bool:
-        return self._engine is not None and not self._stopping and not getattr(self._engine, "errored", False)
-
-    def start(self) -> None:
-        """Build vLLM's engine (loads the weights onto the GPU). Called from the server's start-up, on its loop."""
-        from vllm import AsyncEngineArgs, AsyncLLMEngine
+    def _engine_arguments(self) -> dict:
+        """AsyncEngineArgs for this model: ours (context, slots, LoRA), the user's on top, and on a CPU the defaults
+        cpu_defaults() chooses for what the user left unset (said on stderr)."""
+        from vllm import AsyncEngineArgs
         from vllm.platforms import current_platform
 
         check_engine_args(self.engine_args, AsyncEngineArgs)
@@ -91,8 +81,26 @@ class VllmEngine:
                                           arguments, _weights_bytes(self.model_path), _ram_bytes())
             arguments = {**defaults, **arguments}
             print(note, file=sys.stderr)
-        print(f"vLLM engine: {arguments}", file=sys.stderr)
-        self._engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**arguments))
+        return arguments
+
+    @property
+    def running(self) -> int:
+        return min(self._active, self.slots)
+
+    @property
+    def queued(self) -> int:
+        return max(0, self._active - self.slots)
+
+    @property
+    def alive(self) -> bool:
+        return self._engine is not None and not self._stopping and not getattr(self._engine, "errored", False)
+
+    def start(self) -> None:
+        """Build vLLM's engine (loads the weights). Called from the server's start-up, on its loop."""
+        from vllm import AsyncEngineArgs, AsyncLLMEngine
+
+        print(f"vLLM engine: {self.arguments}", file=sys.stderr)
+        self._engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**self.arguments))
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stopping = True
