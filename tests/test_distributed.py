@@ -214,3 +214,37 @@ def _peak_and_estimate(line: str) -> tuple[float, float]:
     measured = float(line.split("memory: peak ", 1)[1].split(" GiB", 1)[0])
     estimated = float(line.split("estimated ", 1)[1].split(" GiB", 1)[0])
     return measured, estimated
+
+
+# ---------------------------------------------------------------------------------------------- the GPU path
+# Written against torch's documented CUDA APIs (device from the environment, nccl, autocast, GradScaler); this
+# machine has no GPU, so these run only where CUDA exists.
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (this machine has none)")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_gpu_training_in_half_precision_learns(llama_dir, tmp_path, dtype):
+    if dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    data = write_data(tmp_path / "train.jsonl", 8)
+    config = write_config(tmp_path / "gpu.yaml", llama_dir, data, tmp_path / "gpu", {}, batch_size=4, max_steps=20)
+    done = lmforge("train", str(config), f"model.dtype={dtype}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "on the GPU" in done.stderr and ("gradient scaler" in done.stderr) == (dtype == "float16")
+    losses = [r["loss"] for r in records(tmp_path / "gpu")]
+    assert all(loss == loss for loss in losses) and losses[-1] < losses[0]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (nccl)")
+def test_two_gpus_train_as_one_with_the_global_batch(llama_dir, tmp_path):
+    data = write_data(tmp_path / "train.jsonl", 10)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert lmforge("train", str(write_config(tmp_path / "1.yaml", llama_dir, data, one, {}, batch_size=4))
+                   ).returncode == 0
+    done = lmforge("train", str(write_config(tmp_path / "2.yaml", llama_dir, data, two, {}, batch_size=2)),
+                   "--nproc", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    for ra, rb in zip(records(one), records(two)):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4, abs=1e-4)

@@ -113,6 +113,12 @@ class Precision:
     load_dtype: torch.dtype
     autocast: torch.dtype | None
     reason: str
+    device_type: str = "cpu"  # where autocast applies: "cpu" or "cuda"
+
+    @property
+    def needs_grad_scaler(self) -> bool:
+        """float16 autocast underflows small gradients unless the loss is scaled (torch.amp.GradScaler)."""
+        return self.autocast == torch.float16
 
     @property
     def name(self) -> str:
@@ -124,7 +130,7 @@ class Precision:
         """A factory of the context each forward runs under."""
         if self.autocast is None:
             return nullcontext
-        return functools.partial(torch.autocast, "cpu", dtype=self.autocast)
+        return functools.partial(torch.autocast, self.device_type, dtype=self.autocast)
 
 
 def normalize(requested: str | None) -> str:
@@ -174,7 +180,12 @@ def choose_gpu_training(requested: str | None, bf16_supported: bool) -> Precisio
     if name == "bfloat16" and not bf16_supported:
         return Precision(torch.float32, None, "bf16 requested but this GPU has no bf16 support: float32")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-    return Precision(dtype, None, f"{_short(dtype)} weights on the GPU")
+    if dtype == torch.float32:
+        return Precision(dtype, None, "float32 on the GPU", "cuda")
+    # Frozen weights in half precision; what trains (peft keeps adapter weights in float32) computes under autocast,
+    # and float16 scales the loss so small gradients survive (a GradScaler in the loop).
+    scaled = " with a gradient scaler" if dtype == torch.float16 else ""
+    return Precision(dtype, dtype, f"{_short(dtype)} weights and autocast on the GPU{scaled}", "cuda")
 
 
 def training_precision(requested: str | None, model_config=None, announce: bool = True) -> Precision:

@@ -32,7 +32,7 @@ from ..model import packed_attention as attention
 from ..model.lean_mlp import use_lean_mlp
 from ..model.loader import load_model, load_tokenizer, pick_dtype, resolve_model
 from ..model.methods import apply_method, check_method, load_base, trainable_summary, unwrap
-from ..model.precision import training_precision
+from ..model.precision import Precision, training_precision
 from ..model.value_head import VALUE_HEAD_FILE, detached_value_head, value_head
 from ..rundir import (
     RunDir,
@@ -84,11 +84,11 @@ def wrap_model(model, config: Config, loss: Callable, ranks: Ranks) -> Parallel 
     return Parallel(model, loss, mode, ranks, cfg.ddp_find_unused_parameters)
 
 
-def forward_precision(config: Config, model) -> Callable[[], AbstractContextManager]:
-    """The context every training and evaluation forward runs under: bf16 autocast where this CPU multiplies bf16
-    fast (parameters and optimizer state stay float32), else none — model/precision.py decides at the model's shapes
-    and says which and why on stderr."""
-    return training_precision(config.model.dtype, getattr(unwrap(model), "config", None)).context()
+def forward_precision(config: Config, model) -> Precision:
+    """How every training and evaluation forward computes: bf16 autocast where this CPU multiplies bf16 fast
+    (parameters and optimizer state stay float32), half precision with autocast on a GPU (float16 with a gradient
+    scaler), else float32 — model/precision.py decides at the model's shapes and says which and why on stderr."""
+    return training_precision(config.model.dtype, getattr(unwrap(model), "config", None))
 
 
 # ---------------------------------------------------------------------------------------------- one step
@@ -110,13 +110,15 @@ def _sft_loss(model, batch) -> LossOutput:
 
 def train_step(model, micro_batches: list, parameters, optimizer, scheduler, max_grad_norm: float,
                loss_fn: Callable = _sft_loss, precision: Callable[[], AbstractContextManager] = nullcontext,
-               parallel: Parallel | None = None, weights: list[float] | None = None) -> StepResult:
+               parallel: Parallel | None = None, weights: list[float] | None = None,
+               scaler: torch.amp.GradScaler | None = None) -> StepResult:
     """One optimizer step over micro-batches; each micro-batch's summed loss is divided by the units of the whole
     step, so accumulating micro-batches equals one large batch. Forwards run under `precision()`.
 
     Under torchrun (`parallel`) this process holds its share of the step's micro-batches (weight 0 marks a stand-in
     for an empty share); the divisor is the whole step's units over all processes divided by their number, because
-    DDP and FSDP average gradients — so N processes × batch b train exactly as one process × batch N·b."""
+    DDP and FSDP average gradients — so N processes × batch b train exactly as one process × batch N·b.
+    `scaler`: float16 autocast on a GPU scales the loss and unscales the gradients before clipping."""
     weights = weights or [1.0] * len(micro_batches)
     units = sum(b.units for b, weight in zip(micro_batches, weights) if weight)
     divisor = units if parallel is None else parallel.sum([units])[0] / parallel.ranks.world
@@ -125,12 +127,19 @@ def train_step(model, micro_batches: list, parameters, optimizer, scheduler, max
         with parallel.no_sync(last=i == len(micro_batches) - 1) if parallel else nullcontext():
             with precision():
                 output = loss_fn(model, batch)
-            (output.loss_sum / divisor * weight).backward()
+            loss = output.loss_sum / divisor * weight
+            (scaler.scale(loss) if scaler else loss).backward()
         if weight:
             loss_sum += output.loss_sum.item()
             _add_metrics(metrics, output.metrics)
+    if scaler:
+        scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
-    optimizer.step()
+    if scaler:  # skips the step when the scaled gradients overflowed, and adjusts the scale
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     counted = [b for b, weight in zip(micro_batches, weights) if weight]
@@ -245,6 +254,7 @@ class TrainingSession:
     start: int  # the step it starts from (> 0 when resuming)
     history: list[dict]  # metrics records so far
     precision: Callable[[], AbstractContextManager] = nullcontext
+    scaler: torch.amp.GradScaler | None = None  # float16 autocast on a GPU
     ranks: Ranks = field(default_factory=Ranks)  # this process among the training processes (torchrun)
     parallel: Parallel | None = None  # DDP / FSDP2 around the step's loss when several processes train
     memory: MemoryEstimate | None = None
@@ -333,6 +343,8 @@ def set_up(config: Config, ranks: Ranks | None = None) -> TrainingSession:
         return stage.loss(config, model, batch, reference)
 
     parallel = wrap_model(model, config, loss, ranks)
+    precision = forward_precision(config, model)
+    scaler = torch.amp.GradScaler(device.type) if precision.needs_grad_scaler else None
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     order = DataOrder(len(data.train), cfg.batch_size * ranks.world, cfg.gradient_accumulation_steps, cfg.seed)
@@ -348,7 +360,7 @@ def set_up(config: Config, ranks: Ranks | None = None) -> TrainingSession:
     if ranks.is_main:
         _write_metrics(run.metrics, history)
     return TrainingSession(config, stage, run, tokenizer, data, model, reference, parameters, optimizer, scheduler,
-                           order, steps, start, history, forward_precision(config, model), ranks, parallel, memory)
+                           order, steps, start, history, precision.context(), scaler, ranks, parallel, memory)
 
 
 def _set_up_data(config: Config, stage: Stage, tokenizer, run: RunDir, resuming: bool, writes: bool = True
@@ -465,7 +477,7 @@ def run_steps(session: TrainingSession, callback: Callable[[dict], bool | None] 
             micro_batches, weights = session.micro_batches(step)
             result = train_step(session.model, micro_batches, session.parameters, session.optimizer,
                                 session.scheduler, cfg.max_grad_norm, session.step_loss, session.precision,
-                                session.parallel, weights)
+                                session.parallel, weights, session.scaler)
             totals.add(result)
             step += 1
             progress.update(1)
