@@ -3,8 +3,11 @@
 Owns where text is cut. Sentences end at 。！？；… and at . ! ? followed by a space or the end (so 3.14 and e.g.
 "v1.2" stay whole), plus closing quotes / brackets after them; a blank line, a Markdown heading or list item also
 starts a new sentence. Chunks are whole sentences packed up to the token budget; the next chunk repeats the last
-sentences of the previous one up to `overlap_tokens`. A single sentence longer than the budget is cut at clause marks
-(，、：, ; :) then spaces, and only when none is left, inside a word. Must not read files or embed.
+sentences of the previous one up to `overlap_tokens`. Paragraphs (blank lines) are kept apart where they can be: a
+paragraph that does not fit, or that would start in the second half of a chunk, starts a new chunk, and overlap never
+carries a sentence across a paragraph break (it would glue the end of one topic onto the next). A single sentence
+longer than the budget is cut at clause marks (，、：, ; :) then spaces, and only when none is left, inside a word.
+Must not read files or embed.
 
 Tokens are counted by the caller's `count_tokens` (the embedding model's tokenizer), so the budget is what the model
 sees. A table / JSON Lines row is a passage of its own: it is only cut when it is longer than the budget.
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import UserError
 from .readers import Section
@@ -27,6 +30,7 @@ SENTENCE_END = re.compile(
     re.MULTILINE,
 )
 CLAUSE_END = re.compile(r"[，、：,:]+|\s+")
+PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class _Piece:
     start: int
     end: int
     tokens: int
+    paragraph: int = 0
 
 
 def sentence_spans(text: str) -> list[tuple[int, int]]:
@@ -85,8 +90,12 @@ def chunk_section(section: Section, settings: ChunkSettings, count_tokens: Calla
         if count_tokens(stripped) <= settings.chunk_tokens:
             return [Chunk(stripped, section.line, section.line, section.page)]
     pieces: list[_Piece] = []
+    paragraph, previous_end = 0, 0
     for start, end in sentence_spans(text):
-        pieces.extend(_fit(text, start, end, settings.chunk_tokens, count_tokens))
+        paragraph += PARAGRAPH_BREAK.search(text, previous_end, start) is not None
+        previous_end = end
+        pieces.extend(replace(piece, paragraph=paragraph)
+                      for piece in _fit(text, start, end, settings.chunk_tokens, count_tokens))
     spans = pack(pieces, settings)
     chunks = []
     for start, end in spans:
@@ -106,12 +115,16 @@ def pack(pieces: list[_Piece], settings: ChunkSettings) -> list[tuple[int, int]]
     current: list[_Piece] = []
     tokens = 0
     for piece in pieces:
-        if current and tokens + piece.tokens > settings.chunk_tokens:
+        new_paragraph = bool(current) and piece.paragraph != current[-1].paragraph
+        if new_paragraph and tokens >= settings.chunk_tokens // 2:
+            spans.append((current[0].start, current[-1].end))
+            current, tokens = [], 0
+        elif current and tokens + piece.tokens > settings.chunk_tokens:
             spans.append((current[0].start, current[-1].end))
             carry: list[_Piece] = []
             carried = 0
             for previous in reversed(current[1:]):
-                if carried + previous.tokens > settings.overlap_tokens:
+                if carried + previous.tokens > settings.overlap_tokens or previous.paragraph != piece.paragraph:
                     break
                 carry.insert(0, previous)
                 carried += previous.tokens

