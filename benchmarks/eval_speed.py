@@ -69,13 +69,13 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from lmforge.data.datasets import load_many
     from lmforge.eval.evaluate import EvalOptions, TestItem
     from lmforge.generate import SamplingParams
 
     machine = machine_info()
-    conversations, _ = load_many([str(args.data)])
-    items = [TestItem(c.to_dicts(), "", c.source, c) for c in conversations]  # prompts only: speed, not scores
+    records = [json.loads(line) for line in args.data.read_text(encoding="utf-8").splitlines() if line.strip()]
+    # the held-out prompts (user turns, no reference answers): generation speed, not scores
+    items = [TestItem(r["messages"], "", f"{args.data}:{i + 1}", None) for i, r in enumerate(records)]
     options = EvalOptions(params=SamplingParams(max_new_tokens=args.max_new_tokens), batch_size=args.batch_size)
     model, tokenizer = demo_model()
     seconds = {"fast decoder": [], "own forward": []}
