@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test install clean vllm test-vllm
+.PHONY: demo test lint install clean vllm test-vllm
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,11 @@ demo: $(STAMP)
 	$(BIN)/lmforge train configs/demo.yaml train.overwrite_output_dir=true
 	$(BIN)/python examples/before_after.py runs/demo examples/data/heldout.jsonl
 
-test: $(STAMP)
+# ruff first (configured in pyproject.toml: pyflakes, pycodestyle, import order, 120 columns), then the tests
+lint: $(STAMP)
+	$(BIN)/ruff check lmforge tests benchmarks examples
+
+test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
 
 clean:

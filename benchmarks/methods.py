@@ -173,7 +173,7 @@ def table(results: list[dict], args) -> str:
     import torch
     import transformers
 
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"### Methods on `{args.model}`, {platform.processor() or platform.machine()}, {when}", "",
              f"`python benchmarks/methods.py --steps {args.steps} --warmup {args.warmup} --batch-size "
              f"{args.batch_size} --cutoff {args.cutoff} --threads {args.threads}` · fp32 CPU · SFT on "

@@ -59,7 +59,7 @@ def test_orpo_simpo_kto_and_bradley_terry_match_hand_computed_values():
     assert simpo_loss(t(-1.0), t(-2.0), 2.0, 0.5)[0].item() == pytest.approx(math.log(1 + math.exp(-1.5)))
     # KTO: r = [1, -1], z0 = 0.5, β = 0.1: 1 - σ(0.05) for the desirable, 1 - σ(0.15) for the undesirable
     losses, rewards = kto_loss(t(-1.0, -3.0), t(-2.0, -2.0), torch.tensor([True, False]), 0.5, 0.1)
-    sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))
     assert losses.tolist() == pytest.approx([1 - sigmoid(0.05), 1 - sigmoid(0.15)])
     assert rewards.tolist() == pytest.approx([0.1, -0.1])
     weighted, _ = kto_loss(t(-1.0, -3.0), t(-2.0, -2.0), torch.tensor([True, False]), 0.5, 0.1, 2.0, 0.5)
