@@ -167,3 +167,19 @@ def test_data_convert_keeps_tools_and_loss_flags(tmp_path):
     report = convert_file(str(source), str(tmp_path / "out_sharegpt.jsonl"), to="sharegpt")
     assert report.rows_rejected == 2  # not written without their tools / flags: rejected with the reason
     assert "use --to messages" in (tmp_path / "out_sharegpt.rejects.jsonl").read_text()
+
+
+def test_a_template_that_refuses_a_conversation_names_the_record():
+    tokenizer = tiny_tokenizer()  # as Llama 3.1's template, which allows one tool call per message
+    tokenizer.chat_template = QWEN25_STYLE.replace(
+        "{%- elif message.role == 'assistant' %}",
+        "{%- elif message.role == 'assistant' %}{%- if message.tool_calls | length > 1 %}"
+        "{{- raise_exception('This model only supports single tool-calls at once!') }}{%- endif %}", 1)
+    record = {"messages": [{"role": "user", "content": "two cities?"},
+                           {"role": "assistant", "content": "", "tool_calls": [
+                               {"function": {"name": "weather", "arguments": {"city": "Rome"}}},
+                               {"function": {"name": "weather", "arguments": {"city": "Oslo"}}}]},
+                           {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "ok"}]}
+    with pytest.raises(DataError, match=r"calls.jsonl:9: the model's chat template cannot render this conversation: "
+                                        r".*single tool-calls"):
+        render_example(tokenizer, convert(record, "calls.jsonl:9"))

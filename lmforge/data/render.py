@@ -173,7 +173,10 @@ def assistant_spans(tokenizer, messages: list[dict], train_on: str, where: str =
                     untrained: frozenset[int] = frozenset()) -> tuple[str, list[tuple]]:
     """Render the conversation; return (text, [(start, end) character spans that carry loss]). Assistant turns in
     `untrained` ("loss": false) carry none."""
-    full = render_text(tokenizer, messages, tools=tools)
+    try:
+        full = render_text(tokenizer, messages, tools=tools)
+    except Exception as error:  # jinja2's TemplateError, or raise_exception() inside the template itself
+        raise DataError(f"{where}: the model's chat template cannot render this conversation: {error}") from None
     if train_on == "all":
         return full, [(0, len(full))]
     turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
