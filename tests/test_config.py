@@ -302,7 +302,7 @@ def test_ray_is_refused_with_what_to_do_instead(tmp_path):
 
 
 def test_a_refused_key_does_not_hide_the_unknown_keys_after_it(tmp_path):
-    unknown = {"use_magic": True, "lora_rnk": 4, "use_unsloth": True, "training_args": {}, "foo": 1, "bar": 2}
+    unknown = {"use_magic": True, "lora_rnk": 4, "use_turbo": True, "training_args": {}, "foo": 1, "bar": 2}
     raw = llamafactory_sft_lora(report_to="wandb", **unknown, learning_rate="fast")
     message = config_error(write_yaml(tmp_path / "lf.yaml", raw))
     assert "report_to" in message and "wandb" in message
@@ -313,7 +313,7 @@ def test_a_refused_key_does_not_hide_the_unknown_keys_after_it(tmp_path):
     assert "did you mean lora_rank" in message
     # no far-fetched suggestions (training_args is not logging_steps)
     lines = {line.split("'")[1]: line for line in message.splitlines() if "unknown key" in line}
-    for key in ("use_unsloth", "training_args", "foo", "bar", "use_magic"):
+    for key in ("use_turbo", "training_args", "foo", "bar", "use_magic"):
         assert "did you mean" not in lines[key], lines[key]
 
 
