@@ -203,7 +203,7 @@ def test_sweep_picks_the_checkpoint_with_the_best_metric(run_dir, tmp_path, caps
     """The test references are what step-8 answers, so step-8 scores ROUGE-L 100 and the others less: more steps
     is not better here (nor fewer), and the sweep must say so."""
     run = copy_run(run_dir, tmp_path)
-    params = SamplingParams(max_new_tokens=6)
+    params = SamplingParams(max_new_tokens=12)  # long enough that the three checkpoints' answers differ
     prompts = [r["messages"][:-1] for r in sample_records()]
     step8 = load_for_inference(str(run), checkpoint="step-8", announce=False)
     answers = [text.strip() for text in replies(*step8, prompts, params)]

@@ -1,4 +1,4 @@
-"""`lmforge export` on runs trained here for a few steps (tiny random Llama / Qwen2 models, the real bundled tokenizer):
+"""`lmforge export` on runs trained here for a few steps (tiny random Llama / Qwen2 models, the tiny test tokenizer):
 merged logits equal base+adapter logits and differ from the base; shards, tokenizer, generation_config and manifest
 are what a user relies on; the GGUF file reads back with transformers' own GGUF loader to the same logits and tokens;
 the Modelfile TEMPLATE renders the same prompt as the chat template; bad input is refused clearly; a killed export

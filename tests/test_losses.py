@@ -1,7 +1,8 @@
 """The packed SFT loss equals the naive one: each example alone through the full model, HF's own loss.
 
-Tiny random Llama / Qwen2 models with the real bundled tokenizer. Equality of the loss and of every gradient shows
-that running the LM head only on supervised positions and attending per example inside one packed row are exact.
+Tiny random Llama / Qwen2 models with the tiny test tokenizer (a real byte-level BPE). Equality of the loss and of
+every gradient shows that running the LM head only on supervised positions and attending per example inside one
+packed row are exact.
 """
 
 from __future__ import annotations
