@@ -336,8 +336,9 @@ def test_where_refuses_anything_but_comparisons(text, message):
 
 # --- building and running ------------------------------------------------------------------------------------------
 
-def test_build_filters_runs_cheapest_first_and_reports_the_first_reason():
-    filters = build_filters({"tokens": {"max_tokens": 100}, "language": ["zh"], "repetition": True,
+def test_build_filters_runs_cheapest_first_and_reports_the_first_reason(tiny_model_dir):
+    filters = build_filters({"tokens": {"max_tokens": 100, "tokenizer": tiny_model_dir}, "language": ["zh"],
+                             "repetition": True,
                              "blocklist": True, "markers": True, "length": {"min_chars": 2}, "where": "votes > 0"})
     assert [f.name for f in filters] == ["where", "length", "markers", "blocklist", "repetition", "language", "tokens"]
     records = [record("这是一个正常的中文回答。", votes=1), record("作为一个AI语言模型，我无法回答。", votes=0),
