@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from http.client import HTTPConnection
@@ -170,6 +173,37 @@ def test_run_server_exits_1_when_the_engine_dies(models):
     post(url, "/v1/chat/completions", chat(), key="unused")
     thread.join(120)  # a hang guard; the server stops within the watcher's half-second
     assert codes == [1]
+
+
+def test_sigterm_stops_the_cli_server_promptly_after_hostile_requests(models):
+    """As an operator runs it: `lmforge serve` in its own process takes a seed past 64 bits (before: the engine died,
+    the request hung and SIGTERM then waited out the 300 s request timeout), keeps serving, and stops on SIGTERM."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", "--model", models[0], "--port", str(port),
+                               "--threads", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(1200):  # start-up: up to two minutes on a busy machine (a hang guard)
+            try:
+                if http("GET", f"{url}/health")[0] == 200:
+                    break
+            except OSError:
+                if server.poll() is not None:
+                    break
+                time.sleep(0.1)
+        assert post(url, "/v1/chat/completions", chat(seed=2**64), key="unused")[0] == 200
+        assert post(url, "/v1/chat/completions", chat(seed=2**64 - 1, n=2, temperature=1.0), key="unused")[0] == 200
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(timeout=120)  # a hang guard; an idle server stops at once
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    log = server.stderr.read()
+    # uvicorn shuts down gracefully, then ends by the signal it caught: what systemd counts as a clean stop
+    assert code in (0, -signal.SIGTERM) and "Finished server process" in log, (code, log[-2000:])
 
 
 # ------------------------------------------------------------------------------------------ 2. a free event loop

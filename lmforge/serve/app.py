@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from .. import __version__
+from .engine import engine_failure
 from .guard import Guard
 from .metrics import Metrics, MetricsMiddleware
 from .protocol import ApiError, error_body
@@ -81,7 +82,7 @@ async def _unexpected(request: Request, error: Exception) -> JSONResponse:
 async def _watch_engine(app: FastAPI, every: float = 0.5) -> None:
     """An engine thread that died (it fails its requests itself) leaves a process that cannot serve: /health says so
     at once, and the server is told to stop, so systemd or Kubernetes restart it."""
-    while getattr(app.state.engine, "failure", None) is None:
+    while engine_failure(app.state.engine) is None:
         await asyncio.sleep(every)
     log.critical("the model engine died (%s); stopping the server", app.state.engine.failure)
     if app.state.on_engine_failure is not None:
@@ -103,4 +104,4 @@ def run_server(engine, settings: ServeSettings) -> int:
         server.run()
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled; the shutdown was already graceful
         pass
-    return 1 if getattr(engine, "failure", None) is not None else 0
+    return 1 if engine_failure(engine) is not None else 0

@@ -58,6 +58,13 @@ class Submission:
     deadline: float | None = None  # time.monotonic() after which the request is cut off
 
 
+def engine_failure(engine) -> BaseException | None:
+    """Why the engine died, or None while it can serve (or is only stopping). Works for both engines: vllm_engine.py
+    records a failed request in `failure` while its engine lives on."""
+    failure = getattr(engine, "failure", None)
+    return None if failure is None or engine.alive else failure
+
+
 class EngineBusy(Exception):
     """The bounded queue is full; `retry_after` estimates the seconds until there is room."""
 
@@ -174,7 +181,7 @@ class Engine:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        return self._thread is not None and self._thread.is_alive() and not self._stopping and self.failure is None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="lmforge-engine", daemon=True)

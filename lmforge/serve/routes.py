@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..data.render import render_prompt
 from . import protocol
-from .engine import EngineBusy, EngineStopped, Sampling, Submission
+from .engine import EngineBusy, EngineStopped, Sampling, Submission, engine_failure
 from .protocol import ApiError, ChatCompletionRequest, CompletionRequest
 from .text import TextAssembler
 
@@ -43,7 +43,7 @@ async def chat_page() -> HTMLResponse:
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
     """Liveness: 503 once the engine thread has died (the process then exits non-zero so a supervisor restarts it)."""
-    failure = getattr(_state(request).engine, "failure", None)
+    failure = engine_failure(_state(request).engine)
     if failure is not None:
         return JSONResponse({"status": "engine_down", "error": f"{type(failure).__name__}: {failure}"},
                             status_code=503)
@@ -317,7 +317,7 @@ class _Run:
                 async with asyncio.timeout(1.0):
                     return await self.ticket.events.get()
             except TimeoutError:
-                if getattr(engine, "failure", None) is not None and self.ticket.events.empty():
+                if engine_failure(engine) is not None and self.ticket.events.empty():
                     raise ApiError(503, f"the model engine stopped: {engine.failure}", type="service_unavailable",
                                    code="engine_down") from None
 
