@@ -22,6 +22,12 @@ LONG = 900_000  # ms: steps of the bundled model take seconds on 2 idle cores, m
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(CHROMIUM is None, reason="no chromium (apt-get install chromium)")]
 
 
+def result_of(page, done: str, out: str) -> None:
+    """Wait until the action shows its result (`done`) or its failure (the job's log in `out`); fail with the log."""
+    page.wait_for_selector(f"{done}, {out} .errors", timeout=LONG)
+    assert page.locator(done).count(), page.inner_text(out)[-3000:]
+
+
 def points(page, chart: str = "chartLoss") -> int:
     return int(page.get_attribute(f"#{chart}", "data-points") or 0)
 
@@ -44,7 +50,7 @@ def test_the_whole_demo_from_the_page(tmp_path, bundled_model_dir):
             # Data: the detected shape and the trained tokens marked
             page.select_option("#dataFile", "data/qa.jsonl")
             page.click("#inspectBtn")
-            page.wait_for_selector("#inspectOut mark.trained", timeout=LONG)
+            result_of(page, "#inspectOut mark.trained", "#inspectOut")
             assert "messages" in page.inner_text("#inspectOut")
             page.screenshot(path=str(artifacts / "data.png"))
 
@@ -85,7 +91,7 @@ def test_the_whole_demo_from_the_page(tmp_path, bundled_model_dir):
             page.fill("#evalTokens", "8")
             assert page.input_value("#compareModels") == "base=smollm2-135m-instruct, tuned=page-run"
             page.click("#compareBtn")
-            page.wait_for_selector("#compareReport", timeout=LONG)
+            result_of(page, "#compareReport", "#compareOut")
             assert page.locator("#compareOut table.metrics tbody tr").count() == 2
             page.fill("#chatPrompt", "What is 2 plus 2?")
             page.click("#chatBtn")
@@ -98,7 +104,7 @@ def test_the_whole_demo_from_the_page(tmp_path, bundled_model_dir):
             page.click("#tabs button[data-tab=export]")
             page.select_option("#exportRun", "page-run")
             page.click("#exportBtn")
-            page.wait_for_selector("#exportDone", timeout=LONG)
+            result_of(page, "#exportDone", "#exportOut")
             assert "relative_rms" in page.inner_text("#exportOut")
             page.click("#serveBtn")
             page.wait_for_selector("#serveState[data-state=ready]", timeout=LONG)

@@ -13,6 +13,7 @@ from fastapi import Request
 from ..errors import UserError
 from ..rundir import RunDir
 from .jobs import Job
+from .runs import terminal_text
 from .workspace import Workspace
 
 JOBS_DIR = ".lmforge-ui"  # job logs, edited recipes
@@ -88,7 +89,7 @@ def tail(path: Path, limit: int) -> str:
         return ""
     with path.open("rb") as handle:
         handle.seek(max(0, path.stat().st_size - limit))
-        return handle.read().decode("utf-8", errors="replace").replace("\r", "\n")
+        return terminal_text(handle.read().decode("utf-8", errors="replace"))
 
 
 def run_of(ui, name: str) -> RunDir:

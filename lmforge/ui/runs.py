@@ -60,7 +60,13 @@ def log_tail(run: RunDir, max_bytes: int = 8000) -> str:
     with path.open("rb") as handle:
         handle.seek(max(0, path.stat().st_size - max_bytes))
         text = handle.read().decode("utf-8", errors="replace")
-    return text.replace("\r", "\n")
+    return terminal_text(text)
+
+
+def terminal_text(text: str) -> str:
+    """What a terminal would show: a progress bar redrawn with carriage returns keeps only its last state."""
+    lines = [next((part for part in reversed(line.split("\r")) if part.strip()), "") for line in text.split("\n")]
+    return "\n".join(line for line in lines if line.strip())
 
 
 def total_steps(config: dict, records: list[dict]) -> int | None:
