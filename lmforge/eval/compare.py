@@ -2,7 +2,9 @@
 
 Contenders are evaluated by evaluate.py one after another (one model in memory); an optional LLM judge behind any
 OpenAI-compatible endpoint (the `openai` client) compares each with the first, in both answer orders to cancel
-position bias. Writes compare.json, report.md, report.html (report_html.py). Must not know about argparse.
+position bias. A contender written RUN+kb:KB (or every contender again, with `--kb KB`) answers with passages from
+a knowledge base in its prompt (compare_kb.py), so base, tuned, base+kb and tuned+kb sit in one table. Writes
+compare.json, report.md, report.html (report_html.py). Must not know about argparse.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ import gc
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import UserError
 from ..generate import load_for_inference, load_run_weights
 from ..rundir import STATE_FILE, RunDir, RunWeights, choose_weights
+from . import compare_kb
 from .compare_report import (
     best_values,
     delta,
@@ -47,6 +50,7 @@ class Contender:
     weights: RunWeights | None = None
     model: str | None = None
     adapter: str | None = None
+    kb: str | None = None  # a knowledge base folder: its passages go into every test prompt
 
     def load(self, dtype: str):
         if self.weights is not None:
@@ -55,9 +59,10 @@ class Contender:
         return load_for_inference(model=self.model, adapter=self.adapter, dtype=dtype)
 
     def describe(self) -> dict:
+        kb = {"kb": self.kb} if self.kb else {}
         if self.weights is not None:
-            return {"spec": self.spec, **describe_weights(self.weights)}
-        return {"spec": self.spec, "model": self.model, "adapter": self.adapter}
+            return {"spec": self.spec, **describe_weights(self.weights), **kb}
+        return {"spec": self.spec, "model": self.model, "adapter": self.adapter, **kb}
 
 
 def resolve_contender(spec: str) -> Contender:
@@ -67,6 +72,12 @@ def resolve_contender(spec: str) -> Contender:
     match = LABEL_SPEC.fullmatch(spec)
     if match and not Path(spec).exists():
         label, spec = match.groups()
+    if compare_kb.KB_SEPARATOR in spec and not Path(spec).exists():  # WHAT+kb:KB
+        what, kb = spec.rsplit(compare_kb.KB_SEPARATOR, 1)
+        if not kb:
+            raise UserError(f"{spec}: give the knowledge base folder after +kb:, e.g. {what}+kb:kb/")
+        inner = resolve_contender(what)
+        return replace(inner, label=label or f"{inner.label}+kb", spec=spec, kb=kb)
     path = Path(spec)
     if (path / STATE_FILE).is_file() and path.parent.name == "checkpoints":
         run = RunDir(path.parent.parent)
@@ -90,8 +101,14 @@ def unique_labels(contenders: list[Contender]) -> list[Contender]:
     for contender in contenders:
         count = seen[contender.label] = seen.get(contender.label, 0) + 1
         label = contender.label if count == 1 else f"{contender.label}-{count}"
-        out.append(Contender(label, contender.spec, contender.weights, contender.model, contender.adapter))
+        out.append(replace(contender, label=label))
     return out
+
+
+def with_kb_twins(contenders: list[Contender], kb: str) -> list[Contender]:
+    """`--kb KB`: every contender without a KB, then each of them again with KB (base, tuned, base+kb, tuned+kb)."""
+    return contenders + [replace(c, label=f"{c.label}+kb", spec=f"{c.spec}{compare_kb.KB_SEPARATOR}{kb}", kb=kb)
+                         for c in contenders if c.kb is None]
 
 
 def safe_dir_name(label: str) -> str:
@@ -203,25 +220,45 @@ def summarize_judgements(judgements: list[dict]) -> dict:
 
 
 def compare(specs: list[str], test: TestSet, options: EvalOptions, out_dir: Path,
-            judge: JudgeSettings | None = None) -> dict:
+            judge: JudgeSettings | None = None, kb: str | None = None, kb_k: int = 3) -> dict:
     """Evaluate every contender on the test set, judge them against the first, write the reports; returns
-    the comparison (what compare.json holds)."""
-    if len(specs) < 2:
+    the comparison (what compare.json holds). kb: add every contender again with this knowledge base; kb_k: passages
+    per question."""
+    if len(specs) < 2 and not (kb and specs):
         raise UserError("compare needs at least two models, runs or checkpoints (e.g. the base model and a run)")
     if not options.generate:
         raise UserError("compare shows the models' answers side by side, so it needs generation (drop --no-generate)")
-    contenders = unique_labels([resolve_contender(spec) for spec in specs])
+    contenders = [resolve_contender(spec) for spec in specs]
+    contenders = unique_labels(with_kb_twins(contenders, kb) if kb else contenders)
+    if kb_k < 1:
+        raise UserError(f"--kb-k must be at least 1, got {kb_k}")
+    retrieved = {c.kb: compare_kb.retrieve_for(test, c.kb, kb_k) for c in contenders if c.kb}  # KBs checked first
     out_dir.mkdir(parents=True, exist_ok=True)
-    evaluated = []
+    evaluated, kb_rows = [], {}
     for contender in contenders:
         model, tokenizer = contender.load(options.dtype)
-        result = evaluate_model(model, tokenizer, test, options, contender.label, contender.describe())
+        contender_test = test
+        if contender.kb:
+            system_role = compare_kb.template_has_system_role(tokenizer)
+            contender_test = compare_kb.with_passages(test, retrieved[contender.kb], system_role)
+        result = evaluate_model(model, tokenizer, contender_test, options, contender.label, contender.describe())
         del model
         gc.collect()
         write_eval(result, out_dir / safe_dir_name(contender.label))
         print(f"{contender.label}: {format_metrics(result.metrics)}")
         evaluated.append((contender, result))
+        if contender.kb:
+            kb_rows[contender.label] = compare_kb.citation_rows(test, retrieved[contender.kb],
+                                                                [r["prediction"] for r in result.records])
     comparison = build_comparison(test, options, evaluated)
+    if kb_rows:
+        comparison["kb"] = {label: compare_kb.summarize(c.kb, kb_rows[label]) for c, _ in evaluated
+                            if (label := c.label) in kb_rows}
+        for i, row in enumerate(comparison["rows"]):
+            for label, rows in kb_rows.items():
+                row["outputs"][label]["kb"] = rows[i]
+        for line in compare_kb.reading(comparison):
+            print(line)
     if judge is not None:
         baseline = [r["prediction"] for r in evaluated[0][1].records]
         results = {}
@@ -295,6 +332,7 @@ def render_markdown(comparison: dict) -> str:
         for label, summary in judge["results"].items():
             lines.append(f"| {_md_cell(label)} | {summary['win']} | {summary['tie']} | {summary['loss']} | "
                          f"{summary['win_rate']}% |")
+    lines += compare_kb.markdown_section(comparison)
     lines += ["", "## Examples", ""]
     for row in comparison["rows"]:
         lines += [f"### {row['index'] + 1} · {row['source']}", "", "**Prompt**", "",
@@ -307,5 +345,9 @@ def render_markdown(comparison: dict) -> str:
                 notes.append(f"loss {figure(output['loss'])}")
             if label in row["judge"]:
                 notes.append(f"judge: {row['judge'][label]['outcome']}")
+            if output.get("kb"):
+                cited = output["kb"]["cited"]
+                notes.append(f"cites {', '.join(f'[{n}]' for n in cited) or 'nothing'}"
+                             + (f"; the reference is in [{output['kb']['holder']}]" if output["kb"]["holder"] else ""))
             lines += [f"**{_md_cell(label)}** ({' · '.join(notes)})", "", _md_quote(output["prediction"]), ""]
     return "\n".join(lines) + "\n"

@@ -22,7 +22,7 @@ from .store import KnowledgeBase, StoredChunk
 RRF_K = 60
 MODES = ("hybrid", "bm25", "dense")
 _CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]+")
-_WORD = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]+|[^\W_]+", re.UNICODE)
+_WORD = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]+|[^\W_\u3400-\u9fff\uf900-\ufaff]+")  # CJK runs | other words
 _ENGLISH_STOPWORDS = frozenset(
     "a an and are as at be by for from has have how in is it its of on or that the this to was were what when where "
     "which who why with does do did can".split())

@@ -1,0 +1,133 @@
+"""Compare with a knowledge base: the test prompts with retrieved passages, citation checks, and the four-way reading.
+
+Owns what `lmforge compare … RUN+kb:KB` (or `--kb KB`) adds: for a contender that carries a KB, each test prompt gets
+the passages retrieved for its last user message, inserted by kb/context.py through the chat template; its answers
+are checked for citing the passage that holds the reference; and the report gains a table (reference retrieved, cited)
+and a short reading of which contender wins where (with and without the KB, against the first contender). Must not
+load models or generate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..conversation import Conversation
+from ..kb.context import citations, holder, query_of, sources_json, template_has_system_role, with_context
+from ..kb.retrieve import Hit, Retriever
+from .evaluate import TestSet
+
+KB_SEPARATOR = "+kb:"
+__all__ = ["template_has_system_role"]  # compare.py asks it of each contender's tokenizer
+
+
+def retrieve_for(test: TestSet, kb_dir: str, k: int) -> list[list[Hit]]:
+    """The passages for every test prompt (its last user message is the query)."""
+    retriever = Retriever.open(kb_dir)
+    queries = [query_of(item.prompt) for item in test.items]
+    return [retriever.search(query, k) if query.strip() else [] for query in queries]
+
+
+def with_passages(test: TestSet, hits: list[list[Hit]], system_role: bool) -> TestSet:
+    """The test set with each prompt's passages in it — in the prompt that is generated from and in the conversation
+    whose reference loss is measured."""
+    items = []
+    for item, found in zip(test.items, hits):
+        prompt = with_context(item.prompt, found, system_role)
+        conversation = Conversation.from_dicts([*prompt, {"role": "assistant", "content": item.reference}],
+                                               item.conversation.source, item.conversation.tools)
+        items.append(replace(item, prompt=prompt, conversation=conversation))
+    return TestSet(test.names, items)
+
+
+def citation_rows(test: TestSet, hits: list[list[Hit]], predictions: list[str]) -> list[dict]:
+    rows = []
+    for item, found, prediction in zip(test.items, hits, predictions):
+        number = holder(found, item.reference)
+        cited = citations(prediction, len(found))
+        rows.append({"sources": [s["source"] for s in sources_json(found)], "holder": number, "cited": cited,
+                     "cites_reference": number is not None and number in cited})
+    return rows
+
+
+def summarize(kb_dir: str, rows: list[dict]) -> dict:
+    total = max(len(rows), 1)
+    return {"kb": kb_dir, "examples": len(rows),
+            "reference_retrieved": sum(r["holder"] is not None for r in rows),
+            "cites_reference": sum(r["cites_reference"] for r in rows),
+            "cites_any": sum(bool(r["cited"]) for r in rows),
+            "cites_reference_pct": round(100 * sum(r["cites_reference"] for r in rows) / total, 2)}
+
+
+def twin_of(spec: str) -> str | None:
+    """The spec of the same contender without its KB (for "RUN+kb:KB", "RUN")."""
+    return spec.rsplit(KB_SEPARATOR, 1)[0] if KB_SEPARATOR in spec else None
+
+
+def _change(new: float, old: float) -> str:
+    return f"{new - old:+.2f}"
+
+
+def reading(comparison: dict) -> list[str]:
+    """A few sentences: who wins each headline metric, what the KB changes for each model, what each model changes
+    against the first, how often answers cite the passage holding the reference, per-question wins."""
+    models = comparison["models"]
+    if not models or "rouge-l" not in models[0]["metrics"]:
+        return []
+    lines = []
+    for metric, name in (("rouge-l", "ROUGE-L"), ("bleu-4", "BLEU-4")):
+        best = max(models, key=lambda m: m["metrics"][metric])
+        lines.append(f"Best {name}: {best['label']} ({best['metrics'][metric]:.2f}).")
+    by_spec = {m["spec"]: m for m in models}
+    first = models[0]
+    for model in models[1:]:
+        if model.get("kb") is None:
+            lines.append(f"{model['label']} against {first['label']}: ROUGE-L "
+                         f"{_change(model['metrics']['rouge-l'], first['metrics']['rouge-l'])}, BLEU-4 "
+                         f"{_change(model['metrics']['bleu-4'], first['metrics']['bleu-4'])}.")
+    for model in models:
+        twin = by_spec.get(twin_of(model["spec"]) or "")
+        if model.get("kb") is None or twin is None:
+            continue
+        change = model["metrics"]["rouge-l"] - twin["metrics"]["rouge-l"]
+        verdict = "helps" if change >= 1 else "hurts" if change <= -1 else "changes little (within 1 point)"
+        lines.append(f"The knowledge base {verdict} for {twin['label']}: {twin['label']} → {model['label']} ROUGE-L "
+                     f"{_change(model['metrics']['rouge-l'], twin['metrics']['rouge-l'])}, BLEU-4 "
+                     f"{_change(model['metrics']['bleu-4'], twin['metrics']['bleu-4'])}.")
+    for label, summary in (comparison.get("kb") or {}).items():
+        lines.append(f"{label}: the passage holding the reference was retrieved for {summary['reference_retrieved']} "
+                     f"of {summary['examples']} questions; the answer cites it in {summary['cites_reference']} "
+                     f"(any passage in {summary['cites_any']}).")
+    wins = {m["label"]: 0 for m in models}
+    for row in comparison["rows"]:
+        scores = {label: output["scores"]["rouge-l"] for label, output in row["outputs"].items()}
+        top = max(scores.values())
+        for label, score in scores.items():
+            wins[label] += score == top and top > 0
+    lines.append("Best ROUGE-L per question (ties count for each): "
+                 + ", ".join(f"{label} {count}" for label, count in wins.items()) + ".")
+    return lines
+
+
+def markdown_section(comparison: dict) -> list[str]:
+    """The report.md lines for the KB table and the reading (nothing when no contender carries a KB)."""
+    summaries = comparison.get("kb") or {}
+    if not summaries:
+        return []
+    labels = [m["label"] for m in comparison["models"]]
+    cells = {label: summaries.get(label) for label in labels}
+
+    def row(name: str, key: str) -> str:
+        values = [f"{s[key]}/{s['examples']}" if s else "—" for s in cells.values()]
+        return f"| {name} | " + " | ".join(values) + " |"
+
+    lines = ["", "## Knowledge base", "",
+             "Passages are retrieved for each question's last user message and given to the model in the system "
+             "message, numbered [1] … [k]; a passage holds the reference when it contains at least half of the "
+             "reference's words.", "",
+             "| | " + " | ".join(label.replace("|", "\\|") for label in labels) + " |",
+             "|---|" + "---:|" * len(labels),
+             row("reference passage retrieved", "reference_retrieved"),
+             row("answer cites that passage", "cites_reference"),
+             row("answer cites any passage", "cites_any"),
+             "", "## Reading", ""]
+    return lines + [f"- {line}" for line in reading(comparison)]
