@@ -103,6 +103,13 @@ QUESTIONS = [  # paraphrases, not copies
 ]
 
 
+def test_words_split_chinese_with_jieba_and_keep_codes_apart():
+    from lmforge.kb.retrieve import words
+
+    assert words("E4417这个代码代表热水器的什么故障？") == ["e4417", "这个", "代码", "代表", "热水", "水器", "热水器", "故障"]
+    assert words("The Tarvex K472 weighs 300 grams.") == ["tarvex", "k472", "weighs", "300", "grams"]
+
+
 def write_docs(folder: Path, docs: dict[str, str]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, text in docs.items():
@@ -224,3 +231,104 @@ def test_documents_of_every_type_and_unreadable_files_reported(tmp_path, embedde
     assert main(["kb", "build", str(docs), "-o", str(tmp_path / "kb3"), "--chunk-tokens", "8"]) == 2
     err = capsys.readouterr().err
     assert "not a document type" in err and "not a knowledge base" in err and "--chunk-tokens" in err
+
+
+# ------------------------------------------------------------------------------------------------ compare
+
+FACTS = [  # the knowledge a user wants the model to have: in the KB, and (for "tuned") in training
+    ("What colour is the Velmora pump's casing?", "The Velmora pump's casing is orange."),
+    ("How long is the Velmora pump's warranty?", "The Velmora pump has a warranty of seven years."),
+]
+
+
+@pytest.mark.e2e
+def test_compare_four_way_base_tuned_with_and_without_kb(tmp_path, write_jsonl, bundled_model_dir, embedder):
+    from lmforge.config import load_config
+    from lmforge.eval.compare import compare
+    from lmforge.eval.evaluate import EvalOptions, load_test_set
+    from lmforge.generate import SamplingParams
+    from lmforge.train.loop import train
+
+    records = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in FACTS]
+    data = write_jsonl("facts.jsonl", records)
+    train(load_config(None, [f"data.train=[{data}]", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1",
+                             "train.batch_size=2", "train.learning_rate=1e-3", "method.lora_target=[q_proj,v_proj]",
+                             "data.cutoff_len=64"]))
+    write_docs(tmp_path / "docs", {"pump.md": "# Velmora pump\n\n" + " ".join(a for _, a in FACTS) + "\n",
+                                   **{k: v for k, v in list(PLANTED.items())[:4]}})
+    update_kb(tmp_path / "kb", [str(tmp_path / "docs")], "build", embedder)
+
+    options = EvalOptions(params=SamplingParams(max_new_tokens=6), batch_size=2, cutoff_len=512)
+    comparison = compare([f"base={bundled_model_dir}", f"tuned={tmp_path / 'run'}"], load_test_set([str(data)]),
+                         options, tmp_path / "cmp", kb=str(tmp_path / "kb"), kb_k=2)
+    assert [m["label"] for m in comparison["models"]] == ["base", "tuned", "base+kb", "tuned+kb"]
+    kb = str(tmp_path / "kb")
+    assert [m.get("kb") for m in comparison["models"]] == [None, None, kb, kb]
+    loss = {m["label"]: m["metrics"]["eval_loss"] for m in comparison["models"]}
+    assert loss["base+kb"] < loss["base"]  # with the passage in its prompt the model expects the reference more
+    for summary in comparison["kb"].values():  # the retriever finds the passage holding each reference
+        assert summary["reference_retrieved"] == 2 and summary["examples"] == 2
+    row = comparison["rows"][0]
+    assert row["outputs"]["base+kb"]["kb"]["sources"][0].endswith("pump.md:1-3")
+    assert "kb" not in row["outputs"]["base"]
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "## Knowledge base" in report and "| reference passage retrieved | — | — | 2/2 | 2/2 |" in report
+    assert "## Reading" in report and "The knowledge base" in report and "Best ROUGE-L: " in report
+    # the +kb contenders really saw the passages: their prompts (predictions.jsonl) hold the numbered context
+    lines = (tmp_path / "cmp" / "base_kb" / "predictions.jsonl").read_text().splitlines()
+    prompts = [json.loads(line)["prompt"] for line in lines]
+    assert all(p[0]["role"] == "system" and "[1] (" in p[0]["content"] for p in prompts)
+
+
+def test_paragraphs_stay_apart_and_overlap_never_crosses_them(embedder):
+    first = "The pump must be primed. Fill it with water first. Then close the valve."
+    second = "The warranty lasts seven years. It covers the motor."
+    chunks = chunk_section(Section(first + "\n\n" + second, 1), ChunkSettings(chunk_tokens=24, overlap_tokens=8),
+                           embedder.count_tokens)
+    assert [c.text for c in chunks] == [first, second] and (chunks[1].line_start, chunks[1].line_end) == (3, 3)
+
+
+# ------------------------------------------------------------------------------------------------ serve --kb
+
+
+def test_serve_kb_through_the_openai_client(tmp_path, bundled_model_dir, embedder, one_thread):
+    import openai
+    from serve_helpers import http, live_server, vivid_tiny_model
+
+    from lmforge.data.render import render_prompt
+    from lmforge.kb.context import with_context
+    from lmforge.model.loader import load_tokenizer
+    from lmforge.serve.app import create_app
+    from lmforge.serve.loading import build_engine
+    from lmforge.serve.settings import ServeSettings
+
+    write_docs(tmp_path / "docs", PLANTED)
+    update_kb(tmp_path / "kb", [str(tmp_path / "docs")], "build", embedder)
+    tokenizer = load_tokenizer(bundled_model_dir)
+    base = vivid_tiny_model("llama", tokenizer, tmp_path / "tiny")
+    settings = ServeSettings(kb=str(tmp_path / "kb"), kb_k=2, context_length=512)
+    question = [{"role": "user", "content": "熊猫一天吃多少竹子"}]
+    with live_server(create_app(build_engine(base, None, {}, settings), settings)) as (url, _):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        ask = {"model": "tiny", "messages": question, "max_tokens": 6, "temperature": 0}
+        answer = client.chat.completions.create(**ask)
+        sources = answer.model_extra["sources"]
+        assert [s["index"] for s in sources] == [1, 2] and sources[0]["source"].endswith("panda.md:1")
+        assert sources[0]["text"] == PLANTED["panda.md"] and all(s["cited"] is False for s in sources)
+        text = answer.choices[0].message.content
+        assert text.endswith(f"\n\nSources: [1] {sources[0]['source']}; [2] {sources[1]['source']}")
+        # the passages reached the model through its chat template, in a system message
+        hits = Retriever.open(tmp_path / "kb", embedder).search(question[0]["content"], 2)
+        assert answer.usage.prompt_tokens == len(render_prompt(tokenizer, with_context(question, hits)))
+
+        chunks = list(client.chat.completions.create(**ask, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+        final = next(c for c in chunks if c.choices and c.choices[0].finish_reason)
+        assert final.model_extra["sources"] == sources
+
+        off = client.chat.completions.create(**ask, extra_body={"kb": False})  # retrieval off for this request
+        assert "sources" not in (off.model_extra or {}) and "Sources:" not in off.choices[0].message.content
+        assert off.usage.prompt_tokens == len(render_prompt(tokenizer, question))
+
+        status, _, body = http("POST", f"{url}/v1/chat/completions", {**ask, "kb": [1]})
+        assert status == 400 and json.loads(body)["error"]["param"] == "kb"

@@ -51,6 +51,11 @@ def create_app(engine, settings: ServeSettings | None = None) -> FastAPI:
     app.state.prepare_pool = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="lmforge-prepare")
     app.state.on_engine_failure = None  # run_server sets it: stop serving
     app.state.metrics = Metrics(engine, guard.kill_switch)
+    app.state.retrieval = None
+    if settings.kb:  # serve --kb: retrieval-augmented chat (retrieval.py)
+        from .retrieval import Retrieval
+
+        app.state.retrieval = Retrieval(settings.kb, settings.kb_k)
     app.include_router(router)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(HTTPException, _http_error)

@@ -140,8 +140,8 @@ async def _complete(request: Request, schema: type[BaseModel], chat: bool):
     state.guard.check_available()
     raw = await _read_body(request, settings.max_body_bytes)
     # Parsing, the chat template and the tokenizer cost up to seconds on a big body: off the event loop.
-    body, served, prompt, field = await asyncio.get_running_loop().run_in_executor(
-        state.prepare_pool, _prepare, state.engine.models, raw, schema, chat)
+    body, served, prompt, field, retrieved = await asyncio.get_running_loop().run_in_executor(
+        state.prepare_pool, _prepare, state.engine.models, raw, schema, chat, getattr(state, "retrieval", None))
     max_tokens = _check_sizes(body, len(prompt), field, settings, state.engine.max_len, chat)
     state.guard.admit(key, len(prompt), field)
     state.metrics.admitted(key, body.model, len(prompt))
@@ -159,6 +159,7 @@ async def _complete(request: Request, schema: type[BaseModel], chat: bool):
     except EngineStopped as stopped:
         raise ApiError(503, str(stopped), type="service_unavailable", code="engine_down") from None
     run = _Run(state, key, body, served, ticket, arrived, len(prompt), chat)
+    run.retrieved = retrieved
     if body.stream:
         return StreamingResponse(run.events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -185,14 +186,17 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _prepare(models: dict, raw: bytes, schema: type[BaseModel], chat: bool):
+def _prepare(models: dict, raw: bytes, schema: type[BaseModel], chat: bool, retrieval=None):
     """(request, served model, prompt token ids, the field that holds the prompt) — runs in a worker thread."""
     body = _validated(_json_object(raw), schema)
     served = models.get(body.model)
     if served is None:
         raise ApiError(404, f"model {body.model!r} is not served here; available: {', '.join(models)}",
                        param="model", code="model_not_found")
-    return (body, served, *_prompt_ids(served, body, chat))
+    retrieved = None
+    if retrieval is not None and chat:  # serve --kb: the knowledge base's passages join the messages (retrieval.py)
+        body, retrieved = retrieval.augment(body, served)
+    return (body, served, *_prompt_ids(served, body, chat), retrieved)
 
 
 def _json_object(raw: bytes) -> dict:
@@ -270,6 +274,7 @@ class _Run:
         self.first_token_seen = False
         self.id = protocol.new_id("chatcmpl" if chat else "cmpl")
         self.created = int(time.time())
+        self.retrieved = None  # serve --kb: what retrieval.py found for this request
 
     async def pieces(self):
         """(choice, new text, finish_reason or None) until every choice has finished."""
@@ -338,12 +343,17 @@ class _Run:
         finally:
             watcher.cancel()
         build = protocol.chat_completion if self.chat else protocol.text_completion
-        return build(self.id, self.body.model, list(zip(texts, self.reasons)), self.usage())
+        if self.retrieved is None:
+            return build(self.id, self.body.model, list(zip(texts, self.reasons)), self.usage())
+        sources = self.retrieved.sources(texts[0])  # serve --kb: what the reply itself cites, then the Sources line
+        texts = [text + self.retrieved.footer() for text in texts]
+        return {**build(self.id, self.body.model, list(zip(texts, self.reasons)), self.usage()), "sources": sources}
 
     async def events(self):
         options = self.body.stream_options
         with_usage = bool(options and options.include_usage)
         model = self.body.model
+        said = [""] * self.body.n
         try:
             if self.chat:
                 for index in range(self.body.n):
@@ -354,7 +364,15 @@ class _Run:
                     if text:
                         yield _sse(protocol.chat_chunk(self.id, model, self.created, choice, {"content": text},
                                                        None, with_usage))
-                    if reason:
+                    if self.retrieved is not None:
+                        said[choice] += text
+                    if reason and self.retrieved is not None:  # serve --kb: the Sources line, then `sources`
+                        if self.retrieved.hits:
+                            yield _sse(protocol.chat_chunk(self.id, model, self.created, choice,
+                                                           {"content": self.retrieved.footer()}, None, with_usage))
+                        last = protocol.chat_chunk(self.id, model, self.created, choice, {}, reason, with_usage)
+                        yield _sse({**last, "sources": self.retrieved.sources(said[choice])})
+                    elif reason:
                         yield _sse(protocol.chat_chunk(self.id, model, self.created, choice, {}, reason, with_usage))
                 elif text or reason:
                     yield _sse(protocol.text_chunk(self.id, model, self.created, choice, text, reason, with_usage))

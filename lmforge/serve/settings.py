@@ -56,6 +56,10 @@ class ServeSettings(BaseModel):
                                                       "vllm, e.g. {tensor_parallel_size: 2, "
                                                       "gpu_memory_utilization: 0.8}; --vllm-arg KEY=VALUE adds "
                                                       "to them")
+    kb: str | None = Field(None, description="a knowledge base (lmforge kb build): chat answers get its passages in "
+                                             "the prompt, a Sources line and a `sources` field; a request sends "
+                                             "\"kb\": false to skip it")
+    kb_k: int = Field(3, ge=1, le=20, description="passages retrieved per chat request with kb")
     state: str | None = Field(None, description="where replicas share rate-limit windows, usage and the kill switch: "
                                                 "redis://HOST:PORT/DB (rediss:// for TLS, unix:///PATH); default: "
                                                 "this process only")
