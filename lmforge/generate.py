@@ -124,6 +124,7 @@ def load_trainable(model, checkpoint: Path) -> None:
     except RuntimeError as error:
         raise ModelError(f"checkpoint {checkpoint} does not fit its run's model: {error}") from None
     _DECODERS.pop(model, None)  # the fast decoder copied the previous weights
+    _OWN_FORWARD.discard(model)
 
 
 def _with_adapter(base: str, adapter: Path, dtype: str):
@@ -167,6 +168,7 @@ def generate_tokens(model, prompts: list[list[int]], stop_ids: list[int], params
 # ------------------------------------------------------------------------------------------ the fast decoder
 
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → (Decoder, adapter index)
+_OWN_FORWARD: weakref.WeakSet = weakref.WeakSet()  # models found not to run on it (their adapter's modules)
 CONTEXT_STEP = 1024  # the decoder's KV cache is sized in steps of this many tokens (pages are touched only as used)
 
 
@@ -177,7 +179,7 @@ def lean_decoder(model, slots: int, max_len: int) -> tuple[Decoder, int] | None:
     cached = _DECODERS.get(model) if _weakrefable(model) else None
     if cached is not None and cached[0].slots >= slots and cached[0].max_len >= max_len:
         return cached
-    if not runs_on_lean_decoder(model):
+    if (_weakrefable(model) and model in _OWN_FORWARD) or not runs_on_lean_decoder(model):
         return None
     config = unwrap(model).config
     limit = config.max_position_embeddings
@@ -194,6 +196,7 @@ def lean_decoder(model, slots: int, max_len: int) -> tuple[Decoder, int] | None:
         try:
             decoder.add_lora("run", model, model.active_adapter)
         except ModelError:  # LoRA on modules the decoder does not adapt (lm_head, embeddings, modules_to_save)
+            _OWN_FORWARD.add(model)
             return None
         adapter = 1
     _DECODERS[model] = (decoder, adapter)

@@ -395,3 +395,17 @@ def test_architectures_the_fast_decoder_does_not_run_decode_through_their_own_fo
     assert lean_decoder(model, 5, 64) is None
     fast, own = greedy_both_ways(model, tokenizer, steps=4)
     assert fast == own
+
+
+def test_lora_on_modules_the_fast_decoder_does_not_adapt_decodes_through_the_models_forward(llama_dir):
+    from peft import LoraConfig, get_peft_model
+
+    from lmforge.generate import lean_decoder
+    from lmforge.model.loader import load_model, load_tokenizer
+
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(llama_dir, torch.float32), LoraConfig(
+        r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False)).eval()  # lm_head: not on the decoder
+    assert lean_decoder(model, 5, 64) is None and lean_decoder(model, 5, 64) is None  # refused once, remembered
+    fast, own = greedy_both_ways(model, load_tokenizer(llama_dir), steps=4)
+    assert fast == own
