@@ -312,6 +312,14 @@ def exclusive_lock(lock_path: Path) -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------- loading
 
 
+# Names a user may give for a weight dtype (export's --dtype, a model's stored torch_dtype).
+DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
 def pick_dtype(requested: str | None) -> torch.dtype:
     """The dtype weights are loaded in: half precision on a GPU that has it; float32 on a CPU, where bf16 (when the
     CPU does it fast) is autocast over float32 weights — model/precision.py decides that and says why."""
