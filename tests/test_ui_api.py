@@ -21,10 +21,10 @@ def workspace(tmp_path_factory):
     stop_all_trainings(root)
 
 
-def read_sse(live, name: str, until, timeout: float = 180) -> tuple[list[dict], list[dict]]:
+def read_sse(live, name: str, until, timeout: float = 180, headers: dict | None = None):
     """(metrics records, status events) of a run's stream until `until(records, statuses)` holds."""
     records, statuses = [], []
-    with live.client.stream("GET", f"/api/runs/{name}/stream", timeout=timeout) as response:
+    with live.client.stream("GET", f"/api/runs/{name}/stream", timeout=timeout, headers=headers) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         event = None
@@ -67,6 +67,9 @@ def test_a_run_streams_its_curves_and_survives_a_restart(workspace):
         assert runs["from-cli"]["status"] == "finished" and runs["from-cli"]["job"] is None
         records, _ = read_sse(live, "from-cli", lambda r, s: len(r) >= 3)
         assert [r["step"] for r in records] == [1, 2, 3]
+        # a reconnecting EventSource sends the last id it saw: only what came after
+        records, _ = read_sse(live, "from-cli", lambda r, s: r and s, headers={"Last-Event-ID": "2"})
+        assert [r["step"] for r in records] == [3]
 
 
 def test_stop_saves_a_checkpoint_resume_continues_and_a_second_run_queues(workspace):
@@ -175,7 +178,8 @@ def test_eval_and_chat_from_the_board(workspace):
         chat = live.ok("POST", "/api/chat", {"prompt": prompt, "models": ["first"], "max_new_tokens": 4})["jobs"][0]
         assert chat["args"][:2] == ["chat", "runs/first"] and prompt in chat["args"]
         done = live.wait_job(chat["id"])
-        assert done["state"] == "done" and done["output"].strip(), done["log_tail"]
+        assert done["state"] == "done" and "using final weights" in done["log_tail"], done["log_tail"]
+        assert "output" in done  # the reply (stdout alone; a tiny random model may answer with nothing printable)
         assert not (workspace / "pwned").exists() and not (workspace / "pwned2").exists()
         assert live.post("/api/chat", {"prompt": "hi", "models": ["nowhere"]}).status_code == 422
 

@@ -79,7 +79,7 @@ function reportView(path, id) {
     : h("a", {href: fileUrl(path), target: "_blank", rel: "noopener"}, t("open_report"));
   return [h("p", {}, link), frame];
 }
-function failure(el, job) { el.replaceChildren(h("div", {class: "errors"}, t("job_failed")), h("pre", {class: "log"}, job.log_tail || "")); }
+function failure(el, job) { el.replaceChildren(h("div", {class: "errors job-failed"}, t("job_failed")), h("pre", {class: "log"}, job.log_tail || "")); }
 
 // --- Data tab ------------------------------------------------------------------------------------------------
 function fillFiles() {
