@@ -3,6 +3,8 @@
 Keys are kept as SHA-256 hashes only (a key file may hold just the hashes). Limits are sliding one-minute windows
 per key: requests/min, and prompt + completion tokens/min. The kill switch is a runtime flag (admin endpoint) or a
 flag file; its mode says what happens to streams already running. /metrics is for admin or metrics keys only.
+The windows, usage counters and runtime switch live in a state store (state.py): this process's, or Redis shared
+by replicas (--state).
 Every refusal is an ApiError with the status a client expects. Must not know about the engine or models.
 """
 
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .protocol import ApiError
+from .state import LocalState, StateStore, open_state
 
 ANONYMOUS = "anonymous"  # the key id of every request when the server has no keys (loopback only)
 WINDOW = 60.0
@@ -148,12 +151,18 @@ class KillSwitch:
         self.default_message = message
         self.switched_on = False
         self.message = message
+        self.shared: StateStore | None = None  # where the runtime switch lives when replicas share it (state.py)
 
     def set(self, on: bool, message: str | None = None) -> None:
         self.switched_on = on
         self.message = message or self.default_message
+        if self.shared is not None:
+            self.shared.set_kill_switch({"message": self.message} if on else None)
 
     def active_message(self) -> str | None:
+        if self.shared is not None:
+            value = self.shared.kill_switch()
+            self.switched_on, self.message = value is not None, (value or {}).get("message", self.default_message)
         if self.switched_on:
             return self.message
         if self.flag_file is not None and self.flag_file.exists():
@@ -174,19 +183,28 @@ class KillSwitch:
 
 class Guard:
     def __init__(self, keys: KeyRing, admin_keys: KeyRing, limiter: RateLimiter, kill_switch: KillSwitch,
-                 metrics_keys: KeyRing | None = None):
+                 metrics_keys: KeyRing | None = None, state: StateStore | None = None):
+        """state: where windows, usage and the runtime kill switch live (state.py); default this process only."""
         self.keys, self.admin_keys, self.limiter, self.kill_switch = keys, admin_keys, limiter, kill_switch
         self.metrics_keys = metrics_keys or KeyRing([])
-        self.usage: dict[str, Usage] = {}
+        self.state = state or LocalState(limiter)
+        if self.state.kind != "local":
+            kill_switch.shared = self.state
 
     @classmethod
     def from_settings(cls, settings) -> Guard:
+        limiter = RateLimiter(settings.requests_per_minute, settings.tokens_per_minute)
         return cls(KeyRing.from_settings(settings.api_keys, settings.api_key_file),
-                   KeyRing(settings.admin_keys, "admin key"),
-                   RateLimiter(settings.requests_per_minute, settings.tokens_per_minute),
+                   KeyRing(settings.admin_keys, "admin key"), limiter,
                    KillSwitch(settings.kill_switch_file, settings.degraded_message, settings.kill_switch_mode,
                               settings.degraded_retry_after),
-                   KeyRing(settings.metrics_keys, "metrics key"))
+                   KeyRing(settings.metrics_keys, "metrics key"),
+                   open_state(settings.state, limiter, fail_open=settings.state_fail == "open"))
+
+    @property
+    def usage(self) -> dict[str, Usage]:
+        """Per key id, as counted by the state store (across replicas when it is shared)."""
+        return {key: Usage(**counts) for key, counts in self.state.usage().items()}
 
     def authenticate(self, authorization: str | None) -> str:
         if not self.keys:
@@ -226,11 +244,7 @@ class Guard:
             raise self.kill_switch.error(message)
 
     def admit(self, key: str, prompt_tokens: int, field: str = "messages") -> None:
-        self.limiter.admit(key, prompt_tokens, field)
-        usage = self.usage.setdefault(key, Usage())
-        usage.requests += 1
-        usage.prompt_tokens += prompt_tokens
+        self.state.admit(key, prompt_tokens, field)
 
     def record_completion(self, key: str, completion_tokens: int) -> None:
-        self.limiter.record_tokens(key, completion_tokens)
-        self.usage.setdefault(key, Usage()).completion_tokens += completion_tokens
+        self.state.record_completion(key, completion_tokens)

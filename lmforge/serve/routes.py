@@ -47,7 +47,7 @@ async def health(request: Request) -> JSONResponse:
     if failure is not None:
         return JSONResponse({"status": "engine_down", "error": f"{type(failure).__name__}: {failure}"},
                             status_code=503)
-    return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "ok", "state": _state(request).guard.state.status()})  # shared limits: up?
 
 
 @router.get("/ready")
