@@ -205,7 +205,8 @@ def percentiles(samples: list[float]) -> dict:
             "p95_ms": round(1000 * ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], 1)}
 
 
-def run_ours(docs: Path, kb: Path, questions: list[dict], chunk_tokens: int, overlap_tokens: int) -> dict:
+def run_ours(docs: Path, kb: Path, questions: list[dict], chunk_tokens: int, overlap_tokens: int,
+             bm25_weights: list[float] = ()) -> dict:
     from lmforge.kb.build import update_kb
     from lmforge.kb.chunking import ChunkSettings
     from lmforge.kb.embedding import shared_embedder
@@ -228,6 +229,10 @@ def run_ours(docs: Path, kb: Path, questions: list[dict], chunk_tokens: int, ove
             latencies.append(time.perf_counter() - begin)
             rankings.append([hit.chunk.text for hit in hits])
         result[mode] = {**by_language(rankings, questions), **percentiles(latencies)}
+    for weight in bm25_weights:  # the fusion with BM25's share scaled (1 = the default, equal shares)
+        rankings = [[hit.chunk.text for hit in retriever.search(q["text"], k=10, bm25_weight=weight)]
+                    for q in questions]
+        result[f"hybrid_bm25_weight_{weight}"] = by_language(rankings, questions)
     result["chunk_texts"] = [retriever.kb.chunks[i].text for i in retriever.ids]
     return result
 
@@ -318,6 +323,8 @@ def table(result: dict) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     ours = result["ours"]
     rows = [(f"lmforge kb {mode}", ours["chunks"], ours[mode]) for mode in ("bm25", "dense", "hybrid")]
+    rows += [(f"lmforge kb hybrid, BM25 weight {key.rsplit('_', 1)[1]}", ours["chunks"], figures)
+             for key, figures in ours.items() if key.startswith("hybrid_bm25_weight_")]
     if "minilm" in result:
         rows.append(("dense, all-MiniLM-L6-v2 (same chunks)", ours["chunks"], result["minilm"]))
     for peer in result.get("langchain", []):
@@ -346,6 +353,7 @@ def main() -> int:
     parser.add_argument("--peer-chunk-sizes", default="500,150",
                         help="LangChain splitter sizes in characters (500/50 is the usual setting; 150 gives about "
                              "as many chunks as ours)")
+    parser.add_argument("--bm25-weights", default="", help="also fuse with BM25's share scaled by these, e.g. 0.5,0.3")
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--no-minilm", action="store_true")
     parser.add_argument("--json", help="write all figures here")
@@ -357,7 +365,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         docs = Path(tmp) / "docs"
         write_documents(passages, docs, per_file=20, seed=args.seed)
-        info["ours"] = run_ours(docs, Path(tmp) / "kb", questions, args.chunk_tokens, args.overlap_tokens)
+        weights = [float(w) for w in args.bm25_weights.split(",") if w]
+        info["ours"] = run_ours(docs, Path(tmp) / "kb", questions, args.chunk_tokens, args.overlap_tokens, weights)
         if not args.no_minilm:
             info["minilm"] = run_minilm(info["ours"]["chunk_texts"], questions)
         if not args.no_peer:

@@ -82,7 +82,9 @@ class Retriever:
 
         return cls(KnowledgeBase.open(kb_dir), embedder or shared_embedder())
 
-    def search(self, query: str, k: int = 5, mode: str = "hybrid", depth: int = 50) -> list[Hit]:
+    def search(self, query: str, k: int = 5, mode: str = "hybrid", depth: int = 50,
+               bm25_weight: float = 1.0) -> list[Hit]:
+        """The k best chunks. bm25_weight scales BM25's share of the fused score (1: equal to the vectors')."""
         if k < 1:
             raise UserError(f"-k must be at least 1, got {k}")
         if mode not in MODES:
@@ -99,9 +101,9 @@ class Retriever:
         if mode == "dense":
             return [Hit(self.kb.chunks[i], s, dense=s) for i, s in semantic[:k]]
         fused: dict[int, float] = {}
-        for ranking in (lexical, semantic):
+        for ranking, weight in ((lexical, bm25_weight), (semantic, 1.0)):
             for rank, (chunk_id, _) in enumerate(ranking, start=1):
-                fused[chunk_id] = fused.get(chunk_id, 0.0) + 1.0 / (RRF_K + rank)
+                fused[chunk_id] = fused.get(chunk_id, 0.0) + weight / (RRF_K + rank)
         bm25_scores, dense_scores = dict(lexical), dict(semantic)
         best = sorted(fused, key=lambda i: (-fused[i], i))[:k]
         return [Hit(self.kb.chunks[i], fused[i], bm25_scores.get(i), dense_scores.get(i)) for i in best]
