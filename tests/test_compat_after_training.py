@@ -145,3 +145,30 @@ def test_do_predict_yaml_runs_eval(workdir, llama_dir, monkeypatch, capsys):
     # the same file given to train says where it belongs
     assert cli.main(["train", predict]) == 2
     assert "lmforge eval" in capsys.readouterr().err
+
+
+def test_adapter_name_or_path_continues_training_that_adapter(workdir, llama_dir, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    monkeypatch.chdir(workdir)
+    first = load_file(str(workdir / "saves/tiny/lora/sft/adapter/adapter_model.safetensors"))
+    assert any(name.endswith("lora_B.weight") and tensor.abs().sum() > 0 for name, tensor in first.items())
+    raw = {"model_name_or_path": llama_dir, "adapter_name_or_path": "saves/tiny/lora/sft", "stage": "sft",
+           "do_train": True, "finetuning_type": "lora", "lora_rank": 16, "lora_target": "q_proj",
+           "dataset": "doubles", "cutoff_len": 64, "output_dir": "saves/tiny/lora/sft_more", "max_steps": 1,
+           "per_device_train_batch_size": 2, "learning_rate": 0.0, "report_to": "none"}
+    assert cli.main(["train", write_yaml(workdir / "continue.yaml", raw)]) == 0
+    out = capsys.readouterr().out
+    # the adapter's own settings win over the file's, as when LLaMA-Factory loads it, and the user is told
+    assert "continuing saves/tiny/lora/sft with its own settings" in out and "lora_rank 16 → 8" in out
+    assert "continuing the adapter in" in out
+    continued = load_file(str(workdir / "saves/tiny/lora/sft_more/adapter/adapter_model.safetensors"))
+    assert set(continued) == set(first)
+    assert all(continued[name].equal(first[name]) for name in first)  # learning rate 0: the weights it started from
+    # an adapter that is not there, or a full run asked to continue an adapter: one clear report
+    raw.update(adapter_name_or_path="saves/nothing", output_dir="saves/x")
+    assert cli.main(["train", write_yaml(workdir / "bad_continue.yaml", raw)]) == 2
+    assert "no readable adapter_config.json" in capsys.readouterr().err
+    raw.update(adapter_name_or_path="saves/tiny/lora/sft", finetuning_type="full")
+    assert cli.main(["train", write_yaml(workdir / "bad_continue.yaml", raw)]) == 2
+    assert "point model_name_or_path at it" in capsys.readouterr().err

@@ -53,6 +53,7 @@ from .losses import sft_loss_sum
 from .memory import MemoryEstimate, available_bytes, check_fits, estimate_peak, peak_process_bytes
 from .plots import plot_losses
 from .stages import LossOutput, Reference, Stage, StageData, reference_needs_copy, stage_of
+from .warm_start import continue_adapter
 
 
 def total_steps(config: Config, order: DataOrder) -> int:
@@ -389,6 +390,8 @@ def _set_up_model(config: Config, stage: Stage, model_path: str):
 
 def _model_with_method(config: Config, stage: Stage, model_path: str):
     model = apply_method(load_base(model_path, pick_dtype(config.model.dtype), config.method), config.method)
+    if config.model.adapter:  # LLaMA-Factory's adapter_name_or_path: training continues that adapter
+        print(continue_adapter(model, config.model.adapter))
     stage.prepare_model(model)
     return model
 
