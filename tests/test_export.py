@@ -74,9 +74,10 @@ def llama_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def llama_export(llama_run, tmp_path_factory) -> Path:
-    """The llama run merged, in shards of 4 MB (the tiny model has ~13 MB), with an f16 GGUF and a Modelfile."""
+    """The llama run merged, in shards of 200 kB (the tiny model has ~0.9 MB in float32), with an f16 GGUF and a
+    Modelfile."""
     out = tmp_path_factory.mktemp("exports") / "llama"
-    export(ExportRequest(source=str(llama_run), output=str(out), gguf="f16", shard_size_gb=0.004))
+    export(ExportRequest(source=str(llama_run), output=str(out), gguf="f16", shard_size_gb=0.0002))
     return out
 
 
@@ -150,8 +151,10 @@ def read_back_gguf(directory: Path, name: str, scratch: Path):
     return model, AutoTokenizer.from_pretrained(str(scratch), gguf_file=name)
 
 
+# q8_0 on the tiny random Qwen2 (hidden 64, flat logits) measures ~6e-2 relative RMS; on the bundled model it is
+# 2.1e-2 (export/checks.py; the e2e test below holds the real model to the exporter's 5e-2).
 @pytest.mark.parametrize("which, gguf_name, tolerance", [("llama", "model-f16.gguf", 1e-2),
-                                                         ("qwen2", "model-q8_0.gguf", 5e-2)])
+                                                         ("qwen2", "model-q8_0.gguf", 8e-2)])
 def test_gguf_reads_back_with_transformers_to_the_same_logits_and_tokens(which, gguf_name, tolerance, request,
                                                                          tmp_path):
     if which == "llama":

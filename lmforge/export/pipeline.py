@@ -239,9 +239,10 @@ def export(request: ExportRequest) -> dict:
 def _load(source: Source, request: ExportRequest):
     """(model, tokenizer) in float32 — merging in full precision, casting only when saving."""
     if source.kind == "run":
-        return load_run_weights(source.weights, "float32")
-    model, tokenizer = load_for_inference(model=source.base_model, adapter=str(source.adapter) if source.adapter
-                                          else None, dtype="float32")
+        model, tokenizer = load_run_weights(source.weights, "float32")
+    else:
+        model, tokenizer = load_for_inference(model=source.base_model, dtype="float32",
+                                              adapter=str(source.adapter) if source.adapter else None)
     if request.template and tokenizer.chat_template:  # as in training: the model's own template wins
         request.notes.append(f"template {request.template!r} ignored: the tokenizer carries the chat template it "
                              f"was trained with")
