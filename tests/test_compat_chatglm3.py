@@ -43,7 +43,8 @@ def test_ptuning_v2_and_sft_configs_translate(capsys):
     sft = load_config(ASSETS / "sft.yaml", [f"data.dataset_dir={DATA_DIR}"])
     assert sft.method.type == "full"
     notes = capsys.readouterr().out
-    assert "ZeRO stage 3" in notes and "full fine-tuning" in notes
+    assert "ZeRO-3" in notes and "full fine-tuning" in notes
+    assert sft.train.distributed == "fsdp"  # ds_zero_3.json under torchrun; one process: plain training
 
 
 def test_prefix_projection_is_prefix_tuning_and_peft_keys_map(tmp_path):

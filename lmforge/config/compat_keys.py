@@ -31,10 +31,10 @@ CONVERTER_DOCS = {
                             "loss.png in the run dir"),
     "warmup_steps": ("honoured", "`train.warmup_steps`; a value below 1 is a ratio, as transformers reads it "
                                  "(→ `train.warmup_ratio`)"),
-    "deepspeed": ("noted", "one process: changes nothing; the ZeRO stage maps to FSDP/DDP for multi-process "
-                           "training"),
+    "deepspeed": ("honoured", "the ZeRO stage → `train.distributed` under torchrun (ZeRO-0 → ddp, 1/2 → "
+                              "fsdp_grad_op, 3 → fsdp); in one process it changes nothing"),
     "ray_num_workers": ("refused", "lmforge does not launch Ray workers: train in one process, or start several "
-                                  "with torchrun"),
+                                  "with torchrun (`lmforge train CONFIG --nproc N`)"),
     "ray_init_kwargs": ("refused", "as ray_num_workers"),
     "ray_run_name": ("refused", "as ray_num_workers"),
     "ray_storage_path": ("refused", "as ray_num_workers"),

@@ -148,7 +148,7 @@ def _ray(key: str) -> Callable[[Any], tuple[dict | None, str | None]]:
         if value in (None, 1, "", {}) and key != "ray_storage_path":
             return None, f"{key}: {value!r} asks for no Ray workers (ignored)"
         raise Refused(f"{key}: {value!r} — lmforge does not launch Ray workers; train in one process (remove the "
-                      f"ray_* keys), or start several processes with torchrun")
+                      f"ray_* keys), or start several with torchrun: lmforge train CONFIG --nproc N")
     return convert
 
 
