@@ -49,10 +49,10 @@ from . import distributed
 from .batching import DataOrder
 from .distributed import Parallel, Ranks
 from .heap import trim_heap_between_layers
-from .losses import sft_loss_sum
 from .memory import MemoryEstimate, available_bytes, check_fits, estimate_peak, peak_process_bytes
 from .plots import plot_losses
 from .stages import LossOutput, Reference, Stage, StageData, reference_needs_copy, stage_of
+from .step import StepResult, add_metrics, evaluate_stage, train_step
 from .warm_start import continue_adapter
 
 
@@ -90,97 +90,6 @@ def forward_precision(config: Config, model) -> Precision:
     (parameters and optimizer state stay float32), half precision with autocast on a GPU (float16 with a gradient
     scaler), else float32 — model/precision.py decides at the model's shapes and says which and why on stderr."""
     return training_precision(config.model.dtype, getattr(unwrap(model), "config", None))
-
-
-# ---------------------------------------------------------------------------------------------- one step
-
-
-@dataclass
-class StepResult:
-    loss_sum: float  # summed over the step's units
-    supervised: int  # supervised tokens
-    tokens: int
-    grad_norm: float
-    units: int = 0  # what the loss is divided by: supervised tokens (pt/sft), pairs or replies
-    metrics: dict | None = None  # name → (sum, count) of the stage's own figures (rewards, accuracies)
-
-
-def _sft_loss(model, batch) -> LossOutput:
-    return LossOutput(sft_loss_sum(model, batch))
-
-
-def train_step(model, micro_batches: list, parameters, optimizer, scheduler, max_grad_norm: float,
-               loss_fn: Callable = _sft_loss, precision: Callable[[], AbstractContextManager] = nullcontext,
-               parallel: Parallel | None = None, weights: list[float] | None = None,
-               scaler: torch.amp.GradScaler | None = None) -> StepResult:
-    """One optimizer step over micro-batches; each micro-batch's summed loss is divided by the units of the whole
-    step, so accumulating micro-batches equals one large batch. Forwards run under `precision()`.
-
-    Under torchrun (`parallel`) this process holds its share of the step's micro-batches (weight 0 marks a stand-in
-    for an empty share); the divisor is the whole step's units over all processes divided by their number, because
-    DDP and FSDP average gradients — so N processes × batch b train exactly as one process × batch N·b.
-    `scaler`: float16 autocast on a GPU scales the loss and unscales the gradients before clipping."""
-    weights = weights or [1.0] * len(micro_batches)
-    units = sum(b.units for b, weight in zip(micro_batches, weights) if weight)
-    divisor = units if parallel is None else parallel.sum([units])[0] / parallel.ranks.world
-    loss_sum, metrics = 0.0, {}
-    for i, (batch, weight) in enumerate(zip(micro_batches, weights)):
-        with parallel.no_sync(last=i == len(micro_batches) - 1) if parallel else nullcontext():
-            with precision():
-                output = loss_fn(model, batch)
-            loss = output.loss_sum / divisor * weight
-            (scaler.scale(loss) if scaler else loss).backward()
-        if weight:
-            loss_sum += output.loss_sum.item()
-            _add_metrics(metrics, output.metrics)
-    if scaler:
-        scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
-    if scaler:  # skips the step when the scaled gradients overflowed, and adjusts the scale
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    counted = [b for b, weight in zip(micro_batches, weights) if weight]
-    result = StepResult(loss_sum, sum(b.num_supervised for b in counted), sum(b.num_tokens for b in counted),
-                        float(grad_norm), units, metrics)
-    return result if parallel is None else _summed_over_processes(result, parallel)
-
-
-def _summed_over_processes(result: StepResult, parallel: Parallel) -> StepResult:
-    """The step's figures over every process (each holds its share), for the record rank 0 writes."""
-    names = sorted(result.metrics or {})
-    values = [result.loss_sum, result.supervised, result.tokens, result.units]
-    values += [v for name in names for v in result.metrics[name]]
-    total = parallel.sum(values)
-    metrics = {name: (total[4 + 2 * i], int(total[5 + 2 * i])) for i, name in enumerate(names)}
-    return StepResult(total[0], int(total[1]), int(total[2]), result.grad_norm, int(total[3]), metrics)
-
-
-def _add_metrics(into: dict, metrics: dict) -> None:
-    for name, (total, count) in metrics.items():
-        old = into.get(name, (0.0, 0))
-        into[name] = (old[0] + total, old[1] + count)
-
-
-@torch.no_grad()
-def evaluate_stage(model, units: list, batch_size: int, make: Callable, loss_fn: Callable,
-                   precision: Callable[[], AbstractContextManager] = nullcontext) -> dict:
-    """eval_loss (and the stage's own figures, e.g. eval_rewards/accuracies) over held-out units."""
-    model.eval()
-    loss_sum, count, metrics = 0.0, 0, {}
-    for start in range(0, len(units), batch_size):
-        batch = make(units[start:start + batch_size])
-        with precision():
-            output = loss_fn(model, batch)
-        loss_sum += float(output.loss_sum)
-        count += batch.units
-        _add_metrics(metrics, output.metrics)
-    model.train()
-    return {"eval_loss": round(loss_sum / max(count, 1), 4),
-            **{f"eval_{name}": round(total / max(n, 1), 4) for name, (total, n) in metrics.items()}}
 
 
 class _StopRequest:
@@ -223,7 +132,7 @@ class RunningTotals:
         self.units += result.units
         self.supervised += result.supervised
         self.tokens += result.tokens
-        _add_metrics(self.metrics, result.metrics or {})
+        add_metrics(self.metrics, result.metrics or {})
 
     def record(self, step: int, epoch: float, grad_norm: float, lr: float) -> dict:
         """The training record for `step`: averages over the window, then a new window starts."""

@@ -76,8 +76,10 @@ def count_parameters(model_path: str, method, method_dtype: str = "auto") -> tup
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     bits = method.bits
-    if bits:  # the same LoRA weights train; the frozen linears are counted at their quantised size below
-        method = method.model_copy(update={"type": "lora", "quantization_bit": None})
+    # How weights are initialised (PiSSA / OLoRA decompositions, prompt text) changes no size, and cannot run on the
+    # meta device; a quantised base trains the same LoRA weights (its frozen linears are counted quantised below).
+    method = method.model_copy(update={"lora_init": "default", "prompt_init_text": None,
+                                       **({"type": "lora", "quantization_bit": None} if bits else {})})
     model = apply_method(model, method)
     dtype_bytes = torch.finfo(pick_dtype(method_dtype)).bits // 8
     weight_bytes, trainable = 0, 0
