@@ -89,9 +89,10 @@ def run_child(args) -> dict:
     )
     from lmforge.model.methods import apply_method, trainable_summary
     from lmforge.train.batching import DataOrder
-    from lmforge.train.loop import prepare_for_training, train_step
+    from lmforge.train.loop import prepare_for_training
     from lmforge.train.losses import sft_loss_sum
     from lmforge.train.stages import STAGES, prepare_data
+    from lmforge.train.step import train_step
 
     torch.set_num_threads(args.threads)
     method = METHODS[args.child]

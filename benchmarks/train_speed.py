@@ -175,7 +175,8 @@ def run_lmforge(batches: list[list[dict]], args, bf16: bool = False) -> dict:
     from lmforge.model.methods import apply_method
     from lmforge.model.precision import training_precision
     from lmforge.train.batching import pack
-    from lmforge.train.loop import prepare_for_training, train_step
+    from lmforge.train.loop import prepare_for_training
+    from lmforge.train.step import train_step
 
     examples = [[Example(e["input_ids"], e["labels"]) for e in batch] for batch in batches]
     model = load_model(resolve_model(args.model), torch.float32)

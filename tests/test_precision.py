@@ -107,7 +107,8 @@ def train_losses(model_dir: str, context, steps: int = STEPS) -> list[float]:
     from lmforge.model.loader import load_model, load_tokenizer
     from lmforge.model.methods import apply_method
     from lmforge.train.batching import pack
-    from lmforge.train.loop import prepare_for_training, train_step
+    from lmforge.train.loop import prepare_for_training
+    from lmforge.train.step import train_step
 
     tokenizer = load_tokenizer(model_dir)
     examples = [render_example(tokenizer, Conversation.from_dicts(
