@@ -24,8 +24,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.skipif(CHROMIUM is None, reason="no c
 
 def result_of(page, done: str, out: str) -> None:
     """Wait until the action shows its result (`done`) or its failure (the job's log in `out`); fail with the log."""
-    page.wait_for_selector(f"{done}, {out} .job-failed", timeout=LONG)
-    assert page.locator(done).count(), page.inner_text(out)[-3000:]
+    page.wait_for_selector(f"{done}, {out} .job-failed, #banner:not([hidden])", timeout=LONG)
+    assert page.locator(done).count(), page.inner_text("#banner") + page.inner_text(out)[-3000:]
 
 
 def points(page, chart: str = "chartLoss") -> int:

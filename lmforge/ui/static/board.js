@@ -467,11 +467,14 @@ async function exportRun() {
     await watchJob(job.id, (done) => {
       if (done.state !== "done") return failure(out, done);
       const manifest = done.manifest || {};
-      const checks = Object.entries(manifest.verification || {}).map(([k, v]) => [k, v]);
+      const entries = Object.entries(manifest.verification || {});
+      const checks = entries.filter(([, v]) => v && typeof v === "object");  // logits compared: a table row each
+      const facts = entries.filter(([, v]) => !v || typeof v !== "object").map(([k, v]) => `${k}: ${v}`);
       if (manifest.gguf) checks.push([manifest.gguf.file, manifest.gguf.read_back_vs_trained || {}]);
-      const columns = ["relative_rms", "top1_agreement"].filter((c) => checks.some(([, v]) => c in v));
+      if (manifest.modelfile) facts.push(`Modelfile: ${manifest.modelfile.written ? "✓" : "✗"}`);
+      const columns = ["relative_rms", "top1_agreement", "tolerance"].filter((c) => checks.some(([, v]) => c in v));
       out.replaceChildren(h("p", {id: "exportDone"}, `${t("wrote")} ${done.meta.output} (${manifest.format || ""})`),
-        h("h3", {}, t("checks")), metricsTable(checks, columns),
+        h("h3", {}, t("checks")), metricsTable(checks, columns), h("p", {class: "help"}, facts.join(" · ")),
         manifest.modelfile && manifest.modelfile.written ? h("p", {}, h("code", {}, `ollama create ${name} -f ${done.meta.output}/Modelfile`)) : null,
         h("pre", {}, (done.log_tail || "").trim().split("\n").slice(-8).join("\n")));
     });
