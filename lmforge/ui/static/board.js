@@ -321,10 +321,13 @@ async function resumeRun() {
 }
 
 // --- Evaluate & compare ----------------------------------------------------------------------------------------
+function figure(v) {  // 1.7e-6 stays 1.7e-6 (an export check), 34.41563 becomes 34.4156
+  return v !== 0 && Math.abs(v) < 0.001 ? v.toExponential(1) : String(+v.toFixed(4));
+}
 function metricsTable(rows, columns) {
   return h("table", {class: "metrics"}, h("thead", {}, h("tr", {}, h("th", {}, ""), columns.map((c) => h("th", {}, c)))),
     h("tbody", {}, rows.map(([label, values]) => h("tr", {}, h("th", {}, label),
-      columns.map((c) => h("td", {}, typeof values[c] === "number" ? +values[c].toFixed(4) : values[c] ?? "—"))))));
+      columns.map((c) => h("td", {}, typeof values[c] === "number" ? figure(values[c]) : values[c] ?? "—"))))));
 }
 async function evaluateRun() {
   const name = $("evalRun").value, out = $("evalOut");
