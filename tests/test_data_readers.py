@@ -77,9 +77,10 @@ def test_sharegpt_system_message_in_the_list_wins_over_the_column():
 
 
 def test_sharegpt_tool_call_record_is_read():
-    record = {"conversations": [{"from": "human", "value": "weather?"},
-                                {"from": "function_call", "value": '{"name": "weather", "arguments": {"city": "Rome"}}'},
-                                {"from": "observation", "value": '{"sky": "sunny"}'}, {"from": "gpt", "value": "sunny"}],
+    call = '{"name": "weather", "arguments": {"city": "Rome"}}'
+    record = {"conversations": [{"from": "human", "value": "weather?"}, {"from": "function_call", "value": call},
+                                {"from": "observation", "value": '{"sky": "sunny"}'},
+                                {"from": "gpt", "value": "sunny"}],
               "tools": '[{"name": "weather", "description": "today", "parameters": {"type": "object", '
                        '"properties": {"city": {"type": "string"}}}}]'}
     result = convert(record, "f:7")

@@ -106,7 +106,8 @@ QUESTIONS = [  # paraphrases, not copies
 def test_words_split_chinese_with_jieba_and_keep_codes_apart():
     from lmforge.kb.retrieve import words
 
-    assert words("E4417这个代码代表热水器的什么故障？") == ["e4417", "这个", "代码", "代表", "热水", "水器", "热水器", "故障"]
+    expected = ["e4417", "这个", "代码", "代表", "热水", "水器", "热水器", "故障"]
+    assert words("E4417这个代码代表热水器的什么故障？") == expected
     assert words("The Tarvex K472 weighs 300 grams.") == ["tarvex", "k472", "weighs", "300", "grams"]
 
 

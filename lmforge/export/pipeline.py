@@ -71,7 +71,7 @@ class ExportRequest:
     checkpoint: str | None = None  # run dirs: best | final | step-N (default: best.json's choice, else final)
     adapter_only: bool = False
     gguf: str | None = None  # f32 | f16 | q8_0
-    dtype: str = "auto"  # of the merged safetensors: auto (the base model's stored dtype) | float32 | bfloat16 | float16
+    dtype: str = "auto"  # merged safetensors: auto (the base model's stored dtype) | float32 | bfloat16 | float16
     shard_size_gb: float = 5.0
     overwrite: bool = False
     base_model: str | None = None  # LLaMA-Factory: model_name_or_path
