@@ -57,15 +57,17 @@ def run(work: Path, name: str, body: dict, nproc: int = 1, threads: int = 1) -> 
     return {"records": records, "memory": memory[0] if memory else None, "estimate": estimate[0] if estimate else None}
 
 
-def scaling(work: Path, steps: int, global_batch: int, nprocs: list[int]) -> list[dict]:
-    """Same global batch and data order; tokens/s of the steps after the first (warm-up)."""
+def scaling(work: Path, steps: int, global_batch: int, nprocs: list[int], threads: int) -> list[dict]:
+    """Same global batch and data order; tokens/s of the steps after the first (warm-up). Each process count runs
+    with 1 torch thread per process; then one process with `threads` threads, what the same cores give one process."""
     rows = []
-    for n in nprocs:
-        body = config(work / f"scale{n}", {"type": "lora", "lora_rank": 8}, global_batch // n, 512, steps)
+    for n, per_process in [(n, 1) for n in nprocs] + ([(1, threads)] if threads > 1 else []):
+        name = f"scale{n}x{per_process}"
+        body = config(work / name, {"type": "lora", "lora_rank": 8}, global_batch // n, 512, steps)
         body["model"]["dtype"] = "float32"  # the same arithmetic in every run
-        result = run(work, f"scale{n}", body, nproc=n, threads=1)
+        result = run(work, name, body, nproc=n, threads=per_process)
         timed = result["records"][1:]
-        rows.append({"processes": n, "threads_per_process": 1, "batch_per_process": global_batch // n,
+        rows.append({"processes": n, "threads_per_process": per_process, "batch_per_process": global_batch // n,
                      "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in timed), 1),
                      "losses": [r["loss"] for r in result["records"]]})
         print(json.dumps(rows[-1]), flush=True)
@@ -104,6 +106,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--nproc", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--threads", type=int, default=2, help="also one process with this many threads")
     parser.add_argument("--configs", nargs="+", default=list(MEMORY_CONFIGS), choices=list(MEMORY_CONFIGS))
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
@@ -112,7 +115,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if args.part in ("scaling", "both"):
-            report["scaling"] = scaling(work, args.steps, args.global_batch, args.nproc)
+            report["scaling"] = scaling(work, args.steps, args.global_batch, args.nproc, args.threads)
         if args.part in ("memory", "both"):
             report["memory"] = memory(work, max(2, args.steps // 2), args.configs)
     report["machine_end"] = machine_info()
