@@ -3,7 +3,8 @@
 
 Measures (1) the peer: transformers generate, batch 1, one prompt after another — tokens/s and time to first token;
 (2) llama.cpp (llama-cpp-python, where installed) on the very GGUF file the bundled model comes from, batch 1 —
-decode tokens/s and TTFT; (3) `lmforge serve` in its own process, one client streaming — decode tokens/s after the first token, and TTFT;
+decode tokens/s and TTFT; (3) `lmforge serve` in its own process, one client streaming — decode tokens/s after the
+first token, and TTFT;
 (4) lmforge, N concurrent clients — aggregate generated tokens/s, p50/p95 latency and TTFT, and that every reply
 equals the single-stream greedy reply for its prompt (nothing lost, duplicated or mixed up). (3) and (4) run once per
 --decode-dtype, with the server's start-up time and peak RSS; (5) the same with `--backend vllm` (vLLM's engine,
