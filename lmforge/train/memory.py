@@ -153,7 +153,15 @@ def process_bytes() -> int:
 
 
 def peak_process_bytes() -> int:
-    """The highest resident memory this process has had (Linux reports kilobytes)."""
+    """The highest resident memory of this process's own address space (VmHWM). Not ru_maxrss: across fork/vfork +
+    exec Linux carries the parent's high-water mark into it, so a run started by a large process (a test runner, a
+    notebook) would report the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
