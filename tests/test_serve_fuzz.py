@@ -62,8 +62,11 @@ def _check_answer(response, path: str) -> None:
     content_type = response.headers.get("content-type") or [""]
     if (content_type[0] if isinstance(content_type, list) else content_type).startswith("text/event-stream"):
         events = [block.removeprefix("data: ") for block in response.text.split("\n\n") if block.strip()]
-        assert events[-1] == "[DONE]", events[-3:]
-        for event in map(json.loads, events[:-1]):
+        # schemathesis reads at most 20 events of a stream, then stops reading (stream_cut_short): n choices of up to
+        # 16 tokens can be longer. A stream read to its end must end with [DONE]; every event read must be valid.
+        if not getattr(response, "stream_cut_short", False):
+            assert events[-1] == "[DONE]", events[-3:]
+        for event in map(json.loads, [e for e in events if e != "[DONE]"]):
             if "error" in event:  # a stream ends with an error event only for a timeout or the kill switch
                 assert event["error"]["code"] in ("timeout", "degraded"), event
             else:
