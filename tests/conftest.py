@@ -158,3 +158,17 @@ def write_jsonl(tmp_path):
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
         return path
     return write
+
+
+def supervised_texts(tokenizer, example) -> list[str]:
+    """The decoded text of each run of trained tokens of a rendered example (what the loss sees), in order."""
+    from lmforge.data.render import IGNORE_INDEX
+
+    runs, current = [], []
+    for token, label in zip(example.input_ids, example.labels):
+        if label != IGNORE_INDEX:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    return [tokenizer.decode(run) for run in runs + ([current] if current else [])]

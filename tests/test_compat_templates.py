@@ -5,7 +5,7 @@ inference with exactly the training tokens; on a model with its own template, th
 from __future__ import annotations
 
 import pytest
-from conftest import tiny_tokenizer
+from conftest import supervised_texts, tiny_tokenizer
 
 from lmforge.conversation import Conversation
 from lmforge.data.render import IGNORE_INDEX, ensure_chat_template, render_example, render_prompt, render_text
@@ -50,17 +50,6 @@ def base_tokenizer():
     tok.add_special_tokens({"bos_token": "<bos>", "eos_token": "<eos>", "additional_special_tokens": specials})
     tok.chat_template = None
     return tok
-
-
-def supervised_texts(tokenizer, example) -> list[str]:
-    runs, current = [], []
-    for token, label in zip(example.input_ids, example.labels):
-        if label != IGNORE_INDEX:
-            current.append(token)
-        elif current:
-            runs.append(current)
-            current = []
-    return [tokenizer.decode(run) for run in runs + ([current] if current else [])]
 
 
 def test_every_llamafactory_name_is_in_the_table():

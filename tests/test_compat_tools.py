@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import tiny_tokenizer
+from conftest import supervised_texts, tiny_tokenizer
 
 from lmforge.data.formats import FormatSpec, convert
-from lmforge.data.render import IGNORE_INDEX, render_example, render_prompt, template_renders_tools
+from lmforge.data.render import render_example, render_prompt, template_renders_tools
 from lmforge.errors import DataError
 
 # Qwen2.5's chat template, cut to its tool-use parts (same text for tools, tool calls and tool responses).
@@ -51,17 +51,6 @@ CHATGLM3_RECORD = {
                       {"role": "assistant", "content": "Three years, from when you knew."}]}
 
 
-def trained_texts(tokenizer, example) -> list[str]:
-    runs, current = [], []
-    for token, label in zip(example.input_ids, example.labels):
-        if label != IGNORE_INDEX:
-            current.append(token)
-        elif current:
-            runs.append(current)
-            current = []
-    return [tokenizer.decode(run) for run in runs + ([current] if current else [])]
-
-
 def test_a_template_that_takes_tools_renders_them():
     tokenizer = tiny_tokenizer()
     tokenizer.chat_template = QWEN25_STYLE
@@ -72,7 +61,7 @@ def test_a_template_that_takes_tools_renders_them():
     assert '# Tools\n\n<tools>\n{"type": "function", "function": {"name": "search_law"' in text
     assert '<|im_start|>user\n<tool_response>\n{"article": 188, "years": 3}\n</tool_response><|im_end|>' in text
     # each ChatGLM3 tool turn is a call (after the thought before it) and its result
-    assert trained_texts(tokenizer, example) == [
+    assert supervised_texts(tokenizer, example) == [
         'Let me look.\n<tool_call>\n{"name": "search_law", "arguments": {"keyword": "limitation"}}\n</tool_call>'
         '<|im_end|>',
         '<tool_call>\n{"name": "search_law", "arguments": {"keyword": "start"}}\n</tool_call><|im_end|>',
@@ -93,7 +82,7 @@ def test_a_template_without_tools_uses_the_default_tool_format():
                            "> Tool Name: search_law\nTool Description: find a statute\nTool Args:\n"
                            "  - keyword (string, required): word\n")
     assert '<|im_start|>user\n{"article": 188, "years": 3}<|im_end|>' in text  # a result: a user turn
-    assert trained_texts(tokenizer, example) == [
+    assert supervised_texts(tokenizer, example) == [
         'Let me look.\nAction: search_law\nAction Input: {"keyword": "limitation"}<|im_end|>',
         'Action: search_law\nAction Input: {"keyword": "start"}<|im_end|>',
         "Three years, from when you knew.<|im_end|>"]
@@ -112,7 +101,7 @@ def test_parallel_calls_and_their_results_in_the_default_tool_format():
     tokenizer = tiny_tokenizer()
     example = render_example(tokenizer, convert(record, "openai.jsonl:1"))
     assert "<|im_start|>user\nsunny\nsnow<|im_end|>" in tokenizer.decode(example.input_ids)  # one user turn
-    assert trained_texts(tokenizer, example)[0] == ('Action: weather\nAction Input: {"city": "Rome"}\nAction: '
+    assert supervised_texts(tokenizer, example)[0] == ('Action: weather\nAction Input: {"city": "Rome"}\nAction: '
                                                     'weather\nAction Input: {"city": "Oslo"}<|im_end|>')
     bad = json.loads(json.dumps(record))
     bad["messages"][1]["tool_calls"][1]["function"]["arguments"] = '{"city": Oslo}'
@@ -129,7 +118,7 @@ def test_loss_false_turns_and_tool_results_carry_no_loss(template):
                                 {"role": "assistant", "content": "an answer we do not want", "loss": False},
                                 {"role": "user", "content": "again"}, {"role": "assistant", "content": "better"}]}
     example = render_example(tokenizer, convert(record, "f:1"))
-    assert trained_texts(tokenizer, example) == ["better<|im_end|>"]
+    assert supervised_texts(tokenizer, example) == ["better<|im_end|>"]
     # the untrained turn is still in the context, token for token as at inference
     prompt = render_prompt(tokenizer, convert(record, "f:1").to_dicts()[:3])
     assert example.input_ids[:len(prompt)] == prompt
@@ -146,7 +135,7 @@ def test_glaive_toolcall_shape_through_dataset_info_columns():
                                     "parameters": {"type": "object", "properties": {"value": {"type": "number"}}}}])}
     tokenizer = tiny_tokenizer()
     example = render_example(tokenizer, convert(record, "glaive.json:2", spec))
-    assert trained_texts(tokenizer, example) == [
+    assert supervised_texts(tokenizer, example) == [
         'Action: percentage\nAction Input: {"value": 80, "percent": 15}<|im_end|>', "12.<|im_end|>"]
     assert '{"result": 12}' in tokenizer.decode(example.input_ids)  # in context, not trained
 
