@@ -390,13 +390,17 @@ def test_a_killed_export_leaves_no_output_dir_and_the_next_one_cleans_up(llama_r
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "lmforge", "export", str(llama_run), "-o", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not list(tmp_path.glob(".killed.tmp-*")) and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert list(tmp_path.glob(".killed.tmp-*")), "the export never started writing"
+    log = tmp_path / "export.log"
+    with log.open("w") as stream:
+        process = subprocess.Popen(command, env=env, stdout=stream, stderr=subprocess.STDOUT)
+        started, deadline = time.monotonic(), time.monotonic() + 300
+        while not list(tmp_path.glob(".killed.tmp-*")) and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.005)  # the staged dir lives ~1 s on the tiny model: a fine poll cannot miss it
+        process.send_signal(signal.SIGKILL)
+        returncode = process.wait()
+    assert list(tmp_path.glob(".killed.tmp-*")), (
+        f"the export never started writing (exit code {returncode} after {time.monotonic() - started:.1f} s; "
+        f"-9 = killed by the test at its deadline); its output:\n{log.read_text()[-3000:]}")
     assert not out.exists()  # nothing at OUT that a user could mistake for an export
 
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
