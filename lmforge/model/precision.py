@@ -5,7 +5,9 @@ A CPU with AVX512_BF16 or AMX-BF16 multiplies bf16 matrices several times faster
 figures: benchmarks/RESULTS.md); a CPU without them emulates bf16 and is far slower than fp32. So the flags in
 /proc/cpuinfo say whether bf16 can pay, and a short matmul probe at the model's own shapes (cached per process)
 confirms it before a run relies on it. Training under bf16 autocast keeps trainable parameters, gradients and optimizer
-state in fp32, as mixed precision does on GPUs; only the matmuls' inputs are rounded to bf16.
+state in fp32, as mixed precision does on GPUs; only the matmuls' inputs are rounded to bf16. The frozen weight
+matrices are rounded once, when training starts (`keep_frozen_weights`), instead of at every use: autocast's cast
+cache keeps only tensors that require grad, so it re-cast every frozen fp32 weight in every forward and backward.
 
 Every choice is a pure function of a CpuCapability and a GemmProbe, so both kinds of CPU are tested on any machine by
 passing them in. Must not know about training loops, runs or serving engines; it only decides and explains.
@@ -114,6 +116,7 @@ class Precision:
     autocast: torch.dtype | None
     reason: str
     device_type: str = "cpu"  # where autocast applies: "cpu" or "cuda"
+    frozen_dtype: torch.dtype | None = None  # frozen weight matrices kept in this dtype in training (None: as loaded)
 
     @property
     def needs_grad_scaler(self) -> bool:
@@ -167,9 +170,10 @@ def choose_cpu_training(requested: str | None, capability: CpuCapability, hidden
         return Precision(fp32, None, f"{asked}: float32, because bf16 matmul is not fast enough here ({figures}, "
                                      f"{measured.speedup:.1f}× < {MIN_SPEEDUP}×) although the CPU has "
                                      f"{' and '.join(instructions)}")
-    return Precision(fp32, torch.bfloat16, f"{asked}: bf16 autocast with float32 parameters and optimizer state, "
-                                           f"because {capability.model} has {' and '.join(instructions)} ({figures}, "
-                                           f"{measured.speedup:.1f}× fp32)")
+    return Precision(fp32, torch.bfloat16, f"{asked}: bf16 autocast, frozen weights in bf16, trainable parameters "
+                                           f"and optimizer state in float32, because {capability.model} has "
+                                           f"{' and '.join(instructions)} ({figures}, {measured.speedup:.1f}× fp32)",
+                     frozen_dtype=torch.bfloat16)
 
 
 def choose_gpu_training(requested: str | None, bf16_supported: bool) -> Precision:
@@ -204,6 +208,30 @@ def training_precision(requested: str | None, model_config=None, announce: bool 
     if announce:
         print(f"precision: {chosen.reason}", file=sys.stderr)
     return chosen
+
+
+def keep_frozen_weights(model: torch.nn.Module, dtype: torch.dtype) -> tuple[int, int]:
+    """Round the frozen float32 weight matrices (ndim ≥ 2: linear layers, embeddings, a tied LM head) to `dtype` in
+    place, once, so autocast uses them as they are instead of casting each at every use. Trainable parameters, norms,
+    biases and buffers (RoPE frequencies) keep their dtype. An embedding whose table was rounded hands float32 to the
+    layers after it (a forward hook), so the residual stream stays float32 as under plain autocast. Returns (tensors
+    rounded, bytes saved). Only for training: a model saved whole afterwards would carry the rounded weights."""
+    rounded: set[int] = set()
+    saved = 0
+    for parameter in model.parameters():  # each shared (tied) Parameter once
+        if parameter.requires_grad or parameter.dim() < 2 or parameter.dtype != torch.float32:
+            continue
+        parameter.data = parameter.data.to(dtype)
+        rounded.add(id(parameter))
+        saved += parameter.numel() * (4 - parameter.element_size())
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding) and id(module.weight) in rounded:
+            module.register_forward_hook(_float32_output)
+    return len(rounded), saved
+
+
+def _float32_output(module, inputs, output):
+    return output.float() if output.is_floating_point() else output
 
 
 def load_dtype(requested: str | None) -> torch.dtype:

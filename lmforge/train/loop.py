@@ -32,7 +32,7 @@ from ..model import packed_attention as attention
 from ..model.lean_mlp import use_lean_mlp
 from ..model.loader import load_model, load_tokenizer, pick_dtype, resolve_model
 from ..model.methods import apply_method, check_method, load_base, trainable_summary, unwrap
-from ..model.precision import Precision, training_precision
+from ..model.precision import Precision, keep_frozen_weights, training_precision
 from ..model.value_head import VALUE_HEAD_FILE, detached_value_head, value_head
 from ..rundir import (
     RunDir,
@@ -90,6 +90,19 @@ def forward_precision(config: Config, model) -> Precision:
     (parameters and optimizer state stay float32), half precision with autocast on a GPU (float16 with a gradient
     scaler), else float32 — model/precision.py decides at the model's shapes and says which and why on stderr."""
     return training_precision(config.model.dtype, getattr(unwrap(model), "config", None))
+
+
+def round_frozen_weights(config: Config, model, precision: Precision, ranks: Ranks) -> str | None:
+    """Under bf16 autocast on a CPU the frozen weight matrices are rounded to bf16 once, before the first step
+    (model/precision.py), so autocast stops re-casting them at every use — where only what trains is saved (an
+    adapter; freeze / full save the whole model), the base is not quantised, and one process or DDP trains (FSDP2
+    shards groups of one dtype). Returns the line to print, or None when nothing changed."""
+    if precision.frozen_dtype is None or config.method.spec.saves_model or config.method.bits:
+        return None
+    if distributed.choose_mode(config.train.distributed, ranks) not in (None, "ddp"):
+        return None
+    count, saved = keep_frozen_weights(unwrap(model), precision.frozen_dtype)
+    return f"frozen weights: {count} matrices kept in bf16 ({saved / 2**20:,.0f} MiB less)" if count else None
 
 
 class _StopRequest:
@@ -252,8 +265,11 @@ def set_up(config: Config, ranks: Ranks | None = None) -> TrainingSession:
     def loss(model, batch):
         return stage.loss(config, model, batch, reference)
 
-    parallel = wrap_model(model, config, loss, ranks)
     precision = forward_precision(config, model)
+    rounded = round_frozen_weights(config, model, precision, ranks)  # before DDP copies the model's state
+    if rounded:
+        print(rounded)
+    parallel = wrap_model(model, config, loss, ranks)
     scaler = torch.amp.GradScaler(device.type) if precision.needs_grad_scaler else None
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
