@@ -142,13 +142,14 @@ def chat_messages(tokenizer, conversation: Conversation) -> tuple[list[dict], li
     return plain, None, untrained
 
 
-def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of a conversation followed by the assistant generation prompt (inference).
+def render_prompt(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    """Token ids of a conversation followed by the assistant generation prompt (inference); `tools` as the template
+    takes them (template_renders_tools).
 
     One render, linear in the conversation (a server renders long chats on every request). Earlier assistant replies
     are cut out where their text sits in the render, which is where training cuts them for the templates that put a
     reply right after its generation prompt; so the tokens equal training's without rendering every prefix."""
-    text = render_text(tokenizer, messages, add_generation_prompt=True)
+    text = render_text(tokenizer, messages, add_generation_prompt=True, tools=tools)
     return _tokenize(tokenizer, text, _reply_spans(text, messages), [])[0]
 
 
