@@ -8,6 +8,7 @@ The schema is schema.py's; LLaMA-Factory's key names are llamafactory.py's, Chat
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 
 import yaml
@@ -52,9 +53,16 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
                      if e["type"] != "extra_forbidden" and (e["loc"] or ("",))[0] not in listed]
     if problems:
         raise ConfigError(_format_problems(source, problems)) from None
-    for note in notes:
-        print(f"note: {note}")
+    if _prints_notes():
+        for note in notes:
+            print(f"note: {note}")
     return config
+
+
+def _prints_notes() -> bool:
+    """Notes are said once per command: not again by the ranks `lmforge train --nproc N` starts (the launcher said
+    them; it marks its children with LMFORGE_CONFIG_NOTES_SAID), and under a bare torchrun by rank 0 only."""
+    return os.environ.get("LMFORGE_CONFIG_NOTES_SAID") != "1" and os.environ.get("RANK", "0") == "0"
 
 
 def _read_yaml(path: Path) -> dict:

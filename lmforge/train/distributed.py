@@ -299,7 +299,7 @@ def launch(nproc: int, argv: list[str], threads_per_rank: int | None = None) -> 
     machine. Returns torchrun's exit code: non-zero when any rank failed (torchrun then stops the others)."""
     if nproc < 1:
         raise ConfigError(f"--nproc {nproc}: give 1 or more processes")
-    env = dict(os.environ)
+    env = dict(os.environ, LMFORGE_CONFIG_NOTES_SAID="1")  # the launcher printed the config's notes already
     if threads_per_rank:
         env["OMP_NUM_THREADS"] = str(threads_per_rank)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
