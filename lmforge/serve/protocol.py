@@ -8,6 +8,7 @@ every endpoint speaks the same shapes. Must not know about the engine, keys or l
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -107,17 +108,54 @@ class ContentPart(BaseModel):
 TEXT_PARTS_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": ContentPart.model_json_schema()}]}
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(min_length=1)
+    # OpenAI sends the arguments as a JSON object in a string; chat templates want the object (tojson).
+    arguments: Annotated[Any, WithJsonSchema({"type": "string", "description": "a JSON object, as text"})]
+
+    @field_validator("arguments")
+    @classmethod
+    def json_object(cls, value):
+        if isinstance(value, str):
+            try:
+                value = json.loads(value or "{}")
+            except ValueError as err:
+                raise ValueError(f"not valid JSON ({err}); send the arguments as a JSON object in a string") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a JSON object (in a string), not {type(value).__name__}")
+        return value
+
+
+class AssistantToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     # Any + our own check: one clear message instead of one per union member.
-    content: Annotated[Any, WithJsonSchema(TEXT_PARTS_SCHEMA)]
+    content: Annotated[Any, WithJsonSchema({"anyOf": [*TEXT_PARTS_SCHEMA["anyOf"], {"type": "null"}]})]
+    tool_calls: list[AssistantToolCall] | None = None  # assistant: the calls it made (content may then be null)
+    tool_call_id: str | None = None  # tool: which call this is the result of
+    name: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def calls_need_no_content(cls, data):
+        if isinstance(data, dict) and data.get("role") == "assistant" and data.get("tool_calls") \
+                and data.get("content") is None:
+            return {**data, "content": ""}
+        return data
 
     @field_validator("content")
     @classmethod
     def text_only(cls, value):
         if value is None:
-            raise ValueError("content is required (tool calls are not supported)")
+            raise ValueError("content is required (null only in an assistant message with tool_calls)")
         if isinstance(value, str):
             return value
         if not isinstance(value, list):
@@ -132,9 +170,67 @@ class ChatMessage(BaseModel):
             parts.append(ContentPart(type="text", text=part["text"]))
         return parts
 
+    @field_validator("tool_calls")
+    @classmethod
+    def only_assistants_call(cls, value, info):
+        if value and info.data.get("role") != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return value
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
     def as_dict(self) -> dict:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        """The message as chat templates read it (OpenAI's shape, a call's arguments as an object)."""
+        message = {"role": "system" if self.role == "developer" else self.role, "content": self.text}
+        if self.tool_calls:
+            message["tool_calls"] = [{**({"id": call.id} if call.id else {}), "type": "function",
+                                      "function": {"name": call.function.name, "arguments": call.function.arguments}}
+                                     for call in self.tool_calls]
+        if self.role == "tool":
+            if self.tool_call_id is not None:
+                message["tool_call_id"] = self.tool_call_id
+            if self.name is not None:
+                message["name"] = self.name
+        return message
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+    @field_validator("strict")
+    @classmethod
+    def refuse_strict(cls, value):
+        if value:
+            raise ValueError("strict: true (arguments guaranteed to match the schema) is not supported: this server "
+                             "does not constrain decoding; leave strict out or send false")
+        return value
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionSpec
+
+    def as_dict(self) -> dict:
+        """The tool as chat templates read it (what the client sent, without null fields and strict)."""
+        return {"type": "function", "function": self.function.model_dump(exclude_none=True, exclude={"strict"})}
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(BaseModel):
@@ -163,8 +259,6 @@ class _Sampling(BaseModel):
     logit_bias: dict[str, float] | None = None
     logprobs: Any = None
     top_logprobs: Any = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
     response_format: dict | None = None
@@ -191,11 +285,13 @@ class _Sampling(BaseModel):
             raise ValueError("top_logprobs needs logprobs, which this server does not support")
         return value
 
-    @field_validator("tool_choice", "functions", "function_call")
+    @field_validator("functions", "function_call")
     @classmethod
-    def refuse_tool_fields(cls, value, info):
+    def refuse_function_fields(cls, value, info):
         if value not in (None, [], {}):
-            raise ValueError(f"{info.field_name} is not supported by this server (no tool or function calling)")
+            other = "tools" if info.field_name == "functions" else "tool_choice"
+            raise ValueError(f"{info.field_name} (OpenAI's deprecated function calling) is not supported by this "
+                             f"server; send {other} instead")
         return value
 
     @field_validator("stop")
@@ -206,7 +302,7 @@ class _Sampling(BaseModel):
             raise ValueError("at most 4 stop sequences")
         return stops
 
-    @field_validator("logit_bias", "logprobs", "tools")
+    @field_validator("logit_bias", "logprobs")
     @classmethod
     def refuse_unsupported(cls, value, info):
         if value not in (None, False, [], {}):
@@ -217,12 +313,55 @@ class _Sampling(BaseModel):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    # Tool calling, for a model whose chat template renders tools (routes.py checks; tools.py reads calls back).
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    @field_validator("tool_choice")
+    @classmethod
+    def choice_names_a_tool(cls, value, info):
+        if "tools" not in info.data:  # the tools themselves were refused: that error says it
+            return value
+        names = {tool.function.name for tool in info.data["tools"] or ()}
+        if not names:
+            raise ValueError("needs tools: send the tools the model may call, or leave tool_choice out")
+        if isinstance(value, NamedToolChoice) and value.function.name not in names:
+            raise ValueError(f"names the function {value.function.name!r}, which is not one of the tools "
+                             f"({', '.join(sorted(names))})")
+        return value
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    @property
+    def tool_names(self) -> set[str]:
+        return {tool.function.name for tool in self.tools or ()}
+
+    @property
+    def uses_tools(self) -> bool:
+        """Tools offered, or tool calls / results in the history: the chat template must render them."""
+        return bool(self.tools) or any(m.role == "tool" or m.tool_calls for m in self.messages)
+
+    @property
+    def parses_tool_calls(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def tool_dicts(self) -> list[dict] | None:
+        return [tool.as_dict() for tool in self.tools] if self.tools else None
+
     def conversation(self) -> list[dict]:
-        return [m.as_dict() for m in self.messages]
+        """The messages as the chat template reads them; a tool result without a name takes its call's name."""
+        messages, names = [], {}
+        for message in self.messages:
+            item = message.as_dict()
+            for call in message.tool_calls or ():
+                if call.id:
+                    names[call.id] = call.function.name
+            if message.role == "tool" and "name" not in item and names.get(message.tool_call_id):
+                item["name"] = names[message.tool_call_id]
+            messages.append(item)
+        return messages
 
 
 class CompletionRequest(_Sampling):
@@ -260,8 +399,8 @@ class CompletionRequest(_Sampling):
 
 
 # Fields OpenAI accepts and this server refuses by name unless they are empty (validators above).
-REFUSED_FIELDS = {"logit_bias", "logprobs", "top_logprobs", "tools", "tool_choice", "functions", "function_call",
-                  "echo", "suffix", "best_of"}
+REFUSED_FIELDS = {"logit_bias", "logprobs", "top_logprobs", "functions", "function_call", "echo", "suffix",
+                  "best_of"}
 
 
 def request_body_schema(model: type[BaseModel]) -> dict:
@@ -309,11 +448,20 @@ def model_list(cards: list[dict]) -> dict:
     return {"object": "list", "data": cards}
 
 
-def chat_completion(request_id: str, model: str, choices: list[tuple[str, str]], use: dict) -> dict:
+def chat_completion(request_id: str, model: str, choices: list[tuple[str, str]], use: dict,
+                    tool_calls: list[list[dict]] | None = None) -> dict:
+    """`tool_calls`: per choice, the calls read from its text (OpenAI's shape; content then may be None)."""
     return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": reason} for i, (text, reason) in enumerate(choices)],
+            "choices": [{"index": i, "message": assistant_message(text, tool_calls[i] if tool_calls else []),
+                         "logprobs": None, "finish_reason": reason} for i, (text, reason) in enumerate(choices)],
             "usage": use}
+
+
+def assistant_message(text: str | None, tool_calls: list[dict]) -> dict:
+    message = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return message
 
 
 def chat_chunk(request_id: str, model: str, created: int, index: int, delta: dict, finish_reason: str | None,

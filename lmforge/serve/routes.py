@@ -4,8 +4,8 @@ and / (the chat page).
 A completion request passes the guard (key → kill switch), its body is read up to max_body_bytes (413 beyond), then
 parsed, validated, rendered through the chat template and tokenized in a worker thread (the event loop stays free
 for other streams), checked against the limits, and goes to the engine as a Submission; it comes back as one JSON
-body or as server-sent events. A client that disconnects cancels its sequences. Must not do model arithmetic
-(engine.py) or decide limits (guard.py).
+body or as server-sent events; with `tools`, tool calls are read back from the text (tools.py). A client that
+disconnects cancels its sequences. Must not do model arithmetic (engine.py) or decide limits (guard.py).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from jinja2 import TemplateError
 from pydantic import BaseModel, ValidationError
 
-from ..data.render import render_prompt
-from . import protocol
+from ..data.render import render_prompt, template_renders_tools
+from . import protocol, tools
 from .engine import EngineBusy, EngineStopped, Sampling, Submission, engine_failure
 from .protocol import ApiError, ChatCompletionRequest, CompletionRequest
 from .text import TextAssembler
@@ -234,10 +234,29 @@ def _prompt_ids(served, body, chat: bool) -> tuple[list[int], str]:
     if not served.has_chat_template:
         raise ApiError(400, f"model {served.name!r} has no chat template (a base model): use /v1/completions",
                        param="model")
+    tool_dicts = None
+    if body.uses_tools:
+        if not template_renders_tools(served.tokenizer):
+            raise ApiError(400, _no_tools_message(served, body), param=_tools_param(body))
+        tool_dicts = body.tool_dicts()
     try:
-        return render_prompt(served.tokenizer, body.conversation()), "messages"
+        return render_prompt(served.tokenizer, body.conversation(), tools=tool_dicts), "messages"
     except (TemplateError, ValueError, TypeError) as err:  # e.g. a template that insists on alternating roles
         raise ApiError(400, f"the chat template rejected these messages: {err}", param="messages") from None
+
+
+def _tools_param(body) -> str:
+    if body.tools:
+        return "tools"
+    index = next(i for i, m in enumerate(body.messages) if m.role == "tool" or m.tool_calls)
+    return f"messages[{index}]" + ("" if body.messages[index].role == "tool" else ".tool_calls")
+
+
+def _no_tools_message(served, body) -> str:
+    what = "tools" if body.tools else f"{_tools_param(body)}: tool calls and tool results"
+    return (f"{what}: the chat template of model {served.name!r} does not render tools (no tool descriptions, calls "
+            f"or results in it), so this model cannot be offered tools; tool calling needs a template that takes "
+            f"them (Qwen2.5's, Llama 3.1's, …) — leave tools and tool messages out for this model")
 
 
 def _check_sizes(body, prompt_tokens: int, field: str, settings, context: int, chat: bool) -> int:
@@ -275,6 +294,8 @@ class _Run:
         self.id = protocol.new_id("chatcmpl" if chat else "cmpl")
         self.created = int(time.time())
         self.retrieved = None  # serve --kb: what retrieval.py found for this request
+        # Tool calls read back from each choice's text in the template's format (tools.py), unless tool_choice none.
+        self.tool_format = tools.call_format(served.tokenizer) if chat and body.parses_tool_calls else None
 
     async def pieces(self):
         """(choice, new text, finish_reason or None) until every choice has finished."""
@@ -342,18 +363,35 @@ class _Run:
                 texts[choice] += text
         finally:
             watcher.cancel()
-        build = protocol.chat_completion if self.chat else protocol.text_completion
+        if not self.chat:
+            return protocol.text_completion(self.id, self.body.model, list(zip(texts, self.reasons)), self.usage())
+        calls = None
+        if self.tool_format is not None:
+            calls = []
+            for index, text in enumerate(texts):
+                texts[index], found = tools.parse_tool_calls(text, self.tool_format, self.body.tool_names)
+                calls.append([call.as_dict() for call in self._allowed(found)])
+                if found:
+                    self.reasons[index] = "tool_calls"
         if self.retrieved is None:
-            return build(self.id, self.body.model, list(zip(texts, self.reasons)), self.usage())
-        sources = self.retrieved.sources(texts[0])  # serve --kb: what the reply itself cites, then the Sources line
-        texts = [text + self.retrieved.footer() for text in texts]
-        return {**build(self.id, self.body.model, list(zip(texts, self.reasons)), self.usage()), "sources": sources}
+            return protocol.chat_completion(self.id, self.body.model, list(zip(texts, self.reasons)), self.usage(),
+                                            calls)
+        sources = self.retrieved.sources(texts[0] or "")  # serve --kb: what the reply cites, then the Sources line
+        texts = [text + self.retrieved.footer() if text is not None else self.retrieved.footer() or None
+                 for text in texts]
+        return {**protocol.chat_completion(self.id, self.body.model, list(zip(texts, self.reasons)), self.usage(),
+                                           calls), "sources": sources}
+
+    def _allowed(self, calls: list) -> list:
+        return calls if self.body.parallel_tool_calls else calls[:1]
 
     async def events(self):
         options = self.body.stream_options
         with_usage = bool(options and options.include_usage)
         model = self.body.model
         said = [""] * self.body.n
+        streams = [tools.ToolCallStream(self.tool_format, self.body.tool_names) for _ in range(self.body.n)] \
+            if self.tool_format is not None else None
         try:
             if self.chat:
                 for index in range(self.body.n):
@@ -361,9 +399,19 @@ class _Run:
                                                    {"role": "assistant", "content": ""}, None, with_usage))
             async for choice, text, reason in self.pieces():
                 if self.chat:
+                    if streams is not None:  # content now; what may be a call waits for the end of the reply
+                        text = streams[choice].add(text) if text else ""
+                        if reason:
+                            rest, calls = streams[choice].finish()
+                            text += rest
                     if text:
                         yield _sse(protocol.chat_chunk(self.id, model, self.created, choice, {"content": text},
                                                        None, with_usage))
+                    if streams is not None and reason and calls:
+                        for delta in tools.stream_deltas(self._allowed(calls)):
+                            yield _sse(protocol.chat_chunk(self.id, model, self.created, choice, delta, None,
+                                                           with_usage))
+                        reason = "tool_calls"
                     if self.retrieved is not None:
                         said[choice] += text
                     if reason and self.retrieved is not None:  # serve --kb: the Sources line, then `sources`
