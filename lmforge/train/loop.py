@@ -50,6 +50,7 @@ from .batching import DataOrder
 from .distributed import Parallel, Ranks
 from .heap import trim_heap_between_layers
 from .memory import MemoryEstimate, available_bytes, check_fits, estimate_peak, peak_process_bytes
+from .optimizers import build_optimizer
 from .plots import plot_losses
 from .stages import LossOutput, Reference, Stage, StageData, reference_needs_copy, stage_of
 from .step import StepResult, add_metrics, evaluate_stage, train_step
@@ -272,7 +273,7 @@ def set_up(config: Config, ranks: Ranks | None = None) -> TrainingSession:
     parallel = wrap_model(model, config, loss, ranks)
     scaler = torch.amp.GradScaler(device.type) if precision.needs_grad_scaler else None
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(config, model, ranks.world)  # train/optimizers.py: train.optim, LoRA+, GaLore, …
     order = DataOrder(len(data.train), cfg.batch_size * ranks.world, cfg.gradient_accumulation_steps, cfg.seed)
     steps = total_steps(config, order)
     warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * steps)
