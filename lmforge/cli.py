@@ -442,10 +442,13 @@ def _inference_yaml_into(args) -> None:
 def cmd_serve(args) -> int:
     from .serve.app import run_server
     from .serve.loading import build_engine, parse_adapters
-    from .serve.settings import load_settings
+    from .serve.retrieval import check_kbs
+    from .serve.retrieval import describe as describe_kbs
+    from .serve.settings import load_settings, parse_kb_options
     from .serve.vllm_engine import parse_vllm_args
 
     _inference_yaml_into(args)
+    kb, kb_per_model = parse_kb_options(args.kb)
     settings = load_settings(args.config, {
         "host": args.host, "port": args.port, "api_keys": args.api_key, "api_key_file": args.api_key_file,
         "admin_keys": args.admin_key, "requests_per_minute": args.requests_per_minute,
@@ -455,15 +458,16 @@ def cmd_serve(args) -> int:
         "backend": args.backend, "metrics_keys": args.metrics_key, "max_queue": args.max_queue,
         "max_body_bytes": args.max_body_bytes, "request_timeout": args.request_timeout,
         "kill_switch_mode": args.kill_switch_mode, "state": args.state, "state_fail": args.state_fail,
-        "kb": args.kb, "kb_k": args.kb_k})
+        "kb": kb, "kb_k": args.kb_k})
     settings.vllm_args = {**settings.vllm_args, **parse_vllm_args(args.vllm_arg)}
+    settings.kb_per_model = {**settings.kb_per_model, **kb_per_model}
     settings.check_bind()  # before minutes of loading, not after
-    if settings.kb:  # a missing or damaged knowledge base is said before the model loads
-        from .kb.store import KnowledgeBase
-
-        KnowledgeBase.open(settings.kb)
+    check_kbs(settings)  # a missing or damaged knowledge base is said before the model loads
     adapters = {**settings.adapters, **parse_adapters(args.adapter)}
-    return run_server(build_engine(args.target, args.model, adapters, settings), settings)  # 1: the engine died
+    engine = build_engine(args.target, args.model, adapters, settings)
+    if settings.kb or settings.kb_per_model:  # names are known once the model is loaded: an unknown one → exit 2
+        print(describe_kbs(settings.kbs_for(list(engine.models)), settings.kb_k), file=sys.stderr)
+    return run_server(engine, settings)  # 1: the engine died
 
 
 def add_serve(verbs) -> None:
@@ -500,9 +504,11 @@ def add_serve(verbs) -> None:
                        help="a request is cut off after this long (default 300): 504, or a final error event")
     serve.add_argument("--served-model-name", metavar="NAME", help="the name clients use for the model or run")
     serve.add_argument("--kill-switch-file", metavar="FILE", help="while FILE exists, answer 503 (degraded mode)")
-    serve.add_argument("--kb", metavar="KB", help="answer chat requests with passages from this knowledge base "
-                                                  "(lmforge kb build): a Sources line in the reply, a `sources` "
-                                                  "field; a request sends \"kb\": false to skip it")
+    serve.add_argument("--kb", action="append", metavar="[NAME=]KB",
+                       help="answer chat requests with passages from this knowledge base (lmforge kb build): a "
+                            "Sources line in the reply, a `sources` field; a request sends \"kb\": false to skip "
+                            "it. KB: for every served model; NAME=KB: for the served model or adapter NAME only "
+                            "(over KB; NAME= for none; repeat the option)")
     serve.add_argument("--kb-k", type=int, metavar="K", help="passages per chat request with --kb (default 3)")
     serve.add_argument("--kill-switch-mode", choices=["drain", "abort"],
                        help="what the kill switch does to running streams: drain (default) lets them finish, abort "

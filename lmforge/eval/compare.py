@@ -257,7 +257,7 @@ def compare(specs: list[str], test: TestSet, options: EvalOptions, out_dir: Path
         for i, row in enumerate(comparison["rows"]):
             for label, rows in kb_rows.items():
                 row["outputs"][label]["kb"] = rows[i]
-        for line in compare_kb.reading(comparison):
+        for line in compare_kb.terminal_lines(comparison):  # the four-way table and the reading
             print(line)
     if judge is not None:
         baseline = [r["prediction"] for r in evaluated[0][1].records]
@@ -272,7 +272,8 @@ def compare(specs: list[str], test: TestSet, options: EvalOptions, out_dir: Path
                                "results": results}
     RunDir(out_dir).write_json(out_dir / "compare.json", comparison)
     (out_dir / "report.md").write_text(render_markdown(comparison), encoding="utf-8")
-    (out_dir / "report.html").write_text(render_html(comparison), encoding="utf-8")
+    (out_dir / "report.html").write_text(render_html(comparison, compare_kb.html_section(comparison)),
+                                         encoding="utf-8")
     return comparison
 
 

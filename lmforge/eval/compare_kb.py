@@ -2,21 +2,29 @@
 
 Owns what `lmforge compare … RUN+kb:KB` (or `--kb KB`) adds: for a contender that carries a KB, each test prompt gets
 the passages retrieved for its last user message, inserted by kb/context.py through the chat template; its answers
-are checked for citing the passage that holds the reference; and the report gains a table (reference retrieved, cited)
-and a short reading of which contender wins where (with and without the KB, against the first contender). Must not
-load models or generate.
+are checked for citing the passage that holds the reference; and the terminal, report.md and report.html gain the
+four-way table (one row per contender: ROUGE / BLEU, reference passage retrieved, answer cites it) and a short reading
+of which contender wins where (with and without the KB, against the first contender). Must not load models or
+generate.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from html import escape
 
 from ..conversation import Conversation
 from ..kb.context import citations, holder, query_of, sources_json, template_has_system_role, with_context
 from ..kb.retrieve import Hit, Retriever
+from .compare_report import figure
 from .evaluate import TestSet
 
 KB_SEPARATOR = "+kb:"
+
+SCORES = (("rouge-1", "ROUGE-1"), ("rouge-2", "ROUGE-2"), ("rouge-l", "ROUGE-L"), ("bleu-4", "BLEU-4"))
+TABLE_NOTE = ("Passages are retrieved for each question's last user message and given to the model in the system "
+              "message, numbered [1] … [k]; a passage holds the reference when it contains at least half of the "
+              "reference's words.")
 __all__ = ["template_has_system_role"]  # compare.py asks it of each contender's tokenizer
 
 
@@ -120,10 +128,7 @@ def markdown_section(comparison: dict) -> list[str]:
         values = [f"{s[key]}/{s['examples']}" if s else "—" for s in cells.values()]
         return f"| {name} | " + " | ".join(values) + " |"
 
-    lines = ["", "## Knowledge base", "",
-             "Passages are retrieved for each question's last user message and given to the model in the system "
-             "message, numbered [1] … [k]; a passage holds the reference when it contains at least half of the "
-             "reference's words.", "",
+    lines = ["", "## Knowledge base", "", TABLE_NOTE, "",
              "| | " + " | ".join(label.replace("|", "\\|") for label in labels) + " |",
              "|---|" + "---:|" * len(labels),
              row("reference passage retrieved", "reference_retrieved"),
@@ -131,3 +136,50 @@ def markdown_section(comparison: dict) -> list[str]:
              row("answer cites any passage", "cites_any"),
              "", "## Reading", ""]
     return lines + [f"- {line}" for line in reading(comparison)]
+
+
+
+def four_way(comparison: dict) -> tuple[list[str], list[list[str]]]:
+    """(header, one row per contender): model, knowledge base, ROUGE / BLEU as `eval`, reference passage retrieved,
+    answer cites it (count and %), answer cites any passage — the cells the terminal and report.html show. Empty
+    when no contender carries a KB."""
+    summaries = comparison.get("kb") or {}
+    if not summaries:
+        return [], []
+    scores = [(key, name) for key, name in SCORES if key in comparison["models"][0]["metrics"]]
+    header = ["model", "knowledge base", *(name for _, name in scores), "reference passage retrieved",
+              "answer cites that passage", "answer cites any passage"]
+    rows = []
+    for model in comparison["models"]:
+        summary = summaries.get(model["label"])
+        kb_cells = (["—"] * 3 if summary is None else
+                    [f"{summary['reference_retrieved']}/{summary['examples']}",
+                     f"{summary['cites_reference']}/{summary['examples']} ({summary['cites_reference_pct']:g}%)",
+                     f"{summary['cites_any']}/{summary['examples']}"])
+        rows.append([model["label"], model.get("kb") or "—",
+                     *(figure(model["metrics"][key]) for key, _ in scores), *kb_cells])
+    return header, rows
+
+
+def terminal_lines(comparison: dict) -> list[str]:
+    """The four-way table as aligned text lines, then the reading (what compare prints)."""
+    header, rows = four_way(comparison)
+    if not rows:
+        return []
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+    table = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+             for line in (header, *rows)]
+    return ["", "knowledge base, four ways:", *table, "", *reading(comparison)]
+
+
+def html_section(comparison: dict) -> str:
+    """report.html's knowledge-base section: the four-way table and the reading (nothing without a KB)."""
+    header, rows = four_way(comparison)
+    if not rows:
+        return ""
+    head = "".join(f"<th>{escape(cell)}</th>" for cell in header)
+    body = "".join("<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in row) + "</tr>" for row in rows)
+    items = "".join(f"<li>{escape(line)}</li>" for line in reading(comparison))
+    return (f'<h2 id="kb">Knowledge base</h2><p class="sub">{escape(TABLE_NOTE)} ROUGE and BLEU as LLaMA-Factory '
+            f'computes them (×100).</p><br><table class="kb"><thead><tr>{head}</tr></thead><tbody>{body}</tbody>'
+            f'</table><h2>Reading</h2><ul class="reading">{items}</ul>')

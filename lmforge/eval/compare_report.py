@@ -1,8 +1,8 @@
 """report.html for `lmforge compare`: one self-contained page (inline CSS and a few lines of inline JS, no external
 assets), every text escaped, fonts and line breaking that suit Chinese as well as English.
 
-Input is the comparison dict compare.py writes to compare.json; this module only renders it. Must not compute
-metrics or call models.
+Input is the comparison dict compare.py writes to compare.json (and compare_kb.py's knowledge-base section, already
+rendered); this module only renders it. Must not compute metrics or call models.
 """
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ td.best { color: var(--good); font-weight: 700; }
 .chips span.win { background: var(--good); } .chips span.loss { background: var(--bad); }
 .chips span.tie { background: var(--tie); }
 .empty { color: var(--muted); font-style: italic; }
+table.kb td:nth-child(2) { text-align: left; color: var(--muted); overflow-wrap: anywhere; max-width: 280px; }
+.reading { background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: 12px 12px 12px 32px; }
 """
 
 SCRIPT = """
@@ -168,6 +170,10 @@ def _chips(output: dict, judgement: dict | None) -> str:
     if output.get("choice") is not None or "choice_accuracy" in scores:
         mark = "✓" if scores.get("choice_accuracy") else "✗"
         chips.append(f"choice {output.get('choice') or '—'} {mark}")
+    if output.get("kb"):  # with a knowledge base: the passages the answer cites, the one holding the reference
+        cited = ", ".join(f"[{n}]" for n in output["kb"]["cited"]) or "nothing"
+        chips.append(f"cites {cited}" + (f" · reference in [{output['kb']['holder']}]" if output["kb"]["holder"]
+                                         else " · reference not retrieved"))
     html = "".join(f"<span>{escape(chip)}</span>" for chip in chips)
     if judgement:
         html += f'<span class="{judgement["outcome"]}">judge: {judgement["outcome"]}</span>'
@@ -195,7 +201,8 @@ def _card(row: dict, labels: list[str]) -> str:
             f'<div class="outputs">{"".join(outputs)}</div></section>')
 
 
-def render_html(comparison: dict) -> str:
+def render_html(comparison: dict, kb_section: str = "") -> str:
+    """The page; kb_section: compare_kb.html_section's HTML (the four-way table and the reading), after the metrics."""
     labels = [m["label"] for m in comparison["models"]]
     cards = "".join(_card(row, labels) for row in comparison["rows"])
     title = " vs ".join(labels)
@@ -212,6 +219,7 @@ def render_html(comparison: dict) -> str:
 <p class="sub">BLEU-4 and ROUGE as LLaMA-Factory computes them (×100); exact match and choice accuracy in %;
 small figures: the change against {escape(labels[0])}.</p>
 {_judge_section(comparison.get('judge'))}
+{kb_section}
 <h2>Examples</h2>
 <div class="tools"><input type="search" id="search" placeholder="filter: any word in prompt, reference or answers">
 <label><input type="checkbox" id="differ"> only where the answers differ</label>

@@ -52,10 +52,10 @@ def create_app(engine, settings: ServeSettings | None = None) -> FastAPI:
     app.state.on_engine_failure = None  # run_server sets it: stop serving
     app.state.metrics = Metrics(engine, guard.kill_switch)
     app.state.retrieval = None
-    if settings.kb:  # serve --kb: retrieval-augmented chat (retrieval.py)
+    if settings.kb or settings.kb_per_model:  # serve --kb [NAME=]KB: retrieval-augmented chat (retrieval.py)
         from .retrieval import Retrieval
 
-        app.state.retrieval = Retrieval(settings.kb, settings.kb_k)
+        app.state.retrieval = Retrieval.for_models(settings, list(engine.models))
     app.include_router(router)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(HTTPException, _http_error)

@@ -56,9 +56,12 @@ class ServeSettings(BaseModel):
                                                       "vllm, e.g. {tensor_parallel_size: 2, "
                                                       "gpu_memory_utilization: 0.8}; --vllm-arg KEY=VALUE adds "
                                                       "to them")
-    kb: str | None = Field(None, description="a knowledge base (lmforge kb build): chat answers get its passages in "
-                                             "the prompt, a Sources line and a `sources` field; a request sends "
-                                             "\"kb\": false to skip it")
+    kb: str | None = Field(None, description="a knowledge base (lmforge kb build) for every served model: chat "
+                                             "answers get its passages in the prompt, a Sources line and a "
+                                             "`sources` field; a request sends \"kb\": false to skip it")
+    kb_per_model: dict[str, str] = Field({}, description="a knowledge base per served model name (the base, the run, "
+                                                         "an adapter): name → KB dir, over `kb` for that name; an "
+                                                         "empty dir serves that name without one")
     kb_k: int = Field(3, ge=1, le=20, description="passages retrieved per chat request with kb")
     state: str | None = Field(None, description="where replicas share rate-limit windows, usage and the kill switch: "
                                                 "redis://HOST:PORT/DB (rediss:// for TLS, unix:///PATH); default: "
@@ -93,6 +96,19 @@ class ServeSettings(BaseModel):
                              f"choices of a request are generated side by side")
         return self
 
+    def kbs_for(self, served: list[str]) -> dict[str, str]:
+        """Served model name → its knowledge base dir (names without one left out): `kb` for every name, then
+        `kb_per_model` over it. A name that is not served is an error naming those that are."""
+        unknown = [name for name in self.kb_per_model if name not in served]
+        if unknown:
+            raise ConfigError(f"kb_per_model (--kb NAME=KB): {', '.join(map(repr, unknown))} "
+                              f"{'is' if len(unknown) == 1 else 'are'} not served here; the served model names are "
+                              f"{', '.join(served)} (a run or model dir's name, --served-model-name, --adapter "
+                              f"NAME=DIR)")
+        kbs = dict.fromkeys(served, self.kb) if self.kb else {}
+        kbs.update(self.kb_per_model)
+        return {name: directory for name, directory in kbs.items() if directory}
+
     def has_keys(self) -> bool:
         return bool(self.api_keys or self.api_key_file)
 
@@ -111,6 +127,28 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def parse_kb_options(values: list[str] | None) -> tuple[str | None, dict[str, str]]:
+    """--kb KB (every served model; once) and --kb NAME=KB (that model; NAME= for none), repeatable → (kb, per
+    model). A value that is an existing path is a KB even when it holds "="."""
+    every: str | None = None
+    per_model: dict[str, str] = {}
+    for value in values or []:
+        name, sep, directory = value.partition("=")
+        if not sep or Path(value).exists():
+            if every is not None:
+                raise ConfigError(f"--kb {value!r}: a knowledge base for every model is already given ({every}); "
+                                  f"give one per model as --kb NAME=KB")
+            every = value
+            continue
+        if not name.strip():
+            raise ConfigError(f"--kb {value!r}: expected KB or NAME=KB (NAME: a served model name), e.g. "
+                              f"--kb legal=kb/legal")
+        if name.strip() in per_model:
+            raise ConfigError(f"--kb: the model name {name.strip()!r} is given twice")
+        per_model[name.strip()] = directory.strip()
+    return every, per_model
 
 
 def load_settings(path: str | None, overrides: dict) -> ServeSettings:
