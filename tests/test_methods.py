@@ -29,17 +29,21 @@ PROMPT = [{"role": "user", "content": "What is 3 plus 3?"}]
 METHODS = {
     "lora": ({"type": "lora"}, "lora_"),
     "lora-rslora-pissa": ({"type": "lora", "use_rslora": True, "lora_init": "pissa"}, "lora_"),
+    "lora-pissa-fast-svd": ({"type": "lora", "lora_init": "pissa", "pissa_iter": 4}, "lora_"),
     "dora": ({"type": "dora"}, "lora_"),
     "qlora": ({"type": "qlora"}, "lora_"),
     "qlora-8bit": ({"type": "lora", "quantization_bit": 8}, "lora_"),
     "loha": ({"type": "loha"}, "hada_"),
     "lokr": ({"type": "lokr"}, "lokr_"),
     "ia3": ({"type": "ia3"}, "ia3_l"),
+    "oft": ({"type": "oft", "oft_block_size": 16}, "oft_"),
     "prefix": ({"type": "prefix", "num_virtual_tokens": 4}, "prompt_encoder"),
     "ptuning": ({"type": "ptuning", "num_virtual_tokens": 4}, "prompt_encoder"),
     "prompt": ({"type": "prompt", "num_virtual_tokens": 4, "prompt_init_text": "Answer briefly"}, "prompt_encoder"),
     "adapter": ({"type": "adapter", "adapter_size": 8}, ".adapter_"),
     "freeze": ({"type": "freeze", "freeze_trainable_layers": 1}, "layers.1."),
+    "freeze-mlp": ({"type": "freeze", "freeze_trainable_layers": 1, "freeze_trainable_modules": ["mlp"]},
+                   "layers.1.mlp."),
     "full": ({"type": "full"}, ""),
 }
 
@@ -120,7 +124,7 @@ def test_method_trains_only_its_parameters_and_reloads_to_the_same_logits(name, 
             {"method": settings, "data": {"train": ["x"]}}).method.virtual_tokens))
         assert float(sft_loss_sum(loaded, pack(examples))) == pytest.approx(float(trained), rel=1e-5)
     artifact = result.run.artifact()
-    assert artifact.name == ("model" if name in ("full", "freeze") else "adapter")
+    assert artifact.name == ("model" if settings["type"] in ("full", "freeze") else "adapter")
     assert (artifact / "tokenizer_config.json").is_file()
 
 
@@ -230,7 +234,7 @@ def test_the_method_table_is_the_config_choices_and_each_peft_entry_builds(llama
         kinds[name] = type(config).__name__
         assert config.is_prompt_learning == spec.virtual_tokens == MethodConfig(type=name).virtual_tokens, name
     assert kinds == {"lora": "LoraConfig", "dora": "LoraConfig", "qlora": "LoraConfig", "loha": "LoHaConfig",
-                     "lokr": "LoKrConfig", "ia3": "IA3Config", "prefix": "PrefixTuningConfig",
+                     "lokr": "LoKrConfig", "ia3": "IA3Config", "oft": "OFTConfig", "prefix": "PrefixTuningConfig",
                      "ptuning": "PrefixTuningConfig", "prompt": "PromptTuningConfig"}
     assert [n for n, s in METHOD_SPECS.items() if s.saves_model] == ["freeze", "full"]
     assert [n for n, s in METHOD_SPECS.items() if not s.mergeable] == ["prefix", "ptuning", "prompt", "adapter"]

@@ -12,7 +12,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from ..model.method_specs import METHOD_SPECS, MethodSpec, spoken_list
+from ..model.method_specs import ALL, LAYERS, METHOD_SPECS, MethodSpec, spoken_list
 
 
 class Section(BaseModel):
@@ -35,6 +35,8 @@ class ModelConfig(Section):
 
 
 MethodName = Literal[tuple(METHOD_SPECS)]  # the methods of model/method_specs.py, in its order
+OptimName = Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop", "adamw_8bit",
+                    "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "muon"]  # built in train/optimizers.py
 StageName = Literal["pt", "sft", "rm", "dpo", "orpo", "simpo", "kto"]  # train/stages/'s STAGES (tests check they agree)
 METHODS, STAGES = tuple(METHOD_SPECS), get_args(StageName)
 
@@ -60,6 +62,20 @@ class MethodConfig(Section):
     lora_init: Literal["default", "pissa", "olora"] = "default"
     """lora: initialise A and B from the weights' principal singular vectors (pissa) or a QR decomposition (olora)
     instead of B = 0; the saved adapter is converted back to a plain LoRA on the original base."""
+    pissa_iter: int | None = None
+    """lora_init pissa: find the singular vectors by fast randomised SVD with this many subspace iterations (peft's
+    pissa_niter_N; LLaMA-Factory's default is 16) instead of an exact SVD (unset)."""
+    loraplus_lr_ratio: float | None = None
+    """lora / dora / qlora: LoRA+ — the B matrices learn this many times faster than the A matrices (peft's
+    create_loraplus_optimizer; the paper suggests 16). Unset: one learning rate."""
+    loraplus_lr_embedding: float = 1e-6
+    """LoRA+: the learning rate of LoRA B matrices on embedding layers."""
+    oft_rank: int = 0
+    """oft: number of orthogonal blocks per layer (0: derived from oft_block_size; set one of the two)."""
+    oft_block_size: int = 32
+    """oft: size of each orthogonal block (must divide the targeted layers' input size; 0: derived from oft_rank)."""
+    module_dropout: float = 0.0
+    """oft: probability of switching off a whole orthogonal block during training (multiplicative dropout)."""
     quantization_bit: Literal[4, 8] | None = None
     """Quantise the frozen base linear layers with bitsandbytes (qlora; type qlora defaults to 4)."""
     quantization_type: Literal["nf4", "fp4"] = "nf4"
@@ -80,14 +96,25 @@ class MethodConfig(Section):
     """adapter: the linear layers whose output gets an adapter; auto = attention output and MLP output projections
     (Houlsby placement: after each sub-layer, before the residual add)."""
     freeze_trainable_layers: int = 2
-    """freeze: train the last N decoder layers (negative: the first N)."""
-    freeze_trainable_modules: list[str] = []
-    """freeze: additionally train parameters whose name contains one of these strings."""
+    """freeze: train the last N decoder layers (negative: the first N); with llama_pro: the N expanded blocks."""
+    freeze_trainable_modules: list[str] | Literal["all"] = "all"
+    """freeze: inside the trained layers, only these modules train (self_attn, mlp, input_layernorm, …; names
+    directly under a decoder layer); all = the whole layers (LLaMA-Factory's meaning and default)."""
+    freeze_extra_modules: list[str] = []
+    """freeze: modules outside the decoder layers that train too (embed_tokens, norm, lm_head, …)."""
+    llama_pro: bool = False
+    """freeze / lora / dora: LLaMA Pro — the model was block-expanded (LLaMA-Factory's scripts/llama_pro.py, or
+    method.llama_pro_expand) and only the expanded blocks train: every (layers / freeze_trainable_layers)-th layer."""
+    llama_pro_expand: int = 0
+    """freeze + llama_pro: expand the loaded model by this many blocks before training (each a copy of the block
+    before it with o_proj and down_proj zeroed, so the model computes the same function); the saved model has them.
+    0: the model is already expanded."""
 
-    @field_validator("lora_target", "adapter_target", mode="before")
+    @field_validator("lora_target", "adapter_target", "freeze_trainable_modules", "freeze_extra_modules",
+                     mode="before")
     @classmethod
     def _split_targets(cls, value: Any) -> Any:
-        if isinstance(value, str) and value not in ("all", "auto"):
+        if isinstance(value, str) and value.strip() not in ("all", "auto"):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
@@ -102,6 +129,19 @@ class MethodConfig(Section):
                              f"not apply to {self.type!r}")
         if self.num_virtual_tokens < 1:
             raise ValueError("method.num_virtual_tokens must be at least 1")
+        if self.pissa_iter is not None and self.lora_init != "pissa":
+            raise ValueError("method.pissa_iter sets PiSSA's SVD; it needs method.lora_init: pissa")
+        if self.loraplus_lr_ratio is not None and not self.spec.loraplus:
+            usable = spoken_list(name for name, spec in METHOD_SPECS.items() if spec.loraplus)
+            raise ValueError(f"method.loraplus_lr_ratio: LoRA+ sets the learning rate of LoRA's B matrices; it applies "
+                             f"to {usable}, not {self.type!r}")
+        if self.llama_pro and self.type not in ("freeze", "lora", "dora"):
+            raise ValueError(f"method.llama_pro trains the expanded blocks with freeze, lora or dora, not "
+                             f"{self.type!r} (LLaMA-Factory: use_llama_pro is only valid for freeze or LoRA)")
+        if self.llama_pro_expand and not (self.llama_pro and self.type == "freeze"):
+            raise ValueError("method.llama_pro_expand expands the model for a freeze run: set method.type: freeze "
+                             "and method.llama_pro: true (a LoRA adapter needs the expanded model as its base: "
+                             "expand it with a freeze run, or LLaMA-Factory's scripts/llama_pro.py, first)")
         return self
 
     @property
@@ -184,7 +224,47 @@ class TrainConfig(Section):
     seed: int = 42
     """Seeds data order, initialisation and dropout; a run is reproducible from it."""
     learning_rate: float = 2e-4
-    """Peak learning rate of AdamW (after warm-up)."""
+    """Peak learning rate of the optimizer (after warm-up)."""
+    optim: OptimName = "adamw_torch"
+    """The optimizer, by its Hugging Face name: adamw_torch, adamw_torch_fused, adafactor, sgd, adagrad, rmsprop
+    (torch / transformers, built by transformers' Trainer.get_optimizer_cls_and_kwargs), adamw_8bit / adamw_bnb_8bit
+    / paged_adamw_8bit / paged_adamw_32bit (bitsandbytes; on a CPU paged ones run unpaged), muon (torch.optim.Muon
+    on the decoder's 2-D weights, AdamW on the rest). galore / apollo / adam_mini below replace it."""
+    galore: bool = False
+    """GaLore: gradients of the decoder's linear weights projected to galore_rank (galore-torch; optim adamw_torch
+    or adafactor). Trains full or freeze weights with less optimizer state (LLaMA-Factory: use_galore)."""
+    galore_target: list[str] | Literal["all"] = "all"
+    """GaLore: the linear layers (short names) whose weights get projected gradients."""
+    galore_rank: int = 16
+    """GaLore: rank of the projected gradients."""
+    galore_update_interval: int = 200
+    """GaLore: steps between recomputing the projection."""
+    galore_scale: float = 2.0
+    """GaLore: scale of the projected update."""
+    galore_proj_type: Literal["std", "reverse_std", "right", "left", "full"] = "std"
+    """GaLore: which side is projected."""
+    apollo: bool = False
+    """APOLLO: AdamW with low-rank auxiliary states scaling SGD-like updates (apollo-torch; optim adamw_torch),
+    on the decoder's linear weights (LLaMA-Factory: use_apollo)."""
+    apollo_target: list[str] | Literal["all"] = "all"
+    """APOLLO: the linear layers (short names) it applies to."""
+    apollo_rank: int = 16
+    """APOLLO: rank of the auxiliary space."""
+    apollo_update_interval: int = 200
+    """APOLLO: steps between new projections."""
+    apollo_scale: float = 32.0
+    """APOLLO: scale of the update."""
+    apollo_proj: Literal["svd", "random"] = "random"
+    """APOLLO: projection by SVD or random."""
+    apollo_proj_type: Literal["std", "right", "left"] = "std"
+    """APOLLO: which side is projected."""
+    apollo_scale_type: Literal["channel", "tensor"] = "channel"
+    """APOLLO: scaling per channel or per tensor."""
+    apollo_scale_front: bool = False
+    """APOLLO: apply the norm-growth limiter before the gradient scaling."""
+    adam_mini: bool = False
+    """Adam-mini: one second-moment value per block of parameters instead of one per parameter (adam-mini;
+    LLaMA-Factory: use_adam_mini)."""
     num_train_epochs: float = 3.0
     """Passes over the training data (fractions allowed); max_steps, when set, wins."""
     max_steps: int = -1
@@ -201,7 +281,7 @@ class TrainConfig(Section):
     warmup_steps: int = 0
     """Steps spent warming the learning rate up from 0."""
     weight_decay: float = 0.0
-    """AdamW weight decay."""
+    """Weight decay of the optimizer."""
     max_grad_norm: float = 1.0
     """Clip the gradients' global norm to this."""
     logging_steps: int = 10
@@ -232,6 +312,31 @@ class TrainConfig(Section):
     skip_memory_check: bool = False
     """Start even when the memory pre-flight estimates that the run will not fit (the estimate is still printed)."""
 
+    @field_validator("galore_target", "apollo_target", mode="before")
+    @classmethod
+    def _split_targets(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip() != "all":
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check_optimizer(self) -> TrainConfig:
+        chosen = [name for name in ("galore", "apollo", "adam_mini") if getattr(self, name)]
+        if len(chosen) > 1:
+            raise ValueError(f"train.{' and train.'.join(chosen)}: each is an optimizer of its own; choose one")
+        if self.galore and self.optim not in ("adamw_torch", "adafactor"):
+            raise ValueError(f"train.galore runs GaLore's AdamW (optim adamw_torch) or Adafactor (optim adafactor), "
+                             f"not optim {self.optim}")
+        if (self.apollo or self.adam_mini) and self.optim != "adamw_torch":
+            raise ValueError(f"train.{chosen[0]} is an AdamW of its own: leave train.optim at adamw_torch "
+                             f"(not {self.optim})")
+        return self
+
+    @property
+    def low_rank_optimizer(self) -> str | None:
+        """galore or apollo when one of them is on."""
+        return "galore" if self.galore else "apollo" if self.apollo else None
+
 
 class Config(Section):
     name: str = "run"
@@ -250,6 +355,19 @@ class Config(Section):
             raise ValueError(f"data.recipe cleans conversations (stage sft); stage {self.train.stage} reads "
                              f"{'documents' if self.train.stage == 'pt' else 'preference data'}: clean the files "
                              f"before training, or remove data.recipe")
+        if self.train.low_rank_optimizer and self.method.spec.changes not in (LAYERS, ALL):
+            raise ValueError(f"train.{self.train.low_rank_optimizer} projects the gradients of the model's own weights "
+                             f"(method.type full or freeze), not of {self.method.type!r}'s added ones; LoRA is "
+                             f"already low-rank")
+        if self.train.adam_mini and self.method.spec.changes not in (LAYERS, ALL):
+            raise ValueError(f"train.adam_mini partitions the model's own weights by attention head and layer "
+                             f"(method.type full or freeze); {self.method.type!r}'s added weights have no such blocks: "
+                             f"use train.optim adamw_torch")
+        other = self.train.low_rank_optimizer or ("adam_mini" if self.train.adam_mini else None) or (
+            "optim muon" if self.train.optim == "muon" else None)
+        if self.method.loraplus_lr_ratio is not None and other:
+            raise ValueError(f"method.loraplus_lr_ratio groups LoRA's matrices for one optimizer; it does not combine "
+                             f"with train.{other}")
         if self.train.stage == "rm" and self.method.virtual_tokens:
             usable = spoken_list(name for name, spec in METHOD_SPECS.items() if not spec.virtual_tokens)
             raise ValueError(f"train.stage rm with method.type {self.method.type}: a reward model scores the last "

@@ -1,4 +1,4 @@
-"""The twelve fine-tuning methods, one MethodSpec each: what the method changes, how peft builds it, whether it
+"""The thirteen fine-tuning methods, one MethodSpec each: what the method changes, how peft builds it, whether it
 merges into plain weights, whether it adds virtual tokens (so batches are padded, not packed), which base it can train
 on and how `lmforge serve` runs the result.
 
@@ -40,6 +40,7 @@ class MethodSpec:
     default_bits: int | None = None  # quantised without being asked (qlora: 4-bit)
     lora_init: bool = False  # method.lora_init (pissa / olora) applies
     peft_default_targets: bool = False  # lora_target "all" → peft's own per-architecture targets when it has them
+    loraplus: bool = False  # LoRA's A / B matrices: method.loraplus_lr_ratio (LoRA+) applies
 
     @property
     def virtual_tokens(self) -> bool:
@@ -63,9 +64,29 @@ def _lora(method, targets, model):
     import peft
 
     rank, alpha = _rank_alpha(method)
+    init = True if method.lora_init == "default" else method.lora_init
+    if method.lora_init == "pissa" and method.pissa_iter is not None and method.pissa_iter >= 0:
+        init = f"pissa_niter_{method.pissa_iter}"  # fast randomised SVD (LLaMA-Factory's pissa_iter)
     return peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=method.lora_dropout, target_modules=targets,
                            use_dora=method.dora, use_rslora=method.use_rslora, task_type="CAUSAL_LM",
-                           init_lora_weights=True if method.lora_init == "default" else method.lora_init)
+                           init_lora_weights=init, layers_to_transform=expanded_layers(method, model))
+
+
+def _oft(method, targets, model):
+    import peft
+
+    return peft.OFTConfig(r=method.oft_rank, oft_block_size=method.oft_block_size, target_modules=targets,
+                          module_dropout=method.module_dropout, task_type="CAUSAL_LM")
+
+
+def expanded_layers(method, model) -> list[int] | None:
+    """llama_pro: the block-expanded layers (every (layers / freeze_trainable_layers)-th one, as LLaMA-Factory's
+    scripts/llama_pro.py places them); None when llama_pro is off."""
+    if not method.llama_pro:
+        return None
+    layers = model.config.num_hidden_layers
+    stride = layers // method.freeze_trainable_layers
+    return list(range(stride - 1, layers, stride))
 
 
 def _loha(method, targets, model):
@@ -114,12 +135,13 @@ def _prompt(method, targets, model):
 _OUTSIDE = "its virtual tokens live outside the weights"
 
 METHOD_SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in (
-    MethodSpec("lora", LINEAR, PER_REQUEST_LORA, _lora, quantized_base=True, lora_init=True),
-    MethodSpec("dora", LINEAR, MERGED, _lora, quantized_base=True, lora_init=True),
-    MethodSpec("qlora", LINEAR, PER_REQUEST_LORA, _lora, quantized_base=True, default_bits=4),
+    MethodSpec("lora", LINEAR, PER_REQUEST_LORA, _lora, quantized_base=True, lora_init=True, loraplus=True),
+    MethodSpec("dora", LINEAR, MERGED, _lora, quantized_base=True, lora_init=True, loraplus=True),
+    MethodSpec("qlora", LINEAR, PER_REQUEST_LORA, _lora, quantized_base=True, default_bits=4, loraplus=True),
     MethodSpec("loha", LINEAR, MERGED, _loha),
     MethodSpec("lokr", LINEAR, MERGED, _lokr),
     MethodSpec("ia3", LINEAR, MERGED, _ia3, peft_default_targets=True),
+    MethodSpec("oft", LINEAR, MERGED, _oft),
     MethodSpec("prefix", VIRTUAL_TOKENS, OWN_FORWARD, _prefix, unmergeable=_OUTSIDE),
     MethodSpec("ptuning", VIRTUAL_TOKENS, OWN_FORWARD, _prefix, unmergeable=_OUTSIDE),
     MethodSpec("prompt", VIRTUAL_TOKENS, OWN_FORWARD, _prompt, unmergeable=_OUTSIDE),

@@ -1,5 +1,6 @@
 """Fine-tuning methods — which parameters train: lora (+ dora, rslora, pissa/olora), qlora (bitsandbytes 4/8-bit base),
-loha, lokr, ia3, prefix, ptuning (P-tuning v2), prompt via peft; adapter (bottleneck.py); freeze; full. What each
+loha, lokr, ia3, oft, prefix, ptuning (P-tuning v2), prompt via peft; adapter (bottleneck.py); freeze (+ LLaMA Pro's
+block expansion); full. What each
 method is (what it changes, its peft config) is its entry in method_specs.py; this module acts on it.
 `check_method` checks a method against the architecture on an empty meta-device copy before weights load;
 `apply_method` marks exactly the method's parameters trainable; `save_trained` / `load_saved_adapter` write and
@@ -60,7 +61,9 @@ def check_method(method, model_path: str) -> None:
     if changes == BOTTLENECK:
         _adapter_targets(model, method)
     if changes == LAYERS:
-        _freeze_plan(model, method)
+        _freeze_plan(expand_blocks(model, method.llama_pro_expand), method)
+    if method.llama_pro and changes == LINEAR:
+        _llama_pro_stride(len(decoder_layers(model)), method.freeze_trainable_layers)
     if method.bits:
         _require_bitsandbytes()
 
@@ -97,16 +100,88 @@ def _adapter_targets(model, method) -> list[str]:
 
 
 def _freeze_plan(model, method) -> tuple[str, ...]:
+    """The name fragments of the parameters a freeze run trains, as LLaMA-Factory chooses them: the last (or first) N
+    decoder layers or, with llama_pro, the expanded blocks; inside them freeze_trainable_modules (all: everything);
+    freeze_extra_modules (outside the layers) are matched by _is_extra."""
     layers = decoder_layers(model)
-    n = method.freeze_trainable_layers
+    n = method.llama_pro_expand or method.freeze_trainable_layers
     if n == 0 or abs(n) > len(layers):
         raise ConfigError(f"method.freeze_trainable_layers: {n} — this model has {len(layers)} decoder layers; "
                           f"use 1..{len(layers)} (last N) or -1..-{len(layers)} (first N)")
-    unmatched = [m for m in method.freeze_trainable_modules if not any(m in n for n, _ in model.named_parameters())]
-    if unmatched:
-        raise ConfigError(f"method.freeze_trainable_modules: no parameter name contains {', '.join(unmatched)}")
-    chosen = range(len(layers) - n, len(layers)) if n > 0 else range(-n)
-    return tuple(f".layers.{i}." for i in chosen)
+    if method.llama_pro:
+        chosen = range(_llama_pro_stride(len(layers), n) - 1, len(layers), _llama_pro_stride(len(layers), n))
+    else:
+        chosen = range(len(layers) - n, len(layers)) if n > 0 else range(-n)
+    names = [name for name, _ in model.named_parameters()]
+    inside = sorted({name.split(".layers.0.", 1)[1].split(".")[0] for name in names if ".layers.0." in name})
+    modules = method.freeze_trainable_modules
+    if modules != "all":
+        unknown = [m for m in modules if m not in inside]
+        if unknown or not modules:
+            raise ConfigError(f"method.freeze_trainable_modules: {', '.join(unknown) or '[]'} — not a module of a "
+                              f"decoder layer; choose from {', '.join(inside)} or all (modules outside the layers: "
+                              f"method.freeze_extra_modules)")
+    outside = sorted({name.rsplit(".", 2)[-2] for name in names if ".layers." not in name and "." in name})
+    unknown = [m for m in method.freeze_extra_modules if m not in outside]
+    if unknown:
+        raise ConfigError(f"method.freeze_extra_modules: {', '.join(unknown)} — not a module outside the decoder "
+                          f"layers; choose from {', '.join(outside)}")
+    inner = [""] if modules == "all" else [f"{m}." for m in modules]
+    return tuple(f".layers.{i}.{m}" for i in chosen for m in inner)
+
+
+def _is_extra(name: str, method) -> bool:
+    """A parameter outside the decoder layers inside one of method.freeze_extra_modules."""
+    return ".layers." not in name and any(m in name.split(".")[:-1] for m in method.freeze_extra_modules)
+
+
+def _llama_pro_stride(layers: int, trainable: int) -> int:
+    if trainable <= 0 or layers % trainable:
+        raise ConfigError(f"method.llama_pro: this model has {layers} decoder layers, which freeze_trainable_layers "
+                          f"{trainable} does not divide; set it to the number of expanded blocks (the model's layers "
+                          f"must be a multiple of it, as LLaMA-Factory's scripts/llama_pro.py expands them)")
+    return layers // trainable
+
+
+def expand_blocks(model, count: int):
+    """LLaMA Pro's block expansion, as LLaMA-Factory's scripts/llama_pro.py does it, in memory: after every
+    (layers / count)-th decoder layer, a copy of it whose o_proj and down_proj are zero, so each new block adds
+    nothing to the residual stream and the model computes what it computed before. Returns the model (count 0: as
+    it is)."""
+    if not count:
+        return model
+    import copy
+
+    layers = decoder_layers(model)
+    total = len(layers)
+    if count < 0 or total % count:
+        raise ConfigError(f"method.llama_pro_expand: {count} — it must divide this model's {total} decoder layers")
+    split, expanded, types = total // count, [], []
+    layer_types = getattr(model.config, "layer_types", None)
+    for index, layer in enumerate(layers):
+        expanded.append(layer)
+        types.append(layer_types[index] if layer_types else None)
+        if (index + 1) % split == 0:
+            block = copy.deepcopy(layer)
+            zeroed = [m for n, m in block.named_modules() if n.rsplit(".", 1)[-1] in ("o_proj", "down_proj")]
+            if len(zeroed) < 2:
+                raise ConfigError(f"method.llama_pro_expand: {type(layer).__name__} has no o_proj and down_proj "
+                                  f"(LLaMA Pro expands Llama-style blocks: Llama, Mistral, Qwen2, Qwen3, …)")
+            with torch.no_grad():
+                for module in zeroed:
+                    for parameter in module.parameters():
+                        parameter.zero_()
+            expanded.append(block)
+            types.append(types[-1])
+    for index, layer in enumerate(expanded):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = index  # the KV cache is indexed by it
+    model.get_decoder().layers = torch.nn.ModuleList(expanded)
+    model.config.num_hidden_layers = len(expanded)
+    if layer_types:
+        model.config.layer_types = types
+    return model
 
 
 def _require_bitsandbytes():
@@ -151,10 +226,9 @@ def apply_method(model, method):
             parameter.requires_grad_(True)
         return model
     if changes == LAYERS:
-        prefixes = _freeze_plan(model, method)
+        prefixes = _freeze_plan(expand_blocks(model, method.llama_pro_expand), method)
         for name, parameter in model.named_parameters():
-            parameter.requires_grad_(any(p in name for p in prefixes) or
-                                     any(m in name for m in method.freeze_trainable_modules))
+            parameter.requires_grad_(any(p in name for p in prefixes) or _is_extra(name, method))
         return model
     if changes == BOTTLENECK:
         adapters.add_adapters(model, method.adapter_size, _adapter_targets(model, method))
