@@ -21,6 +21,7 @@ from .. import __version__
 from .engine import engine_failure
 from .guard import Guard
 from .metrics import Metrics, MetricsMiddleware
+from .ollama import router as ollama_router
 from .protocol import ApiError, error_body
 from .routes import router
 from .settings import ServeSettings
@@ -57,6 +58,7 @@ def create_app(engine, settings: ServeSettings | None = None) -> FastAPI:
 
         app.state.retrieval = Retrieval.for_models(settings, list(engine.models))
     app.include_router(router)
+    app.include_router(ollama_router)  # Ollama's /api/* beside the OpenAI API (ollama.py)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)

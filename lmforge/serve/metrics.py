@@ -19,7 +19,8 @@ from prometheus_client import (
 
 # Paths worth their own label; anything else is "other" (a scanner cannot blow up the label set).
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/ready", "/metrics", "/",
-             "/admin/kill-switch", "/admin/usage")
+             "/admin/kill-switch", "/admin/usage", "/api/chat", "/api/generate", "/api/tags", "/api/show", "/api/ps",
+             "/api/version")
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10)
 
