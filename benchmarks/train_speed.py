@@ -3,19 +3,23 @@
 Systems (each in its own child process, so peak memory is its own; all get the same model, LoRA init seed and the
 SAME batches in the same order):
 - `lmforge` fp32 — the reference every other system's losses are compared with;
-- `lmforge-bf16` — bf16 autocast chosen by lmforge/model/precision.py (only on a CPU with native bf16);
+- `lmforge-bf16` — bf16 autocast chosen by lmforge/model/precision.py, the frozen weights rounded to bf16 once as
+  `lmforge train` does (only on a CPU with native bf16);
 - `peer` — `Trainer` + `DataCollatorForSeq2Seq` (right padding to a multiple of 8), what LLaMA-Factory runs;
 - `peer-flat` — `Trainer` + `DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)` with sdpa
   attention: padding-free, transformers' own strongest CPU setting (TRL's `padding_free` is the same);
 - `peer-flat-bf16` — the same with `bf16=True` (autocast), what a LLaMA-Factory user with `bf16: true` gets (only on a
   CPU with native bf16).
 The parent prepares the batches, probes fp32 and bf16 GEMM speed at the model's shapes in the same run, runs the
-children one after the other and prints the comparison plus a Markdown table for benchmarks/RESULTS.md. Measures;
+children one after the other and prints the comparison plus a Markdown table for benchmarks/RESULTS.md. With
+`--rounds N` every system runs N times, the order reversed every other round, so a busy machine's drift in load falls
+on every system alike; the table shows each figure's median over the rounds and the per-round ratios. Measures;
 changes nothing.
 
     python benchmarks/train_speed.py                       # 30 timed steps after 3 warm-up steps, every system
     python benchmarks/train_speed.py --steps 5 --warmup 1  # quick check
     python benchmarks/train_speed.py --profile             # + where lmforge's step time goes (torch.profiler)
+    python benchmarks/train_speed.py --rounds 2            # each system twice, in alternating order (busy machine)
 """
 
 from __future__ import annotations
@@ -71,12 +75,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="lmforge children also profile 2 extra steps (torch.profiler): GEMM / attention / "
                              "elementwise / optimizer / Python")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every system this many times, the order reversed every other round (default 1)")
     parser.add_argument("--json", type=Path, default=None, help="also write all results (per-step data) here")
     parser.add_argument("--batches", type=Path, default=None, help=argparse.SUPPRESS)  # child: prepared batches
     parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)      # child: result file
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        parser.error("--steps must be ≥ 1 and --warmup ≥ 0")
+    if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
+        parser.error("--steps and --rounds must be ≥ 1 and --warmup ≥ 0")
     return args
 
 
@@ -173,7 +179,7 @@ def run_lmforge(batches: list[list[dict]], args, bf16: bool = False) -> dict:
     from lmforge.data.render import Example
     from lmforge.model.loader import load_model, resolve_model
     from lmforge.model.methods import apply_method
-    from lmforge.model.precision import training_precision
+    from lmforge.model.precision import keep_frozen_weights, training_precision
     from lmforge.train.batching import pack
     from lmforge.train.loop import prepare_for_training
     from lmforge.train.step import train_step
@@ -190,6 +196,8 @@ def run_lmforge(batches: list[list[dict]], args, bf16: bool = False) -> dict:
     chosen = training_precision("bf16" if bf16 else "float32", model.config)
     if bf16 and chosen.autocast is None:
         sys.exit(f"lmforge-bf16: lmforge would not train in bf16 here: {chosen.reason}")
+    if chosen.frozen_dtype is not None:  # what lmforge train does under bf16 autocast (loop.round_frozen_weights)
+        keep_frozen_weights(model, chosen.frozen_dtype)
     precision = chosen.context()
 
     memory = Memory()
@@ -388,7 +396,7 @@ def strip_child_only(argv: list[str]) -> list[str]:
         if skip:
             skip = False
             continue
-        if item in ("--system", "--json", "--batches", "--out"):
+        if item in ("--system", "--json", "--batches", "--out", "--rounds"):
             skip = True
             continue
         if item == "--systems":  # a list: skip its values too
@@ -397,7 +405,7 @@ def strip_child_only(argv: list[str]) -> list[str]:
         if skip_list and not item.startswith("--"):
             continue
         skip_list = False
-        if item.startswith(("--system=", "--json=", "--batches=", "--out=")):
+        if item.startswith(("--system=", "--json=", "--batches=", "--out=", "--rounds=")):
             continue
         out.append(item)
     return out
@@ -428,26 +436,48 @@ def main(argv=None) -> None:
           file=sys.stderr, flush=True)
     child_argv = strip_child_only(argv)
     probes = [gemm_probe(1024, model_config.hidden_size, model_config.intermediate_size)]
+    rounds: list[dict] = []
+    round_info: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="train_speed_") as tmp:
         batches_file = Path(tmp) / "batches.json"
         batches_file.write_text(json.dumps(batches))
-        results = {s: run_child(s, args, batches_file, Path(tmp) / f"{s}.json", child_argv) for s in systems}
+        for number in range(args.rounds):
+            order = systems if number % 2 == 0 else systems[::-1]
+            argv_now = child_argv if number == 0 else [a for a in child_argv if a != "--profile"]  # profile once
+            round_info.append({"order": order, "load_average": machine_info()["load_average"]})
+            ran = {s: run_child(s, args, batches_file, Path(tmp) / f"{s}.json", argv_now) for s in order}
+            rounds.append({s: ran[s] for s in systems})
     probes.append(gemm_probe(1024, model_config.hidden_size, model_config.intermediate_size))
     probe = {**probes[0], "fp32_gflops": max(p["fp32_gflops"] for p in probes),
              "bf16_gflops": max(p["bf16_gflops"] for p in probes), "runs": probes}
     flops = [useful_flops(batch, model_config) for batch in batches]
-    summaries = {}
-    for system, result in results.items():
-        summaries[system] = summarize(result)
-        timed = result["steps"][args.warmup:]
-        summaries[system]["useful_gflops"] = sum(flops[args.warmup:]) / sum(s["wall_s"] for s in timed) / 1e9
+    per_round = []
+    for ran in rounds:
+        summaries = {}
+        for system, result in ran.items():
+            summaries[system] = summarize(result)
+            timed = result["steps"][args.warmup:]
+            useful = sum(flops[args.warmup:])
+            summaries[system]["useful_gflops"] = useful / sum(s["wall_s"] for s in timed) / 1e9
+            summaries[system]["useful_gflops_per_cpu_s"] = useful / sum(s["cpu_s"] for s in timed) / 1e9
+        per_round.append(summaries)
+    summaries = {system: {key: median_or_none([r[system].get(key) for r in per_round]) for key in per_round[0][system]}
+                 for system in systems}
+    results = rounds[0]  # losses and the profile: the first round (every round computes the same losses)
     losses = loss_check(results)
     machine_end = machine_info()
-    print(report(args, info, results, summaries, machine, machine_end, probe, losses, command, date))
+    print(report(args, info, results, summaries, machine, machine_end, probe, losses, command, date, per_round,
+                 round_info))
     if args.json:
         args.json.write_text(json.dumps({"command": command, "date": date, "machine": machine,
                                          "machine_end": machine_end, "gemm_probe": probe, "data": info,
-                                         "summary": summaries, "losses": losses, "results": results}, indent=1))
+                                         "summary": summaries, "per_round": per_round, "round_info": round_info,
+                                         "losses": losses, "results": results, "rounds": rounds[1:]}, indent=1))
+
+
+def median_or_none(values: list):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
 
 
 if __name__ == "__main__":

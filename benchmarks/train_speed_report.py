@@ -53,8 +53,25 @@ def loss_check(results: dict, reference: str = "lmforge") -> dict:
     return out
 
 
+def round_lines(per_round: list[dict], round_info: list[dict], peers: list[str], lm_best: str) -> list[str]:
+    """With several rounds: the figures above are medians over them; each round's order, load and ratios."""
+    if len(per_round) < 2 or not peers:
+        return []
+    lines = [f"Figures above: medians over {len(per_round)} rounds, the order reversed every other round:", ""]
+    for number, (summaries, info) in enumerate(zip(per_round, round_info), 1):
+        best_wall = max(peers, key=lambda s: summaries[s]["tokens_per_s"])
+        best_cpu = max(peers, key=lambda s: summaries[s]["tokens_per_cpu_s"])
+        wall = summaries[lm_best]["tokens_per_s"] / summaries[best_wall]["tokens_per_s"]
+        cpu = summaries[lm_best]["tokens_per_cpu_s"] / summaries[best_cpu]["tokens_per_cpu_s"]
+        lines.append(f"- round {number} ({' → '.join(info['order'])}; load average before it "
+                     f"{info['load_average']}): {lm_best} / {best_wall} {wall:.2f}× real tokens/s; / {best_cpu} "
+                     f"{cpu:.2f}× per CPU-second")
+    return lines + [""]
+
+
 def report(args, info: dict, results: dict, summaries: dict, machine: dict, machine_end: dict, probe: dict,
-           losses: dict, command: str, date: str) -> str:
+           losses: dict, command: str, date: str, per_round: list[dict] | None = None,
+           round_info: list[dict] | None = None) -> str:
     systems = list(results)
     versions, threads = results[systems[0]]["versions"], results[systems[0]]["threads"]
     peers = [s for s in systems if s.startswith("peer")]
@@ -104,6 +121,9 @@ def report(args, info: dict, results: dict, summaries: dict, machine: dict, mach
         row("useful GFLOP/s⁴", "useful_gflops"),
         "| useful / GEMM probe of its precision | " + " | ".join(
             f"{summaries[s]['useful_gflops'] / gemm[s]:.0%}" for s in systems) + " |",
+        row("useful GFLOP per CPU-second", "useful_gflops_per_cpu_s"),
+        "| useful per CPU-second / GEMM probe of its precision | " + " | ".join(
+            f"{summaries[s]['useful_gflops_per_cpu_s'] / gemm[s]:.0%}" for s in systems) + " |",
         row("peak RSS (MiB)", "peak_rss_mib", 0),
         row("peak RSS during training steps (MiB)²", "peak_rss_training_mib", 0),
         "| max abs loss diff vs lmforge fp32 (relative) | " + " | ".join(
@@ -119,6 +139,7 @@ def report(args, info: dict, results: dict, summaries: dict, machine: dict, mach
         "CPU time / threads means the run was waiting for a CPU. ⁴ FLOPs any system must do for these batches "
         "(linear layers forward + input gradients, LM head on supervised targets, causal attention; padding and "
         "recomputation not counted) per second of wall time.", "",
+        *round_lines(per_round or [], round_info or [], peers, lm_best),
         f"Machine: {machine_line(machine)} at start, {machine_end['load_average']} at end; "
         f"torch.get_num_threads()={threads}; Python {versions['python']}, torch {versions['torch']}, "
         f"transformers {versions['transformers']}, peft {versions['peft']}; {machine['os']}; {date}.",
