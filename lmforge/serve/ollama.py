@@ -3,9 +3,9 @@
 
 Owns the Ollama wire format only: its requests (stream defaults to true; `options` carries temperature, top_p, seed,
 num_predict, stop and the penalties), its replies (`done`, `done_reason`, durations in nanoseconds, token counts),
-its error body {"error": "..."}, model names with a tag ("tiny" and "tiny:latest" are the same model) and what
-/api/tags and /api/show say about a served model (the Modelfile `lmforge export` would write for it). Everything else
-is the OpenAI path's: the guard (keys, kill switch, rate limits), the body cap, validation in a worker thread, the
+its error body {"error": "..."} (also for streams cut short, as a last line), and the "load the model" reply to an
+empty chat or prompt; what /api/tags and /api/show say about a model is ollama_models.py's. Everything else is the
+OpenAI path's: the guard (keys, kill switch, rate limits), the body cap, validation in a worker thread, the
 chat template, the engine's queue and routes._Run (stop strings, timeouts, kill switch in abort mode, usage, metrics,
 cancel on disconnect). Sampling the engine cannot do (top_k, min_p, repeat_penalty, mirostat, …) is refused by name
 unless set to its no-op value; Ollama's runtime options (num_ctx, num_thread, num_gpu, …) and keep_alive are
@@ -15,12 +15,8 @@ accepted and change nothing (the served models stay loaded). Must not do model a
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
-import math
 import time
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -31,8 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from starlette.exceptions import HTTPException
 
 from .. import __version__
-from ..data.render import end_of_turn_ids, render_prompt
+from ..data.render import render_prompt
 from .engine import EngineBusy, EngineStopped, Sampling, Submission
+from .ollama_models import OllamaModels, iso_time
 from .protocol import ApiError, ChatCompletionRequest, CompletionRequest
 from .routes import STARTED, _cancel_on_disconnect, _json_object, _read_body, _Run, _state, _validated
 
@@ -231,7 +228,7 @@ async def version(request: Request) -> dict:
 async def tags(request: Request) -> dict:
     state = _state(request)
     state.guard.authenticate(request.headers.get("authorization"))
-    return {"models": [_listing(state, name) for name in state.engine.models]}
+    return {"models": [_models(state).listing(name) for name in state.engine.models]}
 
 
 @router.get("/api/ps")
@@ -239,7 +236,7 @@ async def running_models(request: Request) -> dict:
     """Every served model is loaded for as long as the server runs."""
     state = _state(request)
     state.guard.authenticate(request.headers.get("authorization"))
-    return {"models": [{**_listing(state, name), "expires_at": "0001-01-01T00:00:00Z", "size_vram": 0,
+    return {"models": [{**_models(state).listing(name), "expires_at": "0001-01-01T00:00:00Z", "size_vram": 0,
                         "context_length": state.engine.max_len} for name in state.engine.models]}
 
 
@@ -248,18 +245,8 @@ async def show(request: Request) -> dict:
     state = _state(request)
     state.guard.authenticate(request.headers.get("authorization"))
     body = _validated(_json_object(await _read_body(request, state.settings.max_body_bytes)), ShowRequest)
-    served = _served(state, body.model or body.name)
-    listing = _listing(state, served.name)
-    modelfile, template, parameters = _modelfile(state, served)
-    family = listing["details"]["family"]
-    base = _base_of(state, served)
-    count = _parameter_count(_weight_files(state.engine.models[base] if base else served))
-    info = {"general.architecture": family, "general.parameter_count": count or None,
-            f"{family}.context_length": state.engine.max_len,
-            "tokenizer.chat_template": served.tokenizer.chat_template or ""}
-    return {"modelfile": modelfile, "parameters": parameters, "template": template, "license": "",
-            "details": listing["details"], "model_info": info, "capabilities": ["completion"],
-            "modified_at": listing["modified_at"]}
+    models = _models(state)
+    return models.show(models.find(body.model or body.name))
 
 
 @router.post("/api/chat")
@@ -335,12 +322,12 @@ def _prepare(state, raw: bytes, schema: type[_Request]) -> _Prepared:
     """Runs in a worker thread: parse, validate, find the model, render the prompt and tokenize it. An empty chat or
     prompt leaves `prompt` None (Ollama's "load the model" call)."""
     request = _validated(_json_object(raw), schema)
-    served = _served(state, request.model)
+    served = _models(state).find(request.model)
     options = request.options
     prepared = _Prepared("chat" if schema is ChatRequest else "generate", request.model, request.stream,
                          options.num_predict is not None and options.num_predict < 0)
     prepared.served = served
-    defaults = _defaults(state, served)
+    defaults = _models(state).defaults(served)
     sampling = {"model": served.name, "stop": options.stop,
                 "temperature": defaults["temperature"] if options.temperature is None else options.temperature,
                 "top_p": defaults["top_p"] if options.top_p is None else options.top_p,
@@ -463,163 +450,11 @@ def _ns(seconds: float) -> int:
 
 
 def _now() -> str:
-    return _iso(time.time())
+    return iso_time(time.time())
 
 
-def _iso(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
-
-
-# ---------------------------------------------------------------------------------------------------- models
-
-
-def _served(state, name: str):
-    """The served model for an Ollama name: exact, or without the default tag (`tiny:latest` → `tiny`)."""
-    models = state.engine.models
-    served = models.get(name) or (models.get(name.removesuffix(":latest")) if name.endswith(":latest") else None)
-    if served is None:
-        raise ApiError(404, f"model {name!r} not found: this server serves {', '.join(map(_tagged, models))} "
-                            f"(models are not pulled here)")
-    return served
-
-
-def _tagged(name: str) -> str:
-    return name if ":" in name else f"{name}:latest"
-
-
-def _listing(state, name: str) -> dict:
-    """A served model as /api/tags lists it: the size, newest file time, parameter count (safetensors headers) and a
-    digest of its weight files where they are local; family and precision from the decoder. An adapter shows the
-    base as parent_model and the base's parameter count."""
-    served = state.engine.models[name]
-    files = _weight_files(served)
-    size = sum(f.stat().st_size for f in files)
-    modified = max((f.stat().st_mtime for f in files), default=STARTED)
-    identity = "\0".join([name, *(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)])
-    parent = _base_of(state, served)
-    count = _parameter_count(_weight_files(state.engine.models[parent]) if parent else files)
-    decoder = getattr(state.engine, "decoder", None)
-    precision = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}.get(getattr(decoder, "weights", ""), "")
-    family = _family(state, files)
-    return {"name": _tagged(name), "model": _tagged(name), "modified_at": _iso(modified), "size": size,
-            "digest": hashlib.sha256(identity.encode()).hexdigest(),
-            "details": {"parent_model": _tagged(parent) if parent else "", "format": "safetensors", "family": family,
-                        "families": [family],
-                        "parameter_size": _human(count) if count else "", "quantization_level": precision}}
-
-
-def _base_of(state, served) -> str | None:
-    """The base model's served name for an adapter; None for the base itself."""
-    if not served.adapter:
-        return None
-    return next((other for other, model in state.engine.models.items() if not model.adapter), None)
-
-
-def _weight_files(served) -> list[Path]:
-    directory = Path(str(getattr(served.tokenizer, "name_or_path", "") or ""))
-    if not directory.is_dir():
-        return []
-    return sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf") and p.is_file())
-
-
-def _parameter_count(files: list[Path]) -> int:
-    """Parameters in safetensors files, read from their headers (8 bytes of length, then JSON shapes)."""
-    count = 0
-    for path in files:
-        if path.suffix != ".safetensors":
-            continue
-        try:
-            with path.open("rb") as handle:
-                header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
-        except (OSError, ValueError):
-            return 0
-        for tensor, entry in header.items():
-            if tensor != "__metadata__":
-                count += math.prod(entry.get("shape", []))
-    return count
-
-
-def _human(count: int) -> str:
-    """Ollama's parameter_size: 135M, 1.7B, 8.0B."""
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if count >= scale:
-            value = count / scale
-            return f"{value:.1f}{unit}" if value < 10 else f"{value:.0f}{unit}"
-    return str(count)
-
-
-def _family(state, files: list[Path]) -> str:
-    """The architecture (config.json's model_type): from the decoder, else the weights' or vLLM's model dir."""
-    decoder = getattr(state.engine, "decoder", None)
-    family = getattr(decoder, "model_type", None) or getattr(getattr(getattr(decoder, "model", None), "config",
-                                                                     None), "model_type", None)
-    if family:
-        return family
-    for directory in [*(f.parent for f in files[:1]), Path(str(getattr(state.engine, "model_path", "")))]:
-        try:
-            return json.loads((directory / "config.json").read_text(encoding="utf-8"))["model_type"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return "unknown"
-
-
-def _defaults(state, served) -> dict:
-    """A request's sampling when its options set none: what the Modelfile `lmforge export` writes for the model —
-    its generation config's temperature and top_p when it samples, else greedy (as `lmforge chat`)."""
-    cache = getattr(state, "ollama_defaults", None)
-    if cache is None:
-        cache = state.ollama_defaults = {}
-    if served.name not in cache:
-        config = _generation_config(served)
-        if config is not None and getattr(config, "do_sample", False):
-            cache[served.name] = {"temperature": 1.0 if config.temperature is None else config.temperature,
-                                  "top_p": 1.0 if config.top_p is None else config.top_p}
-        else:
-            cache[served.name] = {"temperature": 0.0, "top_p": 1.0}
-    return cache[served.name]
-
-
-def _generation_config(served):
-    directory = Path(str(getattr(served.tokenizer, "name_or_path", "") or ""))
-    if not (directory / "generation_config.json").is_file():
-        return None
-    from transformers import GenerationConfig
-
-    try:
-        return GenerationConfig.from_pretrained(directory)
-    except (OSError, ValueError):
-        return None
-
-
-def _modelfile(state, served) -> tuple[str, str, str]:
-    """(modelfile, template, parameters) as /api/show gives them: the TEMPLATE, SYSTEM and stop tokens of the
-    Modelfile `lmforge export` writes (export/modelfile.py derives the Go template from the chat template), with the
-    context and default sampling this server applies. A chat template that is not "per message: prefix + content +
-    suffix" cannot be restated in Go: the template is then shown as it is (Jinja), and the Modelfile has none."""
-    from ..export.modelfile import TemplateNotExpressible, build_modelfile, read_modelfile
-
-    name, tokenizer = _tagged(served.name), served.tokenizer
-    found: dict = {"parameters": []}
-    if served.has_chat_template:
-        try:
-            found = read_modelfile(build_modelfile(tokenizer, name, False, state.engine.max_len))
-        except TemplateNotExpressible:
-            stops = tokenizer.convert_ids_to_tokens(end_of_turn_ids(tokenizer))
-            found["parameters"] = [("stop", json.dumps(stop, ensure_ascii=False)) for stop in dict.fromkeys(stops)]
-    defaults = _defaults(state, served)
-    parameters = [pair for pair in found["parameters"] if pair[0] == "stop"]
-    parameters += [("num_ctx", state.engine.max_len), ("temperature", _number(defaults["temperature"]))]
-    if defaults["temperature"]:
-        parameters.append(("top_p", _number(defaults["top_p"])))
-    lines = [f"# {name} as lmforge serve runs it", f"FROM {name}"]
-    if "template" in found:
-        lines.append(f'TEMPLATE """{found["template"]}"""')
-    if found.get("system") is not None:
-        lines.append(f'SYSTEM """{found["system"]}"""')
-    lines += [f"PARAMETER {key} {value}" for key, value in parameters]
-    template = found.get("template") or tokenizer.chat_template or "{{ .Prompt }}"
-    return "\n".join(lines) + "\n", template, "\n".join(f"{key:<30} {value}" for key, value in parameters)
-
-
-def _number(value):
-    return f"{value:g}" if isinstance(value, float) else value
+def _models(state) -> OllamaModels:
+    models = getattr(state, "ollama_models", None)
+    if models is None:
+        models = state.ollama_models = OllamaModels(state.engine, STARTED)
+    return models
