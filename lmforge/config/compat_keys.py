@@ -20,7 +20,14 @@ CONVERTER_DOCS = {
     "do_train": ("partly", "true is what `lmforge train` does; false is refused: evaluation-only configs run with "
                            "`lmforge eval`"),
     "do_predict": ("refused", "in a training config: a prediction config runs with `lmforge eval FILE`"),
-    "pissa_init": ("honoured", "`method.lora_init: pissa`"),
+    "pissa_init": ("honoured", "`method.lora_init: pissa` with `method.pissa_iter` 16 (fast SVD) unless pissa_iter "
+                               "says otherwise"),
+    "pissa_iter": ("honoured", "with pissa_init: `method.pissa_iter` (peft's pissa_niter_N); -1 = exact SVD"),
+    "optim": ("partly", "adamw_torch, adamw_torch_fused, adafactor, sgd, adagrad, rmsprop, adamw_8bit / "
+                        "adamw_bnb_8bit / paged_adamw_8bit / paged_adamw_32bit (bitsandbytes) → `train.optim`; "
+                        "galore_adamw / galore_adafactor / apollo_adamw → `train.galore` / `train.apollo`; layer-wise, "
+                        "GPU-only and other third-party optimizers refused (use adamw_torch)"),
+    "use_muon": ("honoured", "`train.optim: muon` (torch.optim.Muon on the hidden 2-D weights, AdamW on the rest)"),
     "quantization_method": ("partly", "bnb (bitsandbytes) honoured; GPTQ / AWQ / HQQ / EETQ refused (they need a "
                                       "GPU)"),
     "pref_loss": ("partly", "sigmoid / hinge / ipo → `preference.loss`; orpo / simpo → `train.stage`; others "

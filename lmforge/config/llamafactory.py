@@ -70,6 +70,35 @@ def _pissa_init(value: Any) -> tuple[dict | None, str | None]:
     return ({"method": {"lora_init": "pissa"}} if value else None), None
 
 
+def _pissa_iter(value: Any) -> tuple[dict | None, str | None]:
+    return None, None  # applied with pissa_init in translate_flat (LLaMA-Factory reads it only then)
+
+
+# Hugging Face optimizer names that are lmforge's train.optim as they are
+_OPTIM_NAMES = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop", "adamw_8bit",
+                "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+_OPTIM_LOW_RANK = {"galore_adamw": ("galore", "adamw_torch"), "galore_adafactor": ("galore", "adafactor"),
+                   "apollo_adamw": ("apollo", "adamw_torch")}
+
+
+def _optim(value: Any) -> tuple[dict | None, str | None]:
+    if value in _OPTIM_NAMES:
+        return {"train": {"optim": value}}, None
+    if value in _OPTIM_LOW_RANK:
+        kind, optim = _OPTIM_LOW_RANK[value]
+        return {"train": {kind: True, "optim": optim}}, None
+    if isinstance(value, str) and value.endswith("_layerwise"):
+        raise Refused(f"optim: {value!r} — layer-wise GaLore / APOLLO steps inside backward, which lmforge's "
+                      f"gradient accumulation and clipping do not allow; use {value.removesuffix('_layerwise')}")
+    raise Refused(f"optim: {value!r} — lmforge has {', '.join(_OPTIM_NAMES)}, galore_adamw, galore_adafactor, "
+                  f"apollo_adamw (and use_muon / use_adam_mini); GPU-only and third-party ones (xla, npu, lion, "
+                  f"ademamix, lomo, schedule-free, torchao) are not available: use adamw_torch")
+
+
+def _use_muon(value: Any) -> tuple[dict | None, str | None]:
+    return ({"train": {"optim": "muon"}} if value else None), None
+
+
 def _pref_loss(value: Any) -> tuple[dict | None, str | None]:
     """LLaMA-Factory selects ORPO and SimPO as a dpo loss; here they are stages (the stage key is fixed up after)."""
     if value in ("orpo", "simpo"):
@@ -173,6 +202,15 @@ FLAT_KEYS: dict[str, str | Callable[[Any], tuple[dict | None, str | None]]] = {
     "use_dora": "method.use_dora",
     "use_rslora": "method.use_rslora",
     "pissa_init": _pissa_init,
+    "pissa_iter": _pissa_iter,
+    "loraplus_lr_ratio": "method.loraplus_lr_ratio",
+    "loraplus_lr_embedding": "method.loraplus_lr_embedding",
+    "oft_rank": "method.oft_rank",
+    "oft_block_size": "method.oft_block_size",
+    "module_dropout": "method.module_dropout",
+    "oft_target": _ignored("oft_target: LLaMA-Factory itself places OFT on lora_target's modules, and so does "
+                           "lmforge"),
+    "use_llama_pro": "method.llama_pro",
     "pissa_convert": _ignored("pissa_convert: a PiSSA adapter is always saved converted to a plain LoRA"),
     "quantization_bit": "method.quantization_bit",
     "quantization_type": "method.quantization_type",
@@ -188,6 +226,38 @@ FLAT_KEYS: dict[str, str | Callable[[Any], tuple[dict | None, str | None]]] = {
     "kto_rejected_weight": "preference.kto_undesirable_weight",
     "freeze_trainable_layers": "method.freeze_trainable_layers",
     "freeze_trainable_modules": "method.freeze_trainable_modules",
+    "freeze_extra_modules": "method.freeze_extra_modules",
+    "optim": _optim,
+    "use_muon": _use_muon,
+    "use_adam_mini": "train.adam_mini",
+    "use_galore": "train.galore",
+    "galore_target": "train.galore_target",
+    "galore_rank": "train.galore_rank",
+    "galore_update_interval": "train.galore_update_interval",
+    "galore_scale": "train.galore_scale",
+    "galore_proj_type": "train.galore_proj_type",
+    "galore_layerwise": _false_only("galore_layerwise", "layer-wise GaLore steps each parameter inside backward, "
+                                                       "which lmforge's gradient accumulation and clipping do not "
+                                                       "allow; use galore_layerwise: false"),
+    "use_apollo": "train.apollo",
+    "apollo_target": "train.apollo_target",
+    "apollo_rank": "train.apollo_rank",
+    "apollo_update_interval": "train.apollo_update_interval",
+    "apollo_scale": "train.apollo_scale",
+    "apollo_proj": "train.apollo_proj",
+    "apollo_proj_type": "train.apollo_proj_type",
+    "apollo_scale_type": "train.apollo_scale_type",
+    "apollo_scale_front": "train.apollo_scale_front",
+    "apollo_layerwise": _false_only("apollo_layerwise", "layer-wise APOLLO steps each parameter inside backward, "
+                                                        "which lmforge's gradient accumulation and clipping do not "
+                                                        "allow; use apollo_layerwise: false"),
+    "use_badam": _false_only("use_badam", "BAdam switches which parameters train every few steps, which lmforge's "
+                                          "checkpoints (they hold the trainable parameters) cannot resume exactly; "
+                                          "for its memory saving train a fixed block (finetuning_type: freeze) or "
+                                          "use_galore / use_apollo / use_adam_mini with finetuning_type: full"),
+    **{key: _ignored(f"{key}: a setting of BAdam (use_badam), which lmforge does not run") for key in (
+        "badam_mode", "badam_start_block", "badam_switch_mode", "badam_switch_interval", "badam_update_ratio",
+        "badam_mask_mode", "badam_verbose")},
     "dataset": "data.train",
     "eval_dataset": "data.val",
     "dataset_dir": "data.dataset_dir",
@@ -310,7 +380,7 @@ def _adopt_adapter_settings(nested: dict, notes: list[str], refused: list[str], 
         return
     kind = {"LORA": "dora" if saved.get("use_dora") else "lora", "LOHA": "loha", "LOKR": "lokr", "IA3": "ia3",
             "PREFIX_TUNING": "prefix" if saved.get("prefix_projection") else "ptuning",
-            "PROMPT_TUNING": "prompt"}.get(saved.get("peft_type"))
+            "PROMPT_TUNING": "prompt", "OFT": "oft"}.get(saved.get("peft_type"))
     if kind is None:
         refused.append(f"adapter_name_or_path: {path} — its peft_type {saved.get('peft_type')!r} is not one lmforge "
                        f"continues")
@@ -322,8 +392,10 @@ def _adopt_adapter_settings(nested: dict, notes: list[str], refused: list[str], 
     for field, value in (("lora_rank", saved.get("r")), ("lora_alpha", saved.get("lora_alpha")),
                          ("lora_dropout", saved.get("lora_dropout")), ("use_rslora", saved.get("use_rslora")),
                          ("lora_target", sorted(targets) if isinstance(targets, list) else None),
-                         ("num_virtual_tokens", saved.get("num_virtual_tokens"))):
-        if value is not None and (field != "num_virtual_tokens" or kind in ("prefix", "ptuning", "prompt")):
+                         ("num_virtual_tokens", saved.get("num_virtual_tokens")),
+                         ("oft_rank", saved.get("r")), ("oft_block_size", saved.get("oft_block_size"))):
+        if value is not None and (field != "num_virtual_tokens" or kind in ("prefix", "ptuning", "prompt")) and (
+                not field.startswith("oft_") or kind == "oft"):
             adopted[field] = value
     changed = [f"{field} {method[field]!r} → {value!r}" for field, value in adopted.items()
                if field in method and method[field] != value]
@@ -374,6 +446,9 @@ def translate_flat(raw: dict, source: str) -> tuple[dict, list[str]]:
         nested["_refused"] = refused
     if unknown:
         nested["_unknown"] = unknown
+    if raw.get("pissa_init"):  # LLaMA-Factory: pissa_iter (default 16) FSVD steps; -1 = exact SVD
+        steps = raw.get("pissa_iter", 16)
+        nested.setdefault("method", {})["pissa_iter"] = None if steps == -1 else steps
     if raw.get("pref_loss") in ("orpo", "simpo") and raw.get("stage") in (None, "dpo"):
         nested.setdefault("train", {})["stage"] = raw["pref_loss"]  # whichever of the two keys came first
     if "output_dir" in nested.get("train", {}) and "name" not in nested:
