@@ -3,8 +3,9 @@
 The TEMPLATE is derived, not looked up: the Jinja template is rendered with marker contents to find the text each
 role puts before and after its content, the generation prompt, a BOS written once at the start, and a default system
 prompt (which becomes SYSTEM: Ollama injects it as a system message when a chat has none). A template that is not
-"per message: prefix + content + suffix" (e.g. one folding the system prompt into the first user turn) cannot be
-restated, and `TemplateNotExpressible` says why. `ollama_prompt` evaluates the small Go-template subset used here with
+"per message: prefix + content + suffix" cannot be restated, and `TemplateNotExpressible` says why; one exception is
+understood: a system prompt written inside the first user turn, before its content (Gemma's templates), which the
+TEMPLATE writes there too. `ollama_prompt` evaluates the small Go-template subset used here with
 Ollama's message handling, so the export can prove both templates give the same prompt text.
 Must not load models or write weights.
 """
@@ -29,6 +30,8 @@ class TurnFormat:
     assistant: tuple[str, str]
     generation: str  # the generation prompt that opens the assistant's reply
     default_system: str | None  # what the template says when the conversation has no system message
+    folded_system: str | None = None  # Gemma: no system turn; the system text + this separator opens the first
+    #                                   user turn's content (system stays ("", ""))
 
 
 _SYSTEM, _USER_1, _ASSISTANT_1, _USER_2 = ("⟦lmforge:system⟧", "⟦lmforge:user-1⟧", "⟦lmforge:assistant-1⟧",
@@ -56,7 +59,6 @@ def derive_turn_format(tokenizer) -> TurnFormat:
     assistant_suffix = _pieces(pair, [_USER_1, _ASSISTANT_1])[2]
     assistant_prefix = _strip_prefix(g_user_assistant, user_suffix, "user turn end / assistant turn start")
     user_prefix = _strip_prefix(g_assistant_user, assistant_suffix, "assistant turn end / user turn start")
-    system_suffix = _strip_suffix(g_system_user, user_prefix, "system turn end / user turn start")
     if tail != user_suffix + generation:
         raise TemplateNotExpressible("the last user turn is rendered differently from the first one")
     bos = tokenizer.bos_token or ""
@@ -64,6 +66,11 @@ def derive_turn_format(tokenizer) -> TurnFormat:
     # (SmolLM2's BOS is <|im_start|>, which opens every turn).
     start = bos if bos and head.startswith(bos) and not user_prefix.startswith(bos) else ""
     system_prefix = head[len(start):]
+    if system_prefix == user_prefix and not g_system_user.endswith(user_prefix):
+        # No system turn: the system text is written inside the first user turn, then a separator, then its content
+        return _folded_system_format(tokenizer, start, user_prefix, user_suffix, assistant_prefix, assistant_suffix,
+                                     generation, alone_head, g_system_user)
+    system_suffix = _strip_suffix(g_system_user, user_prefix, "system turn end / user turn start")
     before_user = _strip_suffix(_strip_prefix(alone_head, start, "start of text"), user_prefix,
                                 "text before the first user turn")
     default_system = None
@@ -74,6 +81,22 @@ def derive_turn_format(tokenizer) -> TurnFormat:
         default_system = before_user[len(system_prefix):len(before_user) - len(system_suffix)]
     return TurnFormat(start, (system_prefix, system_suffix), (user_prefix, user_suffix),
                       (assistant_prefix, assistant_suffix), generation, default_system)
+
+
+def _folded_system_format(tokenizer, start: str, user_prefix: str, user_suffix: str, assistant_prefix: str,
+                          assistant_suffix: str, generation: str, alone_head: str, separator: str) -> TurnFormat:
+    """Gemma's shape: checked on a system + user + assistant + user conversation that only the first user turn
+    carries the system text, and that a conversation without one starts with the plain user turn."""
+    if alone_head != start + user_prefix:
+        raise TemplateNotExpressible("the template writes text before the first message that is not a system prompt")
+    system, user_1 = {"role": "system", "content": _SYSTEM}, {"role": "user", "content": _USER_1}
+    assistant_1, user_2 = {"role": "assistant", "content": _ASSISTANT_1}, {"role": "user", "content": _USER_2}
+    expected = (start + user_prefix + _SYSTEM + separator + _USER_1 + user_suffix + assistant_prefix + _ASSISTANT_1
+                + assistant_suffix + user_prefix + _USER_2 + user_suffix + generation)
+    if _render(tokenizer, [system, user_1, assistant_1, user_2], True) != expected:
+        raise TemplateNotExpressible("the system prompt is not written once, at the start of the first user turn")
+    return TurnFormat(start, ("", ""), (user_prefix, user_suffix), (assistant_prefix, assistant_suffix), generation,
+                      None, folded_system=separator)
 
 
 def _render(tokenizer, messages: list[dict], generation: bool) -> str:
@@ -106,11 +129,20 @@ def _strip_suffix(text: str, suffix: str, where: str) -> str:
 def go_template(turns: TurnFormat, bos_added: bool) -> str:
     """The Ollama TEMPLATE for these turns. No trim markers: every character outside {{ }} is literal.
     When llama.cpp adds BOS itself (`bos_added`), the template's own leading BOS is left out."""
-    for text in (turns.start, *turns.system, *turns.user, *turns.assistant, turns.generation):
+    for text in (turns.start, *turns.system, *turns.user, *turns.assistant, turns.generation,
+                 turns.folded_system or ""):
         if "{{" in text or '"""' in text:
             raise TemplateNotExpressible('the template text contains "{{" or """, which a Modelfile TEMPLATE '
                                          'cannot hold')
     start = "" if bos_added else turns.start
+    if turns.folded_system is not None:
+        # Ollama keeps the system message first in .Messages (the Modelfile SYSTEM is inserted there when a chat has
+        # none), so the first user turn is message 1; .System is the system text.
+        (user_prefix, user_suffix), (assistant_prefix, assistant_suffix) = turns.user, turns.assistant
+        return (f'{start}{{{{ range $i, $_ := .Messages }}}}{{{{ if eq .Role "user" }}}}{user_prefix}'
+                f'{{{{ if eq $i 1 }}}}{{{{ if $.System }}}}{{{{ $.System }}}}{turns.folded_system}{{{{ end }}}}'
+                f'{{{{ end }}}}{{{{ .Content }}}}{user_suffix}{{{{ else if eq .Role "assistant" }}}}{assistant_prefix}'
+                f'{{{{ .Content }}}}{assistant_suffix}{{{{ end }}}}{{{{ end }}}}{turns.generation}')
     branches = "".join(
         f'{{{{ {"if" if i == 0 else "else if"} eq .Role "{role}" }}}}{prefix}{{{{ .Content }}}}{suffix}'
         for i, (role, (prefix, suffix)) in enumerate((("system", turns.system), ("user", turns.user),
@@ -187,8 +219,8 @@ _ACTION = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.DOTALL)
 
 def _parse(template: str) -> list:
     """Go text/template → nested nodes, for: literal text, trim markers, {{ .Field }} / {{ $.Field }},
-    {{ range [$i, $_ :=] .Messages }}, {{ if / else if COND }} with COND = FIELD or eq FIELD "text", {{ else }},
-    {{ end }}. Anything else is refused rather than misread."""
+    {{ range [$i, $_ :=] .Messages }}, {{ if / else if COND }} with COND = FIELD, eq FIELD "text" or eq $i NUMBER
+    (the range index), {{ else }}, {{ end }}. Anything else is refused rather than misread."""
     tokens: list[tuple[str, str]] = []
     position, trim_next = 0, False
     for match in _ACTION.finditer(template):
@@ -219,7 +251,7 @@ def _parse_list(tokens: list, index: int) -> tuple[list, int]:
             return nodes, index
         elif value.startswith("range "):
             body, index = _parse_list(tokens, index + 1)
-            nodes.append(("range", _range_field(value), body))
+            nodes.append(("range", *_range_field(value), body))
             index = _expect_end(tokens, index)
         elif value.startswith("if "):
             node, index = _parse_if(tokens, value[3:], index + 1)
@@ -248,11 +280,12 @@ def _expect_end(tokens: list, index: int) -> int:
     return index + 1
 
 
-def _range_field(action: str) -> str:
-    match = re.fullmatch(r"range\s+(?:\$\w+\s*,\s*\$\w*\s*:=\s*)?(\$?\.\w+)", action)
+def _range_field(action: str) -> tuple[str, str | None]:
+    """(the field ranged over, the index variable's name or None)."""
+    match = re.fullmatch(r"range\s+(?:(\$\w+)\s*,\s*\$\w*\s*:=\s*)?(\$?\.\w+)", action)
     if not match:
         raise ValueError(f"unsupported Go template action {{{{ {action} }}}}")
-    return _field(match.group(1))
+    return _field(match.group(2)), match.group(1)
 
 
 def _field(expression: str) -> str:
@@ -266,26 +299,33 @@ def _condition(expression: str) -> tuple:
     match = re.fullmatch(r'eq\s+(\$?\.\w+)\s+"([^"]*)"', expression.strip())
     if match:
         return ("eq", _field(match.group(1)), match.group(2))
+    match = re.fullmatch(r"eq\s+(\$\w+)\s+(\d+)", expression.strip())
+    if match:  # a variable against a number: the range index
+        return ("eq", match.group(1), int(match.group(2)))
     return ("truthy", _field(expression))
 
 
-def _lookup(name: str, dot: dict, top: dict):
+def _lookup(name: str, dot: dict, top: dict, variables: dict):
+    if name in variables:
+        return variables[name]
     return top.get(name[1:]) if name.startswith("$") else dot.get(name.lower() if name in ("Role", "Content") else name)
 
 
-def _execute(nodes: list, dot: dict, top: dict) -> str:
+def _execute(nodes: list, dot: dict, top: dict, variables: dict | None = None) -> str:
+    variables = variables or {}
     out = []
     for node in nodes:
         if node[0] == "text":
             out.append(node[1])
         elif node[0] == "field":
-            out.append(str(_lookup(node[1], dot, top) or ""))
+            out.append(str(_lookup(node[1], dot, top, variables) or ""))
         elif node[0] == "range":
-            for item in _lookup(node[1], dot, top) or []:
-                out.append(_execute(node[2], item, top))
+            _, field, index_name, body = node
+            for index, item in enumerate(_lookup(field, dot, top, variables) or []):
+                out.append(_execute(body, item, top, {**variables, index_name: index} if index_name else variables))
         else:
             condition = node[1]
-            value = _lookup(condition[1], dot, top)
+            value = _lookup(condition[1], dot, top, variables)
             holds = value == condition[2] if condition[0] == "eq" else bool(value)
-            out.append(_execute(node[2] if holds else node[3], dot, top))
+            out.append(_execute(node[2] if holds else node[3], dot, top, variables))
     return "".join(out)
