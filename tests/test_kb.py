@@ -127,6 +127,127 @@ def test_retrieval_finds_paraphrased_questions_in_both_languages(tmp_path, embed
         assert hits[0].score >= hits[1].score
 
 
+def test_convex_fusion_math_on_hand_made_scores():
+    import numpy as np
+
+    from lmforge.kb.retrieve import DENSE_WEIGHT, convex_fusion, min_max
+
+    # each list's own minimum → 0, maximum → 1; a score below the list (a chunk only the other retriever found) → 0
+    assert min_max(np.array([10.0, 5.0, 2.0, 0.0]), np.array([10.0, 5.0, 2.0])).tolist() == [1.0, 0.375, 0.0, 0.0]
+    assert min_max(np.array([3.0, 3.0, 1.0]), np.array([3.0])).tolist() == [1.0, 1.0, 0.0]  # one score: the top is 1
+    assert min_max(np.array([0.5, 0.2]), np.array([])).tolist() == [0.0, 0.0]  # no BM25 list (no query word known)
+    # chunks A, B, C: BM25 prefers B by far, the vectors prefer A by far; reciprocal rank fusion ties A and B
+    # (1/61 + 1/62 each), the scores' margins decide here
+    bm25, dense = np.array([2.0, 10.0, 1.0]), np.array([0.90, 0.70, 0.60])
+    fused = convex_fusion(bm25, bm25, dense, dense)
+    assert DENSE_WEIGHT == 0.6
+    assert fused.tolist() == pytest.approx([0.6 * 1 + 0.4 * (1 / 9), 0.6 * (1 / 3) + 0.4 * 1, 0.0])
+    assert np.argmax(fused) == 0
+    assert convex_fusion(bm25, bm25, dense, dense, dense_weight=0.0).tolist() == pytest.approx([1 / 9, 1.0, 0.0])
+    assert convex_fusion(bm25, bm25, dense, dense, dense_weight=1.0).tolist() == pytest.approx([1.0, 1 / 3, 0.0])
+
+
+# Error codes that differ only in digits (the vectors confuse them; BM25 matches the code) and products asked in other
+# words than the passage's (BM25 has nothing or a tie to go on; the vectors know that hearing aids help people hear).
+FUSION_DOCS = """Mordale Ltd was established in Oslo in 1983 and makes baby car seats.
+
+Error code E3467 on the dishwasher means that the heating element has failed.
+
+Error code E8704 on the dishwasher means that the temperature sensor is broken.
+
+Velmora Ltd was established in Oslo in 1983 and makes solar roof tiles.
+
+Error code E7061 on the dishwasher means that the heating element has failed.
+
+Visitors can hear a talk at the Oslo museum every Sunday.
+
+Quinbury Ltd was established in Oslo in 1983 and makes coffee roasters.
+
+Error code E5249 on the dishwasher means that the water inlet valve is faulty.
+
+Error code E4141 on the dishwasher means that the motor is overloaded.
+
+Error code E1215 on the dishwasher means that the drain hose is blocked.
+
+The town hall roof was repaired after the storm.
+
+The zoo opened a glass house for butterflies.
+
+The café serves beans on toast for breakfast.
+
+Error code E7506 on the dishwasher means that the water inlet valve is faulty.
+
+Error code E8804 on the dishwasher means that the door is not closed.
+
+The school keeps a list of children who walk home.
+
+Error code E4839 on the dishwasher means that the heating element has failed.
+
+Error code E9916 on the dishwasher means that the door is not closed.
+
+Error code E2073 on the dishwasher means that the temperature sensor is broken.
+
+Error code E3136 on the dishwasher means that the water inlet valve is faulty.
+
+Error code E4898 on the dishwasher means that the drain hose is blocked.
+
+Error code E9863 on the dishwasher means that the drain hose is blocked.
+
+Tarvex Ltd was established in Oslo in 1983 and makes hearing aids.
+
+Error code E8766 on the dishwasher means that the motor is overloaded.
+
+Zelwick Ltd was established in Oslo in 1983 and makes greenhouse sensors.
+
+Error code E8687 on the dishwasher means that the door is not closed.
+"""
+
+
+def test_hybrid_finds_what_bm25_alone_and_dense_alone_each_miss(tmp_path, embedder):
+    write_docs(tmp_path / "docs", {"facts.md": FUSION_DOCS})
+    update_kb(tmp_path / "kb", [str(tmp_path / "docs")], "build", embedder, ChunkSettings(32, 8))  # a chunk a line
+    retriever = Retriever.open(tmp_path / "kb", embedder)
+
+    def first(question, **how):
+        return retriever.search(question, k=5, **how)[0].chunk.text
+
+    codes = ("E9916", "E8804", "E4839", "E7506")
+    code_questions = [f"My dishwasher displays {code}: what fault?" for code in codes]
+    for question, code in zip(code_questions, codes):
+        assert code not in first(question, mode="dense"), question  # the vectors pick a neighbouring code
+        assert code in first(question, mode="bm25") and code in first(question), question
+    # reciprocal rank fusion loses most of these: the vectors' wrong first place counts as much as BM25's right one
+    assert sum(code in first(q, fusion="rrf") for q, code in zip(code_questions, codes)) < len(codes)
+    question = "Who makes roofing that turns sunlight into power?"
+    assert "solar roof tiles" not in first(question, mode="bm25")  # only "makes" matches, in every company's passage
+    assert "solar roof tiles" in first(question, mode="dense") and "solar roof tiles" in first(question)
+    # the fusion's ends: all weight on one side gives that side's order
+    for question in code_questions[:2] + [question]:
+        dense = [hit.chunk.id for hit in retriever.search(question, k=5, mode="dense")]
+        assert [hit.chunk.id for hit in retriever.search(question, k=5, dense_weight=1.0)] == dense
+        hybrid = retriever.search(question, k=5)
+        assert all(hit.bm25 is not None and hit.dense is not None for hit in hybrid)  # both scores shown
+        assert [hit.score for hit in hybrid] == sorted((hit.score for hit in hybrid), reverse=True)
+
+
+def test_query_options_are_checked(tmp_path, embedder, capsys):
+    write_docs(tmp_path / "docs", {"a.md": "The pump must be primed before use.\n"})
+    update_kb(tmp_path / "kb", [str(tmp_path / "docs")], "build", embedder)
+    from lmforge.errors import UserError
+
+    retriever = Retriever.open(tmp_path / "kb", embedder)
+    with pytest.raises(UserError, match="fusion must be one of convex, rrf"):
+        retriever.search("pump", fusion="max")
+    with pytest.raises(UserError, match="between 0 and 1"):
+        retriever.search("pump", dense_weight=1.5)
+    assert main(["kb", "query", str(tmp_path / "kb"), "prime the pump", "--fusion", "rrf", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["text"].startswith("The pump")
+    with pytest.raises(SystemExit) as exited:
+        main(["kb", "query", str(tmp_path / "kb"), "prime the pump", "--fusion", "best"])
+    assert exited.value.code == 2
+    assert "invalid choice: 'best'" in capsys.readouterr().err
+
+
 def test_rebuild_embeds_only_changed_files_and_add_remove(tmp_path, embedder, capsys):
     docs, kb = tmp_path / "docs", tmp_path / "kb"
     write_docs(docs, PLANTED)

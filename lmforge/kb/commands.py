@@ -46,7 +46,7 @@ def cmd_kb_update(args) -> int:
 def cmd_kb_query(args) -> int:
     from .retrieve import Retriever
 
-    hits = Retriever.open(args.kb).search(args.query, args.k, args.mode)
+    hits = Retriever.open(args.kb).search(args.query, args.k, args.mode, fusion=args.fusion)
     if args.json:
         print(json.dumps([hit.to_json(rank) for rank, hit in enumerate(hits, start=1)], ensure_ascii=False, indent=1))
         return 0
@@ -106,6 +106,9 @@ def add_kb(verbs) -> None:
     query.add_argument("query", metavar="QUESTION")
     query.add_argument("-k", type=int, default=5, help="how many passages (default 5)")
     query.add_argument("--mode", choices=["hybrid", "bm25", "dense"], default="hybrid",
-                       help="hybrid (default): BM25 and vectors fused by reciprocal rank")
+                       help="hybrid (default): BM25 and vectors, fused as --fusion says")
+    query.add_argument("--fusion", choices=["convex", "rrf"], default="convex",
+                       help="hybrid's fusion: convex (default), 0.6 x the cosine + 0.4 x the BM25 score, each min-max "
+                            "normalised over its own top 50; rrf: reciprocal rank fusion")
     query.add_argument("--json", action="store_true", help="print JSON")
     query.set_defaults(func=cmd_kb_query)
