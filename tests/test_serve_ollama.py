@@ -189,6 +189,9 @@ def test_malformed_requests_are_400_with_ollama_errors(server):
         ({"model": "tiny", "messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role"),
         ({"model": "tiny", "messages": "hello"}, 400, "messages"),
         ({"model": "tiny", "messages": HI, "format": "json"}, 400, "format"),
+        ({"model": "tiny", "messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+         "/v1/chat/completions"),
+        (b'{"model": "tiny", "messages": [], "pad": "' + b"x" * (3 << 20) + b'"}', 413, "max_body_bytes"),
         ({"model": "tiny", "messages": HI * 200}, 400, "context"),
         ({"model": "gpt-4", "messages": HI}, 404, "not found"),
     ]

@@ -160,14 +160,17 @@ class Message(BaseModel):
     @classmethod
     def known_role(cls, value):
         if value not in ("system", "user", "assistant"):
-            raise ValueError(f"role {value!r} is not supported: use system, user or assistant (no tool messages)")
+            raise ValueError(f"role {value!r} is not supported on /api/chat: use system, user or assistant (tool "
+                             f"calling is on /v1/chat/completions)")
         return value
 
     @field_validator("images", "tool_calls")
     @classmethod
     def text_only(cls, value, info):
         if value:
-            raise ValueError(f"{info.field_name} are not supported by this server (text-only models, no tools)")
+            what = "images (text-only models)" if info.field_name == "images" else \
+                "tool_calls on /api/chat (tool calling is on /v1/chat/completions)"
+            raise ValueError(f"{what} are not supported by this server")
         return value
 
 
@@ -179,7 +182,8 @@ class ChatRequest(_Request):
     @classmethod
     def no_tools(cls, value):
         if value:
-            raise ValueError("tools are not supported on /api/chat by this server")
+            raise ValueError("tools are not supported on /api/chat by this server; tool calling is on "
+                             "/v1/chat/completions (OpenAI's tools, for templates that render them)")
         return value
 
 
