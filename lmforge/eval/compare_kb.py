@@ -140,15 +140,15 @@ def markdown_section(comparison: dict) -> list[str]:
 
 
 def four_way(comparison: dict) -> tuple[list[str], list[list[str]]]:
-    """(header, one row per contender): model, knowledge base, ROUGE / BLEU as `eval`, reference passage retrieved,
-    answer cites it (count and %), answer cites any passage — the cells the terminal and report.html show. Empty
-    when no contender carries a KB."""
+    """(header, one row per contender): model, knowledge base, ROUGE / BLEU as `eval`, the passage holding the
+    reference retrieved, the answer cites that passage (count and %), the answer cites any passage — the cells the
+    terminal and report.html show. Empty when no contender carries a KB."""
     summaries = comparison.get("kb") or {}
     if not summaries:
         return [], []
     scores = [(key, name) for key, name in SCORES if key in comparison["models"][0]["metrics"]]
-    header = ["model", "knowledge base", *(name for _, name in scores), "reference passage retrieved",
-              "answer cites that passage", "answer cites any passage"]
+    header = ["model", "knowledge base", *(name for _, name in scores), "reference retrieved", "cites that passage",
+              "cites any"]
     rows = []
     for model in comparison["models"]:
         summary = summaries.get(model["label"])

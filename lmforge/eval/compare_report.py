@@ -133,9 +133,10 @@ def _metrics_table(comparison: dict) -> str:
 
 def describe_model(model: dict) -> str:
     """What a contender is, in words: "best checkpoint step-20 of runs/demo", "smollm2-135m-instruct + adapter"."""
+    kb = f" + knowledge base {model['kb']}" if model.get("kb") else ""
     if model.get("run"):
-        return f"{model.get('reason') or model['weights']} of {model['run']}"
-    return model["model"] + (f" + adapter {model['adapter']}" if model.get("adapter") else "")
+        return f"{model.get('reason') or model['weights']} of {model['run']}{kb}"
+    return model["model"] + (f" + adapter {model['adapter']}" if model.get("adapter") else "") + kb
 
 
 def _models_list(comparison: dict) -> str:
