@@ -8,6 +8,8 @@ import json
 import ollama
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from serve_helpers import http, live_server, make_adapter, vivid_tiny_model, wait_steps
 from transformers import AutoModelForCausalLM
 
@@ -259,3 +261,36 @@ def test_client_leaving_mid_stream_frees_its_slot_and_abort_ends_a_stream(models
         assert wait_steps(engine, lambda: engine.running == 0, steps=100)
         _, _, text = http("GET", f"{url}/metrics", key=ADMIN)
         assert 'lmforge_requests_total{endpoint="/api/chat",status="200"}' in text
+
+
+TEXT = st.one_of(st.text(min_size=1, max_size=30), st.text(st.characters(categories=["L", "Zs", "Cs"]), max_size=10))
+ANY = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), TEXT, st.lists(st.integers(), max_size=2),
+                st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
+OPTIONS = st.fixed_dictionaries({}, optional={  # legal but hostile values, and a few the server refuses
+    "temperature": st.one_of(st.floats(0, 2), st.sampled_from([5e-324, 1e-30, float("nan"), float("inf"), -1.0])),
+    "top_p": st.sampled_from([5e-324, 1e-9, 0.5, 1.0, 0.0]),
+    "seed": st.one_of(st.integers(), st.sampled_from([2**64, -(2**63) - 1, 10**40])),
+    "num_predict": st.integers(-2, 6), "stop": st.lists(TEXT, max_size=5), "top_k": st.sampled_from([0, 40]),
+    "num_ctx": st.integers(0, 10**6), "presence_penalty": st.floats(-3, 3)})
+VALID = st.fixed_dictionaries(
+    {"model": st.sampled_from(["tiny", "tiny:latest", "legal", "nope"])},
+    optional={"messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]),
+                                                          "content": TEXT}), max_size=3),
+              "prompt": TEXT, "system": st.one_of(st.none(), TEXT), "raw": st.booleans(), "options": OPTIONS,
+              "stream": st.booleans(), "keep_alive": st.sampled_from(["5m", 0, -1]),
+              "format": st.sampled_from(["", None, "json"]), "think": st.sampled_from([False, None, True])})
+MUTATED = st.builds(lambda body, key, value: {**body, key: value}, VALID,
+                    st.sampled_from(["model", "messages", "prompt", "options", "stream", "raw", "system"]), ANY)
+BODIES = st.one_of(VALID, VALID, MUTATED)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(endpoint=st.sampled_from(["/api/chat", "/api/generate"]), body=BODIES)
+def test_fuzzed_bodies_get_an_answer_or_an_ollama_error_never_a_500(server, endpoint, body):
+    status, headers, text = _post(f"{server[0]}{endpoint}", json.dumps(body).encode())
+    assert status < 500, (body, status, text)
+    if status != 200:
+        assert isinstance(json.loads(text)["error"], str)
+        return
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert lines and all("error" not in line for line in lines) and lines[-1]["done"] is True, (body, text)
