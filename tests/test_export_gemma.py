@@ -27,7 +27,7 @@ from lmforge.config import Config
 from lmforge.data.render import render_prompt, render_text
 from lmforge.errors import ModelError
 from lmforge.export.gguf_writer import check_gguf_support
-from lmforge.export.modelfile import read_modelfile
+from lmforge.export.modelfile import build_modelfile, derive_turn_format, ollama_prompt, read_modelfile
 from lmforge.export.pipeline import ExportRequest, export
 from lmforge.generate import load_for_inference
 from lmforge.model.loader import load_tokenizer
@@ -213,6 +213,24 @@ def test_modelfile_restates_gemmas_template_with_its_stop_tokens(gemma_export):
         assert tokenizer.bos_token + got == render_text(tokenizer, messages, add_generation_prompt=True)
     stops = [value for name, value in modelfile["parameters"] if name == "stop"]
     assert stops == ['"<eos>"', '"<end_of_turn>"']
+
+
+def test_a_chatml_template_that_folds_the_system_prompt_into_the_first_user_turn_gets_a_faithful_modelfile():
+    """The same shape without a BOS of its own and with ChatML's markers (the tiny BPE tokenizer's BOS is
+    <|im_start|>, which opens every turn): only the first user turn carries the system text."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = (
+        "{%- for m in messages %}{%- if m['role'] != 'system' %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+        "{%- if loop.index0 == 1 and messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\\n\\n' }}"
+        "{%- endif %}{{ m['content'] + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}")
+    assert derive_turn_format(tokenizer).folded_system == "\n\n"
+    modelfile = read_modelfile(build_modelfile(tokenizer, "./m.gguf", False, 2048))
+    for messages in (TWO_TURNS, WITH_SYSTEM, WITH_SYSTEM[:2]):
+        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+        expected = render_text(tokenizer, messages, add_generation_prompt=True)
+        assert go_to_jinja(modelfile["template"]).render(messages=messages, system=system) == expected
+        assert ollama_prompt(modelfile["template"], None, messages) == expected  # the export's own reading
 
 
 # ---------------------------------------------------------------------------------------------- refusals

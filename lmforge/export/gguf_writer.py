@@ -81,9 +81,9 @@ def check_architecture(model_type: str) -> GGUFArchitecture:
     return ARCHITECTURES[model_type]
 
 
-def check_gguf_support(model, tokenizer) -> GGUFArchitecture:
-    """The writer for this model, or a ModelError saying what cannot be written and what can."""
-    config = model.config
+def check_gguf_config(config) -> GGUFArchitecture:
+    """The writer for a model of this transformers config, or a ModelError saying what cannot be written (the
+    tokenizer aside: check_gguf_support checks both)."""
     architecture = check_architecture(getattr(config, "model_type", "?"))
     for rope_type in _rope_types(config):
         if rope_type != "default":
@@ -91,6 +91,12 @@ def check_gguf_support(model, tokenizer) -> GGUFArchitecture:
                              f"(export without --gguf and convert with llama.cpp)")
     if architecture.arch == gguf.MODEL_ARCH.GEMMA3:
         _check_gemma3(config)
+    return architecture
+
+
+def check_gguf_support(model, tokenizer) -> GGUFArchitecture:
+    """The writer for this model, or a ModelError saying what cannot be written and what can."""
+    architecture = check_gguf_config(model.config)
     kind = vocabulary_kind(tokenizer)
     if kind != architecture.vocabulary:
         described = {"bpe": "a byte-level BPE", "spm": "a SentencePiece (BPE with byte fallback)"}

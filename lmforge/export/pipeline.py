@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import yaml
@@ -49,7 +50,7 @@ from .checks import (
 from .gguf_writer import (
     GGUF_TYPES,
     bos_added,
-    check_architecture,
+    check_gguf_config,
     check_gguf_support,
     write_gguf,
 )
@@ -179,7 +180,7 @@ def check_request(request: ExportRequest, source: Source) -> Path:
     if not request.shard_size_gb or request.shard_size_gb <= 0:
         raise UserError(f"--shard-size {request.shard_size_gb}: give a size in GB above 0 (e.g. 5)")
     if request.gguf:
-        check_architecture(_model_type(source))
+        check_gguf_config(_model_config(source))
     if request.adapter_only and request.gguf:
         raise UserError("--gguf needs merged weights; drop --adapter-only (llama.cpp applies no PEFT adapters here)")
     spec = method_spec(source.method)
@@ -201,8 +202,10 @@ def check_request(request: ExportRequest, source: Source) -> Path:
     return out
 
 
-def _model_type(source: Source) -> str:
-    """The transformers model_type of what will be exported, from config.json alone."""
+def _model_config(source: Source):
+    """The transformers config of what will be exported, from config.json alone (no weights loaded)."""
+    from transformers import AutoConfig
+
     if source.kind == "run" and source.weights.path == source.run.model:
         directory = source.run.model
     elif source.kind == "run":
@@ -210,7 +213,10 @@ def _model_type(source: Source) -> str:
         directory = Path(resolve_model(config.get("model", {}).get("name_or_path", "")))
     else:
         directory = Path(resolve_model(source.base_model))
-    return json.loads((directory / "config.json").read_text()).get("model_type", "?")
+    try:
+        return AutoConfig.from_pretrained(directory)
+    except (ValueError, KeyError, OSError):  # a model_type transformers does not know: refused by its name below
+        return SimpleNamespace(model_type=json.loads((directory / "config.json").read_text()).get("model_type", "?"))
 
 
 def export(request: ExportRequest) -> dict:
