@@ -260,3 +260,31 @@ def test_llamafactory_optimizer_keys(tmp_path):
                           (dict(finetuning_type="full", use_galore=True, galore_layerwise=True), "galore_layerwise")):
         with pytest.raises(ConfigError, match=message):
             flat(**keys)
+
+
+@pytest.mark.parametrize("settings", [
+    {"optim": "muon"}, {"optim": "adafactor"}, {"galore": True, "galore_rank": 4, "galore_update_interval": 2},
+    {"apollo": True, "apollo_rank": 4, "apollo_update_interval": 2}, {"adam_mini": True}, {"loraplus": 16.0}],
+    ids=["muon", "adafactor", "galore", "apollo", "adam_mini", "loraplus"])
+def test_resume_with_each_optimizer_equals_the_uninterrupted_run(settings, llama_dir, tmp_path):
+    """The optimizer's state (Muon + AdamW's two parts, GaLore's projectors, Adam-mini's blocks, LoRA+'s groups) is
+    saved in the checkpoint and restored: stopping and resuming ends at the same weights."""
+    from safetensors.torch import load_file
+    from test_train import stop_at
+
+    settings = dict(settings)
+    ratio = settings.pop("loraplus", None)
+    method = {"type": "lora", "loraplus_lr_ratio": ratio} if ratio else {"type": "freeze", "freeze_trainable_layers": 1}
+
+    def config(name: str, **extra) -> Config:
+        made = config_of(llama_dir, tmp_path, method, max_steps=4, save_steps=2, **settings, **extra)
+        return made.model_copy(update={"train": made.train.model_copy(update={"output_dir": str(tmp_path / name)})})
+
+    full = train(config("a"))
+    stopped = train(config("b"), callback=stop_at(2))
+    resumed = train(config("b", resume_from_checkpoint="latest"))
+    weights = "adapter/adapter_model.safetensors" if ratio else "model/model.safetensors"
+    got, expected = load_file(str(resumed.root / weights)), load_file(str(full.root / weights))
+    assert stopped.root == resumed.root and set(got) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0, msg=name)

@@ -124,13 +124,21 @@ def _adam_mini(config, model) -> torch.optim.Optimizer:
 
 class MuonWithAdamW(torch.optim.Optimizer):
     """torch.optim.Muon on the hidden 2-D weights, AdamW on everything else (embeddings, LM head, norms, biases), as
-    Muon is meant to be used; one optimizer to the schedule and the checkpoint (their param_groups are shared)."""
+    Muon is meant to be used; one optimizer to the schedule and the checkpoint (param_groups are the parts' own, read
+    afresh each time: load_state_dict replaces a part's group dicts)."""
 
     def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer | None):
-        self.parts = [muon] + ([adamw] if adamw is not None else [])
-        super().__init__([p for part in self.parts for group in part.param_groups for p in group["params"]],
+        super().__init__([p for part in (muon, adamw) if part for g in part.param_groups for p in g["params"]],
                          muon.defaults)
-        self.param_groups = [group for part in self.parts for group in part.param_groups]  # the same dicts
+        self.parts = [muon] + ([adamw] if adamw is not None else [])
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for part in getattr(self, "parts", []) for group in part.param_groups]
+
+    @param_groups.setter
+    def param_groups(self, value) -> None:
+        pass  # the parts own their groups (Optimizer.__init__ assigns a list of its own here)
 
     def step(self, closure=None):
         for part in self.parts:
