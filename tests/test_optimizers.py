@@ -255,6 +255,7 @@ def test_llamafactory_optimizer_keys(tmp_path):
     assert flat(finetuning_type="lora", pissa_iter=4).method.lora_init == "default"  # read only with pissa_init
     assert flat(finetuning_type="freeze", freeze_trainable_modules="all").method.freeze_trainable_modules == "all"
     for keys, message in ((dict(optim="lion_32bit"), "optim: 'lion_32bit'"),
+                          (dict(optim="adamw_hf"), "use optim: adamw_torch"),
                           (dict(optim="galore_adamw_layerwise"), "use galore_adamw"),
                           (dict(finetuning_type="full", use_badam=True), "use_badam: true — BAdam switches"),
                           (dict(finetuning_type="full", use_galore=True, galore_layerwise=True), "galore_layerwise")):

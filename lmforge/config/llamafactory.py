@@ -87,6 +87,9 @@ def _optim(value: Any) -> tuple[dict | None, str | None]:
     if value in _OPTIM_LOW_RANK:
         kind, optim = _OPTIM_LOW_RANK[value]
         return {"train": {kind: True, "optim": optim}}, None
+    if value == "adamw_hf":
+        raise Refused("optim: 'adamw_hf' — transformers 5 removed its own AdamW; adamw_torch is the same algorithm "
+                      "(use optim: adamw_torch)")
     if isinstance(value, str) and value.endswith("_layerwise"):
         raise Refused(f"optim: {value!r} — layer-wise GaLore / APOLLO steps inside backward, which lmforge's "
                       f"gradient accumulation and clipping do not allow; use {value.removesuffix('_layerwise')}")
