@@ -9,6 +9,7 @@ micro-batch; only rank 0 writes. Must not know a stage or a method by name.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -226,7 +227,13 @@ def train(config: Config, callback: Callable[[dict], bool | None] | None = None)
         try:
             session = set_up(config, ranks)
             step = run_steps(session, callback)
-            return finish(session, step)
+            run = finish(session, step)
+            # DDP's reducer holds the process group. Freed after distributed.stop(), it would destroy the group from
+            # a destructor that keeps the GIL while joining gloo's worker thread, which may need the GIL to free the
+            # last barrier's tensors: a finished rank that never exits. Freed here, the group is still registered.
+            del session
+            gc.collect()
+            return run
         except RuntimeError as error:
             if not (ranks.distributed and distributed.peer_lost(error)):
                 raise
