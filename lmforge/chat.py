@@ -12,7 +12,7 @@ import sys
 from .config.llamafactory_infer import read_inference_yaml
 from .data.render import ensure_chat_template
 from .errors import UserError
-from .generate import SamplingParams, load_for_inference, stream_reply
+from .generate import SamplingParams, load_for_inference, prepare_decoding, stream_reply
 
 HELP = "commands: /reset clears the history, /exit quits"
 
@@ -58,7 +58,8 @@ def main(args) -> int:
         return _main_from_inference_yaml(args)
     model, tokenizer = load_for_inference(args.run_dir, args.model, args.adapter)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            seed=args.seed)
+                            seed=args.seed, decode_dtype=args.decode_dtype)
+    print(prepare_decoding(model, params).line(), file=sys.stderr)
     run_chat(model, tokenizer, params, system=args.system, prompt=args.prompt)
     sys.stdout.flush()
     return 0
@@ -81,7 +82,9 @@ def _main_from_inference_yaml(args) -> int:
             print(f"note: {note}")
     params = SamplingParams(max_new_tokens=request.max_new_tokens or args.max_new_tokens,
                             temperature=args.temperature if request.temperature is None else request.temperature,
-                            top_p=args.top_p if request.top_p is None else request.top_p, seed=args.seed)
+                            top_p=args.top_p if request.top_p is None else request.top_p, seed=args.seed,
+                            decode_dtype=args.decode_dtype)
+    print(prepare_decoding(model, params).line(), file=sys.stderr)
     run_chat(model, tokenizer, params, system=args.system or request.system, prompt=args.prompt)
     sys.stdout.flush()
     return 0

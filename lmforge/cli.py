@@ -202,7 +202,7 @@ def _eval_options(args):
 
     choices = [c.strip() for c in args.choices.split(",") if c.strip()] if args.choices else None
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            seed=args.seed)
+                            seed=args.seed, decode_dtype=args.decode_dtype)
     return EvalOptions(generate=not getattr(args, "no_generate", False), params=params, batch_size=args.batch_size,
                        cutoff_len=args.cutoff_len, choices=choices)
 
@@ -223,13 +223,22 @@ def _add_test_options(parser, data_required: bool = True) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None, help="for sampling")
-    parser.add_argument("--batch-size", type=int, default=8, metavar="N",
-                        help="prompts decoded together, and examples per loss batch (default 8)")
+    parser.add_argument("--batch-size", type=int, default=16, metavar="N",
+                        help="prompts decoded together (on the fast decoder: rows of one continuous batch over the "
+                             "whole set), and examples per loss batch (default 16)")
+    _add_decode_dtype(parser)
     parser.add_argument("--cutoff-len", type=int, default=1024, metavar="N",
                         help="longest prompt + reference scored for loss, in tokens (default 1024)")
     parser.add_argument("--choices", metavar="LABEL,LABEL",
                         help="the label set of a classification test set, for choice accuracy (default: detected "
                              "when the references are a few short labels)")
+
+
+def _add_decode_dtype(parser) -> None:
+    parser.add_argument("--decode-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                        help="weights of the fast decoder: float32 gives the model's own greedy replies exactly; "
+                             "bfloat16 / float16 are faster and can differ slightly; auto (default) picks per CPU "
+                             "(bfloat16 where it multiplies bf16 natively, else float16) and says which and why")
 
 
 def _predict_yaml_into(args) -> None:
@@ -636,6 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     chat.add_argument("--top-p", type=float, default=1.0)
     chat.add_argument("--seed", type=int, default=None)
+    _add_decode_dtype(chat)
     chat.set_defaults(func=cmd_chat)
 
     add_eval(verbs)

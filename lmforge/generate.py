@@ -4,10 +4,12 @@ generate replies.
 Loading a run takes the weights checkpoint.choose_weights picks (the best checkpoint named by best.json, else the
 final adapter/ or model/) and says which on stderr; a checkpoint is the base model + the run's method + its trainable
 tensors. The prompt is rendered with the same chat template as training (render.render_prompt). Decoding runs on
-serve's fast batched decoder (model/lean_decoder.py: every prompt prefilled in one pass, then one step for all rows,
-float32 weights, so greedy replies equal the model's own forward) wherever it runs the model — Llama-family and
-Gemma 3, plain or with a LoRA adapter — and otherwise through the model's own forward over a KV cache (other
-architectures, other methods, a quantised base). Must not know about terminals or HTTP.
+serve's fast batched decoder (model/lean_decoder.py) wherever it runs the model — Llama-family and Gemma 3, plain or
+with a LoRA adapter — with continuous batching over the whole prompt set (a finished reply's row takes the next
+prompt at once), and otherwise through the model's own forward over a KV cache (other architectures, other methods,
+a quantised base). The decoder's weight format is SamplingParams.decode_dtype: float32 (greedy replies as the model's
+own forward gives them), or bfloat16 / float16 (faster; replies can differ slightly), auto choosing per CPU
+(lean_decoder.choose_weights). Must not know about terminals or HTTP.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from __future__ import annotations
 import json
 import sys
 import weakref
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -26,9 +29,18 @@ from transformers import DynamicCache
 from .config import Config, load_config
 from .data.render import end_of_turn_ids, ensure_chat_template, render_prompt
 from .errors import ModelError, UserError
-from .model.lean_decoder import Decoder, applies_windows, fast_decoder_runs
+from .model.lean_decoder import (
+    Decoder,
+    applies_windows,
+    bfloat16_kernels,
+    choose_decode_weights,
+    fast_decoder_runs,
+    holds_in_float16,
+    lora_pairs,
+)
 from .model.loader import load_model, load_tokenizer, pick_dtype, resolve_model
 from .model.methods import apply_method, load_base, load_saved_adapter, unwrap
+from .model.precision import cpu_capability
 from .rundir import TRAINABLE_FILE, RunDir, RunWeights, choose_weights
 
 
@@ -37,7 +49,24 @@ class SamplingParams:
     max_new_tokens: int = 256
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
-    seed: int | None = None
+    seed: int | None = None  # prompt i of a batch samples from seed + i, so its reply does not depend on the batch
+    decode_dtype: str = "float32"  # the fast decoder's weights: float32, bfloat16, float16, or auto (per CPU)
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How replies were decoded, for eval.json and the line on stderr."""
+
+    path: str     # "fast decoder" or "model forward"
+    weights: str  # float32 / bfloat16 / float16; the model's own dtype on the model-forward path
+    reason: str
+    slots: int    # prompts decoded at once
+
+    def line(self) -> str:
+        return f"decoding: {self.path}, {self.weights} weights, {self.slots} at a time — {self.reason}"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 def load_for_inference(run_dir: str | None = None, model: str | None = None, adapter: str | None = None,
@@ -159,10 +188,72 @@ def generate_tokens(model, prompts: list[list[int]], stop_ids: list[int], params
     """Decode a batch of prompts together; yield each step's new token per prompt, None for prompts that have
     already stopped. Ends when all have stopped or max_new_tokens is reached. On the fast decoder where it runs the
     model, else through the model's own forward."""
-    found = lean_decoder(model, len(prompts), max(len(p) for p in prompts) + params.max_new_tokens)
+    found = lean_decoder(model, len(prompts), max(len(p) for p in prompts) + params.max_new_tokens,
+                         decode_weights(model, params.decode_dtype)[0])
+    if found is None:
+        return model_forward_tokens(model, prompts, stop_ids, params)
+    return _as_steps(_lean_events(*found, prompts, stop_ids, params, len(prompts)), len(prompts))
+
+
+def generate_all(model, prompts: list[list[int]], stop_ids: list[int], params: SamplingParams, slots: int,
+                 done: Callable[[int], None] | None = None) -> tuple[list[list[int]], Decoding]:
+    """Every prompt's generated tokens (stop token excluded) and how they were decoded. On the fast decoder:
+    continuous batching on `slots` rows — a row whose reply ends takes the next waiting prompt before the next step,
+    so the batch stays full until the set runs out. Through the model's own forward: `slots` prompts at a time, in
+    the order given. `done(i)` is called as prompt i's reply ends."""
+    out: list[list[int]] = [[] for _ in prompts]
+    slots = max(1, min(slots, len(prompts)))
+    weights, reason = decode_weights(model, params.decode_dtype)
+    found = lean_decoder(model, slots, max(map(len, prompts), default=1) + params.max_new_tokens, weights)
     if found is not None:
-        return _lean_tokens(*found, prompts, stop_ids, params)
-    return model_forward_tokens(model, prompts, stop_ids, params)
+        for events in _lean_events(*found, prompts, stop_ids, params, slots):
+            for i, token in events:
+                if token is None:
+                    if done:
+                        done(i)
+                else:
+                    out[i].append(token)
+        return out, Decoding("fast decoder", weights, reason, slots)
+    for start in range(0, len(prompts), slots):
+        chunk = prompts[start:start + slots]
+        for step in model_forward_tokens(model, chunk, stop_ids, params, first=start):
+            for offset, token in enumerate(step):
+                if token is not None:
+                    out[start + offset].append(token)
+        for offset in range(len(chunk)):
+            if done:
+                done(start + offset)
+    return out, Decoding("model forward", _own_dtype(model), _own_forward_reason(params, _own_dtype(model)), slots)
+
+
+def _own_dtype(model) -> str:
+    base = unwrap(model)
+    return str(base.dtype).removeprefix("torch.") if isinstance(base, torch.nn.Module) else "?"
+
+
+def _own_forward_reason(params: SamplingParams, dtype: str) -> str:
+    why = "the fast decoder does not run this model (architecture, method, adapter modules or quantised weights)"
+    if params.decode_dtype not in ("auto", dtype):
+        why += f"; --decode-dtype {params.decode_dtype} applies to the fast decoder only"
+    return why
+
+
+def prepare_decoding(model, params: SamplingParams, slots: int = 1) -> Decoding:
+    """Build the decoder a chat will use (before the first prompt) and say how it decodes."""
+    weights, reason = decode_weights(model, params.decode_dtype)
+    if lean_decoder(model, slots, params.max_new_tokens + 1, weights) is not None:
+        return Decoding("fast decoder", weights, reason, slots)
+    return Decoding("model forward", _own_dtype(model), _own_forward_reason(params, _own_dtype(model)), slots)
+
+
+def decode_weights(model, requested: str) -> tuple[str, str]:
+    """(the fast decoder's weight format, why) for `requested` (auto / a format) on this CPU and model."""
+    if requested != "auto":
+        return choose_decode_weights(requested, [], False, False)
+    bf16 = cpu_capability().bf16_instructions
+    native = bool(bf16) and bfloat16_kernels()
+    fits = not native and runs_on_lean_decoder(model) and holds_in_float16(model)  # reads every weight: only if asked
+    return choose_decode_weights("auto", bf16, native, fits)
 
 
 # ------------------------------------------------------------------------------------------ the fast decoder
@@ -170,13 +261,17 @@ def generate_tokens(model, prompts: list[list[int]], stop_ids: list[int], params
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → (Decoder, adapter index)
 _OWN_FORWARD: weakref.WeakSet = weakref.WeakSet()  # models found not to run on it (their adapter's modules)
 CONTEXT_STEP = 1024  # the decoder's KV cache is sized in steps of this many tokens (pages are touched only as used)
+PREFILL_TOKENS = 2048  # prompt tokens prefilled in one forward when rows free up (at least one prompt)
 
 
-def lean_decoder(model, slots: int, max_len: int) -> tuple[Decoder, int] | None:
-    """The fast decoder holding `model`'s weights with room for `slots` sequences of `max_len` tokens, and the
-    adapter index its rows use (0: none); None where it does not compute what the model computes, which then decodes
-    through its own forward. Built once per model and reused (load_trainable drops it when the weights change)."""
+def lean_decoder(model, slots: int, max_len: int, weights: str = "float32") -> tuple[Decoder, int] | None:
+    """The fast decoder holding `model`'s weights in format `weights` with room for `slots` sequences of `max_len`
+    tokens, and the adapter index its rows use (0: none); None where it does not compute what the model computes,
+    which then decodes through its own forward. Built once per model and reused (load_trainable drops it when the
+    weights change, another format replaces it)."""
     cached = _DECODERS.get(model) if _weakrefable(model) else None
+    if cached is not None and cached[0].weights != weights:
+        cached = None
     if cached is not None and cached[0].slots >= slots and cached[0].max_len >= max_len:
         return cached
     if (_weakrefable(model) and model in _OWN_FORWARD) or not runs_on_lean_decoder(model):
@@ -190,14 +285,23 @@ def lean_decoder(model, slots: int, max_len: int) -> tuple[Decoder, int] | None:
     capacity = min(limit, -(-max_len // CONTEXT_STEP) * CONTEXT_STEP)
     slots = max(slots, cached[0].slots if cached else 0)
     _DECODERS.pop(model, None)  # free the smaller one first
-    decoder = Decoder(model, slots=slots, max_len=capacity)
-    adapter = 0
-    if hasattr(model, "peft_config"):
+    # float32: LoRA rows beside the base weights, as the model's own forward computes them (greedy replies equal);
+    # a reduced format: the adapter merged into the weights before they are rounded (no extra work per row)
+    lora = hasattr(model, "peft_config")
+    if lora:
         try:
-            decoder.add_lora("run", model, model.active_adapter)
+            lora_pairs(model, model.active_adapter, "run")
         except ModelError:  # LoRA on modules the decoder does not adapt (lm_head, embeddings, modules_to_save)
             _OWN_FORWARD.add(model)
             return None
+    # float32: LoRA rows beside the base weights, as the model's own forward computes them (greedy replies equal);
+    # a reduced format: the adapter merged into the weights before they are rounded (no extra work per row)
+    merge = lora and weights != "float32"
+    decoder = Decoder(model, slots=slots, max_len=capacity, weights=weights,
+                      merge_adapter=model.active_adapter if merge else None)
+    adapter = 0
+    if lora and not merge:
+        decoder.add_lora("run", model, model.active_adapter)
         adapter = 1
     _DECODERS[model] = (decoder, adapter)
     return decoder, adapter
@@ -239,42 +343,84 @@ def _weakrefable(model) -> bool:
 
 
 @torch.inference_mode()
-def _lean_tokens(decoder: Decoder, adapter: int, prompts: list[list[int]], stop_ids: list[int],
-                 params: SamplingParams) -> Iterator[list[int | None]]:
-    """generate_tokens on the fast decoder: all prompts prefilled in one pass (no padding), then one decode step for
-    the rows still running; tokens are sampled row by row in prompt order, as the model-forward loop does."""
-    generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-    count = len(prompts)
-    slots = list(range(count))
-    logits = decoder.prefill_many(slots, prompts, [0] * count, [adapter] * count)
-    running = [True] * count
-    lengths = [len(p) for p in prompts]
-    for _ in range(params.max_new_tokens):
-        rows = dict(zip([s for s in slots if running[s]], logits))
-        step: list[int | None] = []
-        for i in range(count):
-            token = _next_token(rows[i], params, generator) if running[i] else None
-            if token is not None and token in stop_ids:
-                running[i], token = False, None
-            step.append(token)
-        if not any(running):
+def _lean_events(decoder: Decoder, adapter: int, prompts: list[list[int]], stop_ids: list[int],
+                 params: SamplingParams, slots: int) -> Iterator[list[tuple[int, int | None]]]:
+    """Continuous batching on the fast decoder: each round decodes one token for every running prompt, then
+    prefills waiting prompts into the rows that freed up (up to PREFILL_TOKENS tokens in one pass, no padding) and
+    samples their first token. Yields each round's events in order: (prompt index, new token), and (prompt index,
+    None) where its reply ended (a stop token, or max_new_tokens reached). Prompt i samples with its own generator
+    (seed + i), so its tokens do not depend on which other prompts share its batch."""
+    waiting = deque(range(len(prompts)))
+    free = list(range(slots))
+    running: dict[int, list[int]] = {}  # prompt index → [row, next position, last token, tokens generated]
+    generators = [torch.Generator().manual_seed(params.seed + i) if params.seed is not None else None
+                  for i in range(len(prompts))]
+    stops = set(stop_ids)
+    greedy = params.temperature <= 0
+
+    def accept(i: int, logits: torch.Tensor, greedy_token: int | None, events: list) -> None:
+        state = running[i]
+        token = _next_token(logits, params, generators[i]) if greedy_token is None else greedy_token
+        state[3] += 1
+        if token not in stops:
+            events.append((i, token))
+            state[2] = token
+            if state[3] < params.max_new_tokens:
+                return
+        events.append((i, None))
+        free.append(state[0])
+        del running[i]
+
+    while waiting or running:
+        events: list[tuple[int, int | None]] = []
+        if running:
+            batch = sorted(running, key=lambda i: running[i][0])
+            logits = decoder.decode([running[i][0] for i in batch], [running[i][2] for i in batch],
+                                    [running[i][1] for i in batch], [adapter] * len(batch))
+            tokens = logits.argmax(-1).tolist() if greedy else [None] * len(batch)
+            for i, row, token in zip(batch, logits, tokens):
+                running[i][1] += 1
+                accept(i, row, token, events)
+        admitted: list[int] = []
+        budget = PREFILL_TOKENS
+        free.sort()  # the lowest rows first keeps the decode step's row range short
+        while waiting and free and (not admitted or len(prompts[waiting[0]]) <= budget):
+            i = waiting.popleft()
+            budget -= len(prompts[i])
+            running[i] = [free.pop(0), len(prompts[i]), 0, 0]
+            admitted.append(i)
+        if admitted:
+            logits = decoder.prefill_many([running[i][0] for i in admitted], [prompts[i] for i in admitted],
+                                          [0] * len(admitted), [adapter] * len(admitted))
+            tokens = logits.argmax(-1).tolist() if greedy else [None] * len(admitted)
+            for i, row, token in zip(admitted, logits, tokens):
+                accept(i, row, token, events)
+        yield events
+
+
+def _as_steps(rounds: Iterator[list[tuple[int, int | None]]], count: int) -> Iterator[list[int | None]]:
+    """generate_tokens' shape from _lean_events run with a row per prompt: each round one token (or None) per prompt;
+    ends without yielding a round in which no prompt produced a token."""
+    for events in rounds:
+        step: list[int | None] = [None] * count
+        for i, token in events:
+            if token is not None:
+                step[i] = token
+        if all(token is None for token in step):
             return
         yield step
-        active = [i for i in slots if running[i]]
-        logits = decoder.decode(active, [step[i] for i in active], [lengths[i] for i in active],
-                                [adapter] * len(active))
-        for i in active:
-            lengths[i] += 1
 
 
 # ------------------------------------------------------------------------------------------ the model's own forward
 
 
 @torch.inference_mode()
-def model_forward_tokens(model, prompts: list[list[int]], stop_ids: list[int], params: SamplingParams
-                         ) -> Iterator[list[int | None]]:
-    """generate_tokens through the model's own forward: prompts left-padded, one KV cache for the batch."""
-    generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+def model_forward_tokens(model, prompts: list[list[int]], stop_ids: list[int], params: SamplingParams,
+                         first: int = 0) -> Iterator[list[int | None]]:
+    """generate_tokens through the model's own forward: prompts left-padded, one KV cache for the batch. Prompt i
+    samples from seed + first + i (`first`: the batch's place in a larger set), as on the fast decoder."""
+    generators = [torch.Generator().manual_seed(params.seed + first + i) if params.seed is not None else None
+                  for i in range(len(prompts))]
     longest = max(len(p) for p in prompts)
     pad = stop_ids[0] if stop_ids else 0
     inputs = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts])
@@ -287,7 +433,7 @@ def model_forward_tokens(model, prompts: list[list[int]], stop_ids: list[int], p
                        use_cache=True, logits_to_keep=1).logits[:, -1]
         step: list[int | None] = []
         for i, row in enumerate(logits):
-            token = _next_token(row, params, generator) if running[i] else None
+            token = _next_token(row, params, generators[i]) if running[i] else None
             if token is not None and token in stop_ids:
                 running[i], token = False, None
             step.append(token)
@@ -320,17 +466,13 @@ def reply(model, tokenizer, messages: list[dict], params: SamplingParams | None 
 
 def replies(model, tokenizer, conversations: list[list[dict]], params: SamplingParams | None = None,
             batch_size: int = 16) -> list[str]:
-    """Replies to many conversations, decoded `batch_size` at a time with the same decoding as reply()."""
-    params = params or SamplingParams()
-    stop_ids = end_of_turn_ids(tokenizer)
-    out: list[str] = []
-    for start in range(0, len(conversations), batch_size):
-        chunk = conversations[start:start + batch_size]
-        generated: list[list[int]] = [[] for _ in chunk]
-        prompts = [render_prompt(tokenizer, messages) for messages in chunk]
-        for step in generate_tokens(model, prompts, stop_ids, params):
-            for ids, token in zip(generated, step):
-                if token is not None:
-                    ids.append(token)
-        out += [tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
-    return out
+    """Replies to many conversations, `batch_size` decoded at a time with the same decoding as reply()."""
+    return decode_replies(model, tokenizer, conversations, params or SamplingParams(), batch_size)[0]
+
+
+def decode_replies(model, tokenizer, conversations: list[list[dict]], params: SamplingParams, batch_size: int,
+                   done: Callable[[int], None] | None = None) -> tuple[list[str], Decoding]:
+    """replies() and how they were decoded; `done(i)` is called as conversation i's reply ends."""
+    prompts = [render_prompt(tokenizer, messages) for messages in conversations]
+    generated, decoding = generate_all(model, prompts, end_of_turn_ids(tokenizer), params, batch_size, done)
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in generated], decoding

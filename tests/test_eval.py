@@ -28,6 +28,7 @@ from lmforge.eval.evaluate import (
     write_eval,
 )
 from lmforge.generate import SamplingParams, load_for_inference, replies, reply
+from lmforge.model.lean_decoder import bfloat16_kernels
 from lmforge.rundir import RunDir, _prune, choose_weights
 from lmforge.train.loop import train
 
@@ -409,3 +410,124 @@ def test_lora_on_modules_the_fast_decoder_does_not_adapt_decodes_through_the_mod
     assert lean_decoder(model, 5, 64) is None and lean_decoder(model, 5, 64) is None  # refused once, remembered
     fast, own = greedy_both_ways(model, load_tokenizer(llama_dir), steps=4)
     assert fast == own
+
+
+# ------------------------------------------------------------- continuous batching and the decode weight format
+
+
+def one_by_one_and_together(model, tokenizer, params: SamplingParams, rows: int = 2):
+    """Every sample prompt decoded alone, and all of them as one continuous batch on `rows` rows (fewer rows than
+    prompts: rows free up and take the next prompt mid-batch)."""
+    from lmforge.data.render import end_of_turn_ids, render_prompt
+    from lmforge.generate import generate_all
+
+    prompts = [render_prompt(tokenizer, r["messages"][:-1]) for r in sample_records()]
+    stop = end_of_turn_ids(tokenizer)
+    alone = [generate_all(model, [prompt], stop, params, slots=1)[0][0] for prompt in prompts]
+    together, decoding = generate_all(model, prompts, stop, params, slots=rows)
+    return alone, together, decoding
+
+
+def test_float32_continuous_batch_equals_one_by_one_and_the_models_own_forward(run_dir):
+    """--decode-dtype float32: the set decoded as one continuous batch on 2 rows gives every prompt the tokens it
+    gets alone, and those are the model's own forward's (greedy), with the run's LoRA on the decoder."""
+    from lmforge.data.render import end_of_turn_ids, render_prompt
+    from lmforge.generate import model_forward_tokens
+
+    model, tokenizer = load_for_inference(str(run_dir))
+    params = SamplingParams(max_new_tokens=10, decode_dtype="float32")
+    alone, together, decoding = one_by_one_and_together(model, tokenizer, params)
+    assert together == alone
+    assert (decoding.path, decoding.weights, decoding.slots) == ("fast decoder", "float32", 2)
+    for prompt_record, tokens in zip(sample_records(), alone):
+        prompt = render_prompt(tokenizer, prompt_record["messages"][:-1])
+        own = [step[0] for step in model_forward_tokens(model, [prompt], end_of_turn_ids(tokenizer), params)]
+        assert tokens == own
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(tmp_path, tokenizer):
+    """Prompt i samples from seed + i: the same tokens alone (at its index) as in the batch."""
+    from conftest import make_tiny_model
+
+    from lmforge.data.render import end_of_turn_ids, render_prompt
+    from lmforge.generate import generate_all
+
+    model, tokenizer = load_for_inference(model=make_tiny_model("llama", tokenizer, tmp_path / "llama"))
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=5, decode_dtype="float32")
+    prompts = [render_prompt(tokenizer, r["messages"][:-1]) for r in sample_records()]
+    stop = end_of_turn_ids(tokenizer)
+    together, _ = generate_all(model, prompts, stop, params, slots=2)
+    for i, prompt in enumerate(prompts):
+        shifted = SamplingParams(max_new_tokens=8, temperature=1.0, seed=5 + i, decode_dtype="float32")
+        assert generate_all(model, [prompt], stop, shifted, slots=1)[0][0] == together[i]
+
+
+@pytest.mark.skipif(not bfloat16_kernels(),
+                    reason="no native bf16 kernels in torch's oneDNN on this CPU: --decode-dtype bfloat16 is refused")
+def test_bfloat16_decoding_merges_the_lora_and_a_reply_does_not_depend_on_the_batch(run_dir):
+    """--decode-dtype bfloat16 on a LoRA run: the adapter is merged into the bf16 weights (no LoRA rows), the logits
+    stay within bf16's rounding of float32's with the LoRA, and each prompt's reply is the same alone or batched."""
+    from lmforge.generate import lean_decoder
+    from lmforge.model.lean_decoder import Decoder
+
+    model, tokenizer = load_for_inference(str(run_dir))
+    params = SamplingParams(max_new_tokens=10, decode_dtype="bfloat16")
+    alone, together, decoding = one_by_one_and_together(model, tokenizer, params)
+    assert together == alone
+    assert (decoding.path, decoding.weights) == ("fast decoder", "bfloat16")
+    reduced, adapter = lean_decoder(model, 1, 64, "bfloat16")
+    assert adapter == 0 and not any(linear.lora for layer in reduced.layers
+                                    for linear in (layer.qkv, layer.o, layer.gate_up, layer.down))
+    exact = Decoder(model, slots=1, max_len=64)  # float32 with the LoRA rows beside the weights
+    exact.add_lora("run", model, model.active_adapter)
+    prompt = [(5 * i) % 90 + 3 for i in range(20)]
+    want = exact.prefill(0, prompt, 0, 1)
+    got = reduced.prefill(0, prompt, 0, 0)
+    base_only = exact.prefill(0, prompt, 0, 0)
+    assert not torch.equal(got, want)
+    torch.testing.assert_close(got, want, atol=3e-2 * want.abs().max(), rtol=0)
+    assert (got - want).abs().max() < (base_only - want).abs().max()  # the adapter is in: closer than the base
+
+
+def test_auto_decode_weights_follow_the_cpu():
+    """auto: bf16 where the CPU multiplies bf16 natively and oneDNN has the kernels, else float16 where FBGEMM runs
+    the weights, else float32; an explicit format is taken as asked; the reason names the CPU's instructions."""
+    from lmforge.errors import ModelError
+    from lmforge.model.lean_decoder import choose_decode_weights
+
+    weights, why = choose_decode_weights("auto", ["amx_bf16", "avx512_bf16"], True, True)
+    assert weights == "bfloat16" and "amx_bf16, avx512_bf16" in why and "--decode-dtype float32" in why
+    assert choose_decode_weights("auto", [], False, True)[0] == "float16"  # AVX2-only (Zen 3)
+    assert "no native bf16" in choose_decode_weights("auto", [], False, True)[1]
+    assert choose_decode_weights("auto", ["avx512_bf16"], False, True)[0] == "float16"  # torch without the kernels
+    assert choose_decode_weights("auto", [], False, False)[0] == "float32"
+    assert choose_decode_weights("float32", ["amx_bf16"], True, True) == (
+        "float32", "float32 as requested (greedy replies as the model's own forward gives them)")
+    with pytest.raises(ModelError, match="use auto, float32, float16, bfloat16"):
+        choose_decode_weights("int8", [], False, False)
+
+
+def test_cli_eval_records_the_decoding_it_chose(run_dir, tmp_path, capsys):
+    """eval.json says how the replies were decoded (path, weights, why, rows) and stderr says it too; float32 gives
+    the model's own forward's greedy predictions."""
+    from lmforge.generate import decode_weights
+
+    run = copy_run(run_dir, tmp_path)
+    test = write_jsonl(tmp_path / "test.jsonl", sample_records())
+    code, out, err = run_cli(capsys, "eval", str(run), "--data", str(test), "--max-new-tokens", "6")
+    assert code == 0, err
+    decoding = json.loads((run / "eval.json").read_text())["decoding"]
+    model, _ = load_for_inference(str(run))
+    assert (decoding["path"], decoding["slots"]) == ("fast decoder", 5)  # 16 rows asked, 5 prompts
+    assert (decoding["weights"], decoding["reason"]) == decode_weights(model, "auto")
+    assert decoding["reason"].startswith("auto: ") and f"{decoding['weights']} weights" in err
+    code, out, err = run_cli(capsys, "eval", str(run), "--data", str(test), "--max-new-tokens", "6",
+                             "--decode-dtype", "float32", "--batch-size", "2")
+    assert code == 0, err
+    report = json.loads((run / "eval.json").read_text())
+    assert report["decoding"]["weights"] == "float32" and report["generation"]["decode_dtype"] == "float32"
+    predictions = [json.loads(line)["prediction"] for line in (run / "predictions.jsonl").read_text().splitlines()]
+    tokenizer = load_for_inference(str(run))[1]
+    alone = [reply(model, tokenizer, r["messages"][:-1], SamplingParams(max_new_tokens=6)).strip()
+             for r in sample_records()]  # float32, one prompt at a time (= the model's own forward: tests above)
+    assert predictions == alone

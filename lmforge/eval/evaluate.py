@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +24,13 @@ from ..data.datasets import load_many
 from ..data.render import IGNORE_INDEX, Example, ensure_chat_template, render_example
 from ..errors import DataError, UserError
 from ..generate import (
+    Decoding,
     SamplingParams,
+    decode_replies,
     load_for_inference,
     load_run_base,
     load_run_weights,
     load_trainable,
-    replies,
 )
 from ..model import packed_attention as attention
 from ..model.methods import unwrap
@@ -91,7 +93,7 @@ def load_test_set(entries: list[str], dataset_dir: str | None = None, max_sample
 class EvalOptions:
     generate: bool = True
     params: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=256))
-    batch_size: int = 8
+    batch_size: int = 16  # decode rows (fast decoder: one continuous batch) or prompts per batch; loss batch
     cutoff_len: int = 1024
     choices: list[str] | None = None  # None: detected from the references (metrics.detect_choices)
     dtype: str = "auto"
@@ -138,8 +140,10 @@ def evaluate_model(model, tokenizer, test: TestSet, options: EvalOptions, desc: 
                 "loss": round(pair[0] / pair[1], 4) if pair else None}
                for i, (item, pair) in enumerate(zip(items, losses))]
     choices = choices_for(test, options)
+    decoding = None
     if options.generate:
-        predictions = generate_all(model, tokenizer, items, options, desc)
+        predictions, decoding = generate_replies(model, tokenizer, items, options, desc)
+        tqdm.write(f"{desc}: {decoding.line()}", file=sys.stderr)
         per_example = []
         for record, item, prediction in zip(records, items, predictions):
             scored = score_example(prediction, item.reference.strip(), choices)
@@ -151,6 +155,7 @@ def evaluate_model(model, tokenizer, test: TestSet, options: EvalOptions, desc: 
     info = {"data": test.names, "examples": len(items), "loss_examples": sum(p is not None for p in losses),
             "model": describe or {}, "choices": choices, "cutoff_len": options.cutoff_len,
             "generation": vars(options.params) if options.generate else None,
+            "decoding": decoding.as_dict() if decoding else None,
             "lmforge": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     return EvalResult(metrics, records, info)
 
@@ -207,19 +212,24 @@ def _packed_losses(model, examples: list[Example]) -> list[tuple[float, int]]:
 
 
 def generate_all(model, tokenizer, items: list[TestItem], options: EvalOptions, desc: str) -> list[str]:
-    """Replies to every prompt, batched; prompts of similar length share a batch (less padding), longest first so
-    the slowest batch comes first and the progress bar's estimate errs long."""
+    """Replies to every prompt (see generate_replies)."""
+    return generate_replies(model, tokenizer, items, options, desc)[0]
+
+
+def generate_replies(model, tokenizer, items: list[TestItem], options: EvalOptions, desc: str
+                     ) -> tuple[list[str], Decoding]:
+    """Replies to every prompt and how they were decoded (said on stderr). On the fast decoder the whole set is one
+    continuous batch on options.batch_size rows; the longest prompts go first, so the slowest start early and the
+    progress bar's estimate errs long (and on the model's own forward, prompts of similar length share a batch)."""
     order = sorted(range(len(items)), key=lambda i: -len(tokenizer.apply_chat_template(items[i].prompt,
                                                                                       tokenize=False)))
     predictions: list[str] = [""] * len(items)
     with tqdm(total=len(items), desc=desc, unit="ex", dynamic_ncols=True) as progress:
-        for start in range(0, len(order), options.batch_size):
-            chunk = order[start:start + options.batch_size]
-            texts = replies(model, tokenizer, [items[i].prompt for i in chunk], options.params, options.batch_size)
-            for i, text in zip(chunk, texts):
-                predictions[i] = text.strip()
-            progress.update(len(chunk))
-    return predictions
+        texts, decoding = decode_replies(model, tokenizer, [items[i].prompt for i in order], options.params,
+                                         options.batch_size, done=lambda _: progress.update(1))
+    for i, text in zip(order, texts):
+        predictions[i] = text.strip()
+    return predictions, decoding
 
 
 def write_eval(result: EvalResult, out_dir: Path) -> Path:

@@ -110,8 +110,12 @@ class Decoder:
     contiguous range of slots (a view, no gather) without touching a slot that is being prefilled.
     """
 
-    def __init__(self, model, slots: int, max_len: int, float16: bool = False, weights: str | None = None):
-        """`weights`: float32, float16 (FBGEMM) or bfloat16 (oneDNN); `float16=True` is weights="float16"."""
+    def __init__(self, model, slots: int, max_len: int, float16: bool = False, weights: str | None = None,
+                 merge_adapter: str | None = None):
+        """`weights`: float32, float16 (FBGEMM) or bfloat16 (oneDNN); `float16=True` is weights="float16".
+        `merge_adapter`: a PeftModel's LoRA adapter added into the base weights (in float32, before they are
+        converted), so its rows cost nothing extra; for one adapter in a reduced format, where the sum rounds as the
+        base weight alone would."""
         weights = weights or ("float16" if float16 else "float32")
         if weights not in WEIGHT_FORMATS:
             raise ModelError(f"decoder weights {weights!r}: valid formats are {', '.join(WEIGHT_FORMATS)}")
@@ -143,7 +147,10 @@ class Decoder:
         offset = 1.0 if self.model_type.startswith("gemma") else 0.0  # gemma's norms scale by (1 + weight)
         self.final_norm = inner.norm.weight.detach() + offset
         self.lm_head = Linear(model.get_output_embeddings().weight.detach(), weights=weights)
-        self.layers = [_layer(layer, weights, offset) for layer in inner.layers]
+        deltas = {key: lora_b @ lora_a for key, (lora_a, lora_b) in
+                  (lora_pairs(model, merge_adapter, merge_adapter).items() if merge_adapter else ())}
+        self.layers = [_layer(layer, weights, offset, {p: d for (i, p), d in deltas.items() if i == index})
+                       for index, layer in enumerate(inner.layers)]
         positions = torch.arange(max_len + 1)[None]
         self.ropes = {}  # layer type (None: every layer) → cos, sin: transformers' own RoPE (scaling types included)
         rope_per_type = bool(layer_types) and set(layer_types) <= set(getattr(config, "rope_parameters", None) or {})
@@ -169,29 +176,8 @@ class Decoder:
 
     def add_lora(self, name: str, peft_model, adapter_name: str) -> None:
         """Copy adapter `adapter_name`'s LoRA matrices out of a PeftModel (which parsed and checked the files)."""
-        from peft.tuners.lora import LoraLayer
-
         index = len(self.adapter_names) + 1  # 0 is the base model
-        found = {}
-        for module_name, module in peft_model.named_modules():
-            if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
-                continue
-            if module.use_dora.get(adapter_name):
-                raise ModelError(f"adapter {name!r}: DoRA adapters are not supported by lmforge serve; merge it "
-                                 f"into the model first (lmforge export) and serve the merged model")
-            parts = module_name.split(".")
-            if "layers" not in parts or parts[-1] not in PROJECTIONS:
-                raise ModelError(f"adapter {name!r} adapts {module_name}, which lmforge serve cannot apply per "
-                                 f"request (only the layers' {', '.join(PROJECTIONS)}); merge it and serve the result")
-            layer = int(parts[parts.index("layers") + 1])
-            lora_b = module.lora_B[adapter_name].weight.detach() * module.scaling[adapter_name]
-            found[(layer, parts[-1])] = (module.lora_A[adapter_name].weight.detach(), lora_b)
-        if not found:
-            raise ModelError(f"adapter {name!r} has no LoRA weights this server can apply")
-        if any(isinstance(m, torch.nn.ModuleDict) and adapter_name in m for n, m in peft_model.named_modules()
-               if n.endswith("modules_to_save")):
-            raise ModelError(f"adapter {name!r} also trains whole modules (modules_to_save); merge it and serve "
-                             f"the merged model")
+        found = lora_pairs(peft_model, adapter_name, name)
         for i, layer in enumerate(self.layers):
             for fused, projections in FUSED.items():
                 pairs = [found.get((i, p)) for p in projections]
@@ -355,6 +341,34 @@ class Decoder:
         return hidden + mlp_out
 
 
+def lora_pairs(peft_model, adapter_name: str, name: str) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+    """(layer, projection) → (A [r, in], B [out, r] with the scaling folded in) of one adapter of a PeftModel;
+    ModelError where the decoder cannot apply it (DoRA, modules outside the layers' projections, modules_to_save)."""
+    from peft.tuners.lora import LoraLayer
+
+    found = {}
+    for module_name, module in peft_model.named_modules():
+        if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
+            continue
+        if module.use_dora.get(adapter_name):
+            raise ModelError(f"adapter {name!r}: DoRA adapters are not supported by lmforge serve; merge it "
+                             f"into the model first (lmforge export) and serve the merged model")
+        parts = module_name.split(".")
+        if "layers" not in parts or parts[-1] not in PROJECTIONS:
+            raise ModelError(f"adapter {name!r} adapts {module_name}, which lmforge serve cannot apply per "
+                             f"request (only the layers' {', '.join(PROJECTIONS)}); merge it and serve the result")
+        layer = int(parts[parts.index("layers") + 1])
+        lora_b = module.lora_B[adapter_name].weight.detach() * module.scaling[adapter_name]
+        found[(layer, parts[-1])] = (module.lora_A[adapter_name].weight.detach(), lora_b)
+    if not found:
+        raise ModelError(f"adapter {name!r} has no LoRA weights this server can apply")
+    if any(isinstance(m, torch.nn.ModuleDict) and adapter_name in m for n, m in peft_model.named_modules()
+           if n.endswith("modules_to_save")):
+        raise ModelError(f"adapter {name!r} also trains whole modules (modules_to_save); merge it and serve "
+                         f"the merged model")
+    return found
+
+
 def load_adapter_into(decoder: Decoder, model, name: str, adapter_dir: Path) -> None:
     """Read a PEFT adapter dir with peft (config checks, key mapping, rank/alpha patterns), keep its LoRA rows."""
     from peft import PeftModel
@@ -379,8 +393,9 @@ def load_adapter_into(decoder: Decoder, model, name: str, adapter_dir: Path) -> 
         peft_model.unload()  # back to the plain base model, which the decoder's weights come from
 
 
-def _layer(layer, weights: str, offset: float) -> Layer:
-    """offset: 1.0 for gemma's norms, which scale by (1 + weight)."""
+def _layer(layer, weights: str, offset: float, deltas: dict[str, torch.Tensor]) -> Layer:
+    """offset: 1.0 for gemma's norms, which scale by (1 + weight); deltas: projection name → a merged LoRA's
+    product, added to that projection's weight."""
     attention, mlp = layer.self_attn, layer.mlp
     gemma = hasattr(layer, "pre_feedforward_layernorm")
 
@@ -392,18 +407,22 @@ def _layer(layer, weights: str, offset: float) -> Layer:
         post_norm=norm(layer.pre_feedforward_layernorm if gemma else layer.post_attention_layernorm),
         attention_out_norm=norm(layer.post_attention_layernorm) if gemma else None,
         mlp_out_norm=norm(layer.post_feedforward_layernorm) if gemma else None,
-        qkv=_fused_linear([attention.q_proj, attention.k_proj, attention.v_proj], weights),
-        o=_fused_linear([attention.o_proj], weights),
-        gate_up=_fused_linear([mlp.gate_proj, mlp.up_proj], weights),
-        down=_fused_linear([mlp.down_proj], weights),
+        qkv=_fused_linear([attention.q_proj, attention.k_proj, attention.v_proj], weights, deltas, FUSED["qkv"]),
+        o=_fused_linear([attention.o_proj], weights, deltas, FUSED["o"]),
+        gate_up=_fused_linear([mlp.gate_proj, mlp.up_proj], weights, deltas, FUSED["gate_up"]),
+        down=_fused_linear([mlp.down_proj], weights, deltas, FUSED["down"]),
         q_norm=norm(attention.q_norm) if hasattr(attention, "q_norm") else None,
         k_norm=norm(attention.k_norm) if hasattr(attention, "k_norm") else None,
     )
 
 
-def _fused_linear(modules, weights: str) -> Linear:
+def _fused_linear(modules, weights: str, deltas: dict[str, torch.Tensor] | None = None,
+                  names: tuple[str, ...] = ()) -> Linear:
     modules = [getattr(m, "base_layer", m) for m in modules]  # a PEFT-wrapped model: the base weights
-    weight = torch.cat([m.weight.detach() for m in modules]) if len(modules) > 1 else modules[0].weight.detach()
+    parts = [m.weight.detach() for m in modules]
+    if deltas:
+        parts = [part + deltas[name] if name in deltas else part for part, name in zip(parts, names)]
+    weight = torch.cat(parts) if len(parts) > 1 else parts[0]
     biases = [m.bias for m in modules]
     if all(b is None for b in biases):
         return Linear(weight.contiguous(), weights=weights)
@@ -477,6 +496,30 @@ def holds_in_float16(model) -> bool:
     """Whether decode_dtype auto can pick float16: torch has FBGEMM and every weight fits float16's range."""
     return FLOAT16_KERNELS and all(p.abs().max() <= torch.finfo(torch.float16).max for p in model.parameters()
                                    if p.dim() == 2)
+
+
+def choose_decode_weights(requested: str, bf16_instructions: list[str], bf16_kernels: bool, float16_fits: bool
+                          ) -> tuple[str, str]:
+    """(weight format, why) for decoding many prompts at once (eval, compare, the sweep, chat). `requested`: auto or
+    a format. auto takes the fastest format this CPU has at batch widths, by this project's measurements
+    (benchmarks/RESULTS.md): bf16 weights through oneDNN where the CPU multiplies bf16 natively (AVX512_BF16 / AMX),
+    else float16 weights through FBGEMM (float32 activations) where torch has it and the weights fit, else float32.
+    Pure (the CPU's facts are arguments), so both kinds of CPU are tested on any machine."""
+    if requested not in ("auto", *WEIGHT_FORMATS):
+        raise ModelError(f"decode dtype {requested!r}: use auto, {', '.join(WEIGHT_FORMATS)}")
+    if requested != "auto":
+        exact = " (greedy replies as the model's own forward gives them)" if requested == "float32" else ""
+        return requested, f"{requested} as requested{exact}"
+    if bf16_instructions and bf16_kernels:
+        return "bfloat16", (f"auto: this CPU multiplies bf16 natively ({', '.join(bf16_instructions)}), where bf16 "
+                            f"weights are the fastest format at batch widths; replies can differ slightly from "
+                            f"float32's (--decode-dtype float32 gives those exactly)")
+    if float16_fits:
+        why = "no native bf16 on this CPU" if not bf16_instructions else "torch's oneDNN has no bf16 kernels here"
+        return "float16", (f"auto: {why}; float16 weights through FBGEMM (float32 activations) read half float32's "
+                           f"bytes per step; replies can differ slightly from float32's (--decode-dtype float32 "
+                           f"gives those exactly)")
+    return "float32", "auto: neither native bf16 nor FBGEMM float16 for these weights on this CPU"
 
 
 def _check_float16_range(weight: torch.Tensor) -> None:
