@@ -294,3 +294,43 @@ def test_fuzzed_bodies_get_an_answer_or_an_ollama_error_never_a_500(server, endp
         return
     lines = [json.loads(line) for line in text.splitlines()]
     assert lines and all("error" not in line for line in lines) and lines[-1]["done"] is True, (body, text)
+
+
+NUMBERED = ("{%- for m in messages %}[{{ loop.index }}] {{ m['role'] }}: {{ m['content'] }}\n{%- endfor %}"
+            "{%- if add_generation_prompt %}[{{ messages | length + 1 }}] assistant:{%- endif %}")
+
+
+def test_base_model_without_template_and_a_template_go_cannot_restate(bundled_model_dir, tmp_path):
+    """A base model (no chat template): /api/generate sends the prompt as it is (= /v1/completions), /api/chat says
+    what to use. An adapter whose template numbers its turns: no per-message Go template renders it, so /api/show
+    gives the Jinja template as it is and a Modelfile without TEMPLATE; its chat still equals /v1's."""
+    plain = load_tokenizer(bundled_model_dir)
+    plain.chat_template = None
+    base = vivid_tiny_model("llama", plain, tmp_path / "plain")
+    numbered = make_adapter(base, tmp_path / "numbered", ["q_proj", "v_proj"], seed=3)
+    tokenizer = load_tokenizer(bundled_model_dir)
+    tokenizer.chat_template = NUMBERED
+    tokenizer.save_pretrained(numbered)
+    context, _ = _serve((base, {"numbered": numbered}), context_length=256, max_tokens=64)
+    with context as (url, _):
+        c = client(url, None)
+        reply = c.generate(model="plain", prompt="The court held", stream=False, options=GREEDY)
+        completion = openai_client(url, "unused").completions.create(model="plain", prompt="The court held",
+                                                                    max_tokens=12, temperature=0)
+        assert reply.response and reply.response == completion.choices[0].text
+        for call in (lambda: c.chat(model="plain", messages=HI, stream=False),
+                     lambda: c.generate(model="plain", prompt="x", system="Be brief.", stream=False)):
+            with pytest.raises(ollama.ResponseError) as caught:
+                call()
+            assert caught.value.status_code == 400
+        shown = c.show("plain")
+        assert shown.template == "{{ .Prompt }}" and "TEMPLATE" not in shown.modelfile
+        shown = c.show("numbered:latest")
+        assert shown.template == NUMBERED and "TEMPLATE" not in shown.modelfile
+        assert "stop" in shown.parameters and shown.details.parent_model == "plain:latest"
+        chat = c.chat(model="numbered", messages=[{"role": "system", "content": "Be brief."}, *HI], stream=False,
+                      options=GREEDY)
+        same = openai_client(url, "unused").chat.completions.create(
+            model="numbered", messages=[{"role": "system", "content": "Be brief."}, *HI], max_tokens=12,
+            temperature=0)
+        assert chat.message.content == same.choices[0].message.content

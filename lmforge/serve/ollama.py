@@ -250,7 +250,9 @@ async def show(request: Request) -> dict:
     state.guard.authenticate(request.headers.get("authorization"))
     body = _validated(_json_object(await _read_body(request, state.settings.max_body_bytes)), ShowRequest)
     models = _models(state)
-    return models.show(models.find(body.model or body.name))
+    served = models.find(body.model or body.name)
+    # The Modelfile renders the chat template a few times: off the event loop, like a request's preparation.
+    return await asyncio.get_running_loop().run_in_executor(state.prepare_pool, models.show, served)
 
 
 @router.post("/api/chat")

@@ -4,9 +4,10 @@ template, parameters and model info, and the sampling a request gets when its op
 A served name is an Ollama model name: "tiny" is listed as "tiny:latest" and either spelling finds it. What is
 listed comes from what is on disk (weight files' size, time, parameter count from safetensors headers, a digest of
 their identity) and from the decoder (architecture, precision); the Modelfile is the one `lmforge export` writes
-(export/modelfile.py derives the Go TEMPLATE from the chat template) with the context and defaults this server
-applies. The defaults are the export's: the generation config's temperature and top_p when the model samples, else
-greedy (as `lmforge chat`). Must not know about HTTP, the guard or generation.
+(export/modelfile.py derives the Go TEMPLATE from the chat template; shown only when it renders the export's probe
+conversations exactly as the chat template does) with the context and defaults this server applies. The defaults
+are the export's: the generation config's temperature and top_p when the model samples, else greedy (as `lmforge
+chat`). Must not know about HTTP, the guard or generation.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import math
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ..data.render import end_of_turn_ids
+from ..data.render import end_of_turn_ids, render_text
 from .protocol import ApiError
 
 
@@ -117,14 +118,21 @@ class OllamaModels:
         """(modelfile, template, parameters): TEMPLATE, SYSTEM and stop tokens of the Modelfile `lmforge export`
         writes, with this server's context and defaults. A chat template that is not "per message: prefix + content
         + suffix" cannot be restated in Go: the template is then shown as it is (Jinja), the Modelfile has none."""
-        from ..export.modelfile import TemplateNotExpressible, build_modelfile, read_modelfile
+        from ..export.checks import usable_probes
+        from ..export.modelfile import TemplateNotExpressible, build_modelfile, ollama_prompt, read_modelfile
 
         name, tokenizer = tagged(served.name), served.tokenizer
         found: dict = {"parameters": []}
         if served.has_chat_template:
             try:
                 found = read_modelfile(build_modelfile(tokenizer, name, False, self.engine.max_len))
+                for conversation in usable_probes(tokenizer):  # proven as the export proves it, or not shown
+                    prompt = conversation[:-1]
+                    if ollama_prompt(found["template"], found.get("system"), prompt) != \
+                            render_text(tokenizer, prompt, add_generation_prompt=True):
+                        raise TemplateNotExpressible("the derived TEMPLATE renders a probe differently")
             except TemplateNotExpressible:
+                found = {"parameters": []}
                 stops = tokenizer.convert_ids_to_tokens(end_of_turn_ids(tokenizer))
                 found["parameters"] = [("stop", json.dumps(stop, ensure_ascii=False)) for stop in dict.fromkeys(stops)]
         defaults = self.defaults(served)
