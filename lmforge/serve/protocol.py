@@ -138,7 +138,8 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     # Any + our own check: one clear message instead of one per union member.
-    content: Annotated[Any, WithJsonSchema({"anyOf": [*TEXT_PARTS_SCHEMA["anyOf"], {"type": "null"}]})]
+    # (null is accepted in an assistant message with tool_calls; the schema leaves it out, as it is valid nowhere else)
+    content: Annotated[Any, WithJsonSchema(TEXT_PARTS_SCHEMA)]
     tool_calls: list[AssistantToolCall] | None = None  # assistant: the calls it made (content may then be null)
     tool_call_id: str | None = None  # tool: which call this is the result of
     name: str | None = None
