@@ -223,9 +223,9 @@ def _add_test_options(parser, data_required: bool = True) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None, help="for sampling")
-    parser.add_argument("--batch-size", type=int, default=16, metavar="N",
+    parser.add_argument("--batch-size", type=int, default=32, metavar="N",
                         help="prompts decoded together (on the fast decoder: rows of one continuous batch over the "
-                             "whole set), and examples per loss batch (default 16)")
+                             "whole set), and examples per loss batch (default 32)")
     _add_decode_dtype(parser)
     parser.add_argument("--cutoff-len", type=int, default=1024, metavar="N",
                         help="longest prompt + reference scored for loss, in tokens (default 1024)")

@@ -49,7 +49,7 @@ class SamplingParams:
     max_new_tokens: int = 256
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
-    seed: int | None = None  # prompt i of a batch samples from seed + i, so its reply does not depend on the batch
+    seed: int | None = None  # prompt i samples from seed + keys[i] (default i): its reply does not depend on the batch
     decode_dtype: str = "float32"  # the fast decoder's weights: float32, bfloat16, float16, or auto (per CPU)
 
 
@@ -196,17 +196,20 @@ def generate_tokens(model, prompts: list[list[int]], stop_ids: list[int], params
 
 
 def generate_all(model, prompts: list[list[int]], stop_ids: list[int], params: SamplingParams, slots: int,
-                 done: Callable[[int], None] | None = None) -> tuple[list[list[int]], Decoding]:
+                 done: Callable[[int], None] | None = None, keys: list[int] | None = None
+                 ) -> tuple[list[list[int]], Decoding]:
     """Every prompt's generated tokens (stop token excluded) and how they were decoded. On the fast decoder:
     continuous batching on `slots` rows — a row whose reply ends takes the next waiting prompt before the next step,
     so the batch stays full until the set runs out. Through the model's own forward: `slots` prompts at a time, in
-    the order given. `done(i)` is called as prompt i's reply ends."""
+    the order given. `done(i)` is called as prompt i's reply ends. Sampling: prompt i draws from seed + keys[i]
+    (default: its index), whatever else is in its batch."""
     out: list[list[int]] = [[] for _ in prompts]
+    keys = list(range(len(prompts))) if keys is None else keys
     slots = max(1, min(slots, len(prompts)))
     weights, reason = decode_weights(model, params.decode_dtype)
     found = lean_decoder(model, slots, max(map(len, prompts), default=1) + params.max_new_tokens, weights)
     if found is not None:
-        for events in _lean_events(*found, prompts, stop_ids, params, slots):
+        for events in _lean_events(*found, prompts, stop_ids, params, slots, keys):
             for i, token in events:
                 if token is None:
                     if done:
@@ -216,7 +219,7 @@ def generate_all(model, prompts: list[list[int]], stop_ids: list[int], params: S
         return out, Decoding("fast decoder", weights, reason, slots)
     for start in range(0, len(prompts), slots):
         chunk = prompts[start:start + slots]
-        for step in model_forward_tokens(model, chunk, stop_ids, params, first=start):
+        for step in model_forward_tokens(model, chunk, stop_ids, params, keys[start:start + slots]):
             for offset, token in enumerate(step):
                 if token is not None:
                     out[start + offset].append(token)
@@ -344,17 +347,19 @@ def _weakrefable(model) -> bool:
 
 @torch.inference_mode()
 def _lean_events(decoder: Decoder, adapter: int, prompts: list[list[int]], stop_ids: list[int],
-                 params: SamplingParams, slots: int) -> Iterator[list[tuple[int, int | None]]]:
+                 params: SamplingParams, slots: int, keys: list[int] | None = None
+                 ) -> Iterator[list[tuple[int, int | None]]]:
     """Continuous batching on the fast decoder: each round decodes one token for every running prompt, then
     prefills waiting prompts into the rows that freed up (up to PREFILL_TOKENS tokens in one pass, no padding) and
     samples their first token. Yields each round's events in order: (prompt index, new token), and (prompt index,
     None) where its reply ended (a stop token, or max_new_tokens reached). Prompt i samples with its own generator
-    (seed + i), so its tokens do not depend on which other prompts share its batch."""
+    (seed + keys[i], default seed + i), so its tokens do not depend on which other prompts share its batch."""
     waiting = deque(range(len(prompts)))
     free = list(range(slots))
     running: dict[int, list[int]] = {}  # prompt index → [row, next position, last token, tokens generated]
-    generators = [torch.Generator().manual_seed(params.seed + i) if params.seed is not None else None
-                  for i in range(len(prompts))]
+    keys = list(range(len(prompts))) if keys is None else keys
+    generators = [torch.Generator().manual_seed(params.seed + key) if params.seed is not None else None
+                  for key in keys]
     stops = set(stop_ids)
     greedy = params.temperature <= 0
 
@@ -416,11 +421,12 @@ def _as_steps(rounds: Iterator[list[tuple[int, int | None]]], count: int) -> Ite
 
 @torch.inference_mode()
 def model_forward_tokens(model, prompts: list[list[int]], stop_ids: list[int], params: SamplingParams,
-                         first: int = 0) -> Iterator[list[int | None]]:
+                         keys: list[int] | None = None) -> Iterator[list[int | None]]:
     """generate_tokens through the model's own forward: prompts left-padded, one KV cache for the batch. Prompt i
-    samples from seed + first + i (`first`: the batch's place in a larger set), as on the fast decoder."""
-    generators = [torch.Generator().manual_seed(params.seed + first + i) if params.seed is not None else None
-                  for i in range(len(prompts))]
+    samples from seed + keys[i] (default seed + i), as on the fast decoder."""
+    keys = list(range(len(prompts))) if keys is None else keys
+    generators = [torch.Generator().manual_seed(params.seed + key) if params.seed is not None else None
+                  for key in keys]
     longest = max(len(p) for p in prompts)
     pad = stop_ids[0] if stop_ids else 0
     inputs = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts])
@@ -471,8 +477,10 @@ def replies(model, tokenizer, conversations: list[list[dict]], params: SamplingP
 
 
 def decode_replies(model, tokenizer, conversations: list[list[dict]], params: SamplingParams, batch_size: int,
-                   done: Callable[[int], None] | None = None) -> tuple[list[str], Decoding]:
-    """replies() and how they were decoded; `done(i)` is called as conversation i's reply ends."""
+                   done: Callable[[int], None] | None = None, keys: list[int] | None = None
+                   ) -> tuple[list[str], Decoding]:
+    """replies() and how they were decoded; `done(i)` is called as conversation i's reply ends; keys: as in
+    generate_all (what each conversation's sampling seed adds)."""
     prompts = [render_prompt(tokenizer, messages) for messages in conversations]
-    generated, decoding = generate_all(model, prompts, end_of_turn_ids(tokenizer), params, batch_size, done)
+    generated, decoding = generate_all(model, prompts, end_of_turn_ids(tokenizer), params, batch_size, done, keys)
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids in generated], decoding

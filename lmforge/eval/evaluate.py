@@ -93,7 +93,7 @@ def load_test_set(entries: list[str], dataset_dir: str | None = None, max_sample
 class EvalOptions:
     generate: bool = True
     params: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=256))
-    batch_size: int = 16  # decode rows (fast decoder: one continuous batch) or prompts per batch; loss batch
+    batch_size: int = 32  # decode rows (fast decoder: one continuous batch) or prompts per batch; loss batch
     cutoff_len: int = 1024
     choices: list[str] | None = None  # None: detected from the references (metrics.detect_choices)
     dtype: str = "auto"
@@ -220,13 +220,14 @@ def generate_replies(model, tokenizer, items: list[TestItem], options: EvalOptio
                      ) -> tuple[list[str], Decoding]:
     """Replies to every prompt and how they were decoded (said on stderr). On the fast decoder the whole set is one
     continuous batch on options.batch_size rows; the longest prompts go first, so the slowest start early and the
-    progress bar's estimate errs long (and on the model's own forward, prompts of similar length share a batch)."""
+    progress bar's estimate errs long (and on the model's own forward, prompts of similar length share a batch).
+    Sampling with a seed: test example i draws from seed + i, in any order and batch."""
     order = sorted(range(len(items)), key=lambda i: -len(tokenizer.apply_chat_template(items[i].prompt,
                                                                                       tokenize=False)))
     predictions: list[str] = [""] * len(items)
     with tqdm(total=len(items), desc=desc, unit="ex", dynamic_ncols=True) as progress:
         texts, decoding = decode_replies(model, tokenizer, [items[i].prompt for i in order], options.params,
-                                         options.batch_size, done=lambda _: progress.update(1))
+                                         options.batch_size, done=lambda _: progress.update(1), keys=order)
     for i, text in zip(order, texts):
         predictions[i] = text.strip()
     return predictions, decoding
