@@ -30,6 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 PARIS = "What is the weather in Paris?"
 TWO = "Compare Rome and Oslo."
+LLAMA31_REPLY = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
 PARIS_REPLY = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 TWO_REPLY = ('Checking both.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>\n'
              '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>')
@@ -130,6 +131,22 @@ def server(tmp_path_factory):
         yield url, path
 
 
+@pytest.fixture(scope="module")
+def llama31_server(tmp_path_factory):
+    """A tiny Llama trained to answer PARIS with Llama 3.1's bare JSON call."""
+    tokenizer = llama3_tokenizer()
+    tokenizer.chat_template = LLAMA31_STYLE
+    path = make_tiny_model("llama", tokenizer, tmp_path_factory.mktemp("tools31") / "tools31")
+    tokenizer = load_tokenizer(path)
+    prompt = render_prompt(tokenizer, [{"role": "user", "content": PARIS}], tools=[weather_tool()])
+    reply = tokenizer.encode(LLAMA31_REPLY, add_special_tokens=False) + [tokenizer.convert_tokens_to_ids("<|eot_id|>")]
+    _train_to_call(path, [(prompt, reply)])
+    config = ServeSettings(max_tokens=256, context_length=1024)
+    engine = build_engine(path, None, {}, config)
+    with live_server(create_app(engine, config)) as (url, _):
+        yield url
+
+
 def client(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
 
@@ -188,6 +205,20 @@ def test_langchain_bind_tools_gets_tool_calls(server):
     assert streamed.content == "Checking both."
     assert [(c["name"], c["args"]) for c in streamed.tool_calls] == [("get_weather", {"city": "Rome"}),
                                                                      ("get_weather", {"city": "Oslo"})]
+
+
+def test_llama31_json_calls_non_stream_and_stream(llama31_server):
+    request = {**ask(PARIS), "model": "tools31"}
+    choice = client(llama31_server).chat.completions.create(**request).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == [
+        ("get_weather", {"city": "Paris"})]
+    with client(llama31_server).chat.completions.stream(**request) as stream:
+        final = stream.get_final_completion().choices[0]
+    assert final.finish_reason == "tool_calls" and not final.message.content
+    assert json.loads(final.message.tool_calls[0].function.arguments) == {"city": "Paris"}
+    none = client(llama31_server).chat.completions.create(**{**request, "tool_choice": "none"}).choices[0]
+    assert none.message.content == LLAMA31_REPLY and none.message.tool_calls is None
 
 
 def test_tool_choice_none_and_required_leave_the_text_as_content(server):

@@ -2,8 +2,10 @@
 
 Requests are pydantic models that accept what the official clients send (null means "the default", as in OpenAI's
 API); fields we cannot honour are refused by name rather than ignored. Validation problems are reported with the
-field's path as the client wrote it (messages[0].content), never pydantic's internals. Responses are built here so
-every endpoint speaks the same shapes. Must not know about the engine, keys or limits.
+field's path as the client wrote it (messages[0].content), never pydantic's internals. Tools, tool_choice and the
+tool calls / tool results of a conversation are read here into what chat templates take (whether the served template
+takes them is routes.py's check). Responses are built here so every endpoint speaks the same shapes. Must not know
+about the engine, keys or limits.
 """
 
 from __future__ import annotations
