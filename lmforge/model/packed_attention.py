@@ -14,6 +14,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 PACKED_ATTENTION = "lmforge_packed"
+FLOAT32_BELOW = 256  # tokens: shorter examples attend in float32 under CPU bf16 autocast (see _causal)
 
 
 def packed_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -21,15 +22,27 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout=
     if cu_seq_lens is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    # query: [1, heads, T, dim]; key/value: [1, kv_heads, T, dim]; enable_gqa shares kv heads without copying them
+    # query: [1, heads, T, dim]; key/value: [1, kv_heads, T, dim]; enable_gqa shares kv heads without copying them.
+    # split, not slicing: a slice's backward fills a zero tensor of the whole row per example and adds them up
     bounds = cu_seq_lens.tolist()
-    outputs = [
-        F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
-                                       dropout_p=dropout if module.training else 0.0, scale=scaling,
-                                       enable_gqa=query.shape[1] != key.shape[1])
-        for s, e in zip(bounds[:-1], bounds[1:])
-    ]
+    lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    outputs = [_causal(q, k, v, dropout if module.training else 0.0, scaling)
+               for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _causal(query, key, value, dropout: float, scaling):
+    """One example's causal attention. Under CPU bf16 autocast an example shorter than FLOAT32_BELOW tokens computes
+    in float32: the CPU flash-attention backward in bf16 is slower than float32's there (benchmarks/RESULTS.md)."""
+    if (query.shape[2] < FLOAT32_BELOW and query.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and query.dtype != torch.float32):
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(query.float(), key.float(), value.float(), is_causal=True,
+                                                 dropout_p=dropout, scale=scaling,
+                                                 enable_gqa=query.shape[1] != key.shape[1])
+        return out.to(query.dtype)
+    return F.scaled_dot_product_attention(query, key, value, is_causal=True, dropout_p=dropout, scale=scaling,
+                                          enable_gqa=query.shape[1] != key.shape[1])
 
 
 def register() -> str:

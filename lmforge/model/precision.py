@@ -10,7 +10,8 @@ matrices are rounded once, when training starts (`keep_frozen_weights`), instead
 cache keeps only tensors that require grad, so it re-cast every frozen fp32 weight in every forward and backward.
 
 Every choice is a pure function of a CpuCapability and a GemmProbe, so both kinds of CPU are tested on any machine by
-passing them in. Must not know about training loops, runs or serving engines; it only decides and explains.
+passing them in. Must not know about training loops, runs or serving engines; it decides, explains, and puts a bf16
+choice into a model (rounded frozen weights, activations handed to the matmuls in bf16).
 """
 
 from __future__ import annotations
@@ -210,12 +211,13 @@ def training_precision(requested: str | None, model_config=None, announce: bool 
     return chosen
 
 
-def keep_frozen_weights(model: torch.nn.Module, dtype: torch.dtype) -> tuple[int, int]:
+def keep_frozen_weights(model: torch.nn.Module, dtype: torch.dtype, activations: bool = True) -> tuple[int, int]:
     """Round the frozen float32 weight matrices (ndim ≥ 2: linear layers, embeddings, a tied LM head) to `dtype` in
     place, once, so autocast uses them as they are instead of casting each at every use. Trainable parameters, norms,
     biases and buffers (RoPE frequencies) keep their dtype. An embedding whose table was rounded hands float32 to the
-    layers after it (a forward hook), so the residual stream stays float32 as under plain autocast. Returns (tensors
-    rounded, bytes saved). Only for training: a model saved whole afterwards would carry the rounded weights."""
+    layers after it (a forward hook), so the residual stream stays float32 as under plain autocast. With
+    `activations`, also `half_activations(model)`. Returns (tensors rounded, bytes saved). Only for training: a model
+    saved whole afterwards would carry the rounded weights."""
     rounded: set[int] = set()
     saved = 0
     for parameter in model.parameters():  # each shared (tied) Parameter once
@@ -227,11 +229,45 @@ def keep_frozen_weights(model: torch.nn.Module, dtype: torch.dtype) -> tuple[int
     for module in model.modules():
         if isinstance(module, torch.nn.Embedding) and id(module.weight) in rounded:
             module.register_forward_hook(_float32_output)
+    if activations and rounded:
+        half_activations(model)
     return len(rounded), saved
+
+
+def half_activations(model: torch.nn.Module) -> int:
+    """Under autocast, hand the matmuls their input already in the autocast dtype, rounded once where it is made
+    instead of once per consumer: an RMSNorm's output (read by q, k, v or gate, up — autocast would round it for each,
+    and each rounding's backward adds a float32 gradient), the rotary cos / sin tables (float32 tables turn the bf16
+    q and k into float32 that attention rounds back), and PEFT's cast of a layer's input to its float32 LoRA weights
+    (which autocast then rounds back to bf16). The values reaching the matmuls are the same as autocast's; the
+    gradients of a norm's consumers are summed in bf16 before their one conversion. Outside autocast nothing changes.
+    Returns how many modules changed."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    count = 0
+    for module in model.modules():
+        name = type(module).__name__
+        if name.endswith("RMSNorm") or name.endswith("RotaryEmbedding"):
+            module.register_forward_hook(_autocast_dtype_output)
+            count += 1
+        elif isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False  # peft's switch (tuners_utils._cast_input_dtype)
+            count += 1
+    return count
 
 
 def _float32_output(module, inputs, output):
     return output.float() if output.is_floating_point() else output
+
+
+def _autocast_dtype_output(module, inputs, output):
+    device = "cpu"
+    if not torch.is_autocast_enabled(device):
+        return output
+    dtype = torch.get_autocast_dtype(device)
+    if isinstance(output, tuple):
+        return tuple(t.to(dtype) if t.dtype == torch.float32 else t for t in output)
+    return output.to(dtype) if output.dtype == torch.float32 else output
 
 
 def load_dtype(requested: str | None) -> torch.dtype:
