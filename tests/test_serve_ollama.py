@@ -8,6 +8,7 @@ import json
 import ollama
 import openai
 import pytest
+from conftest import make_tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from serve_helpers import http, live_server, make_adapter, vivid_tiny_model, wait_steps
@@ -140,7 +141,7 @@ def test_tags_show_ps_version(server, models):
     assert shown.modelinfo["general.parameter_count"] == parameters
     assert "{{ .Content }}" in shown.template and "TEMPLATE" in shown.modelfile  # the Go template export writes
     assert "temperature" in shown.parameters and "num_ctx" in shown.parameters and "stop" in shown.parameters
-    assert {m.model for m in c.ps().models} == set(listed)
+    assert {m.model for m in c.ps().models} == set(listed) and shown.capabilities == ["completion"]
     status, _, body = http("GET", f"{url}/api/version", key=KEY)
     assert status == 200 and json.loads(body)["version"]
     with pytest.raises(ollama.ResponseError) as caught:
@@ -188,11 +189,13 @@ def test_malformed_requests_are_400_with_ollama_errors(server):
         ({"model": "tiny", "messages": HI, "options": {"top_k": 40}}, 400, "top_k is not supported"),
         ({"model": "tiny", "messages": HI, "options": {"num_predict": 0}}, 400, "options.num_predict"),
         ({"model": "tiny", "messages": HI, "options": {"num_predict": 5000}}, 400, "at most 64"),
-        ({"model": "tiny", "messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role"),
+        ({"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role"),
+        ({"model": "tiny", "messages": [{"role": "tool", "content": "x"}]}, 400, "does not render tools"),
         ({"model": "tiny", "messages": "hello"}, 400, "messages"),
         ({"model": "tiny", "messages": HI, "format": "json"}, 400, "format"),
         ({"model": "tiny", "messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
-         "/v1/chat/completions"),
+         "does not render tools"),
+        ({"model": "tiny", "messages": HI, "tools": [{"type": "function"}]}, 400, "tools[0].function"),
         (b'{"model": "tiny", "messages": [], "pad": "' + b"x" * (3 << 20) + b'"}', 413, "max_body_bytes"),
         ({"model": "tiny", "messages": HI * 200}, 400, "context"),
         ({"model": "gpt-4", "messages": HI}, 404, "not found"),
@@ -334,3 +337,55 @@ def test_base_model_without_template_and_a_template_go_cannot_restate(bundled_mo
             model="numbered", messages=[{"role": "system", "content": "Be brief."}, *HI], max_tokens=12,
             temperature=0)
         assert chat.message.content == same.choices[0].message.content
+
+
+@pytest.fixture(scope="module")
+def tool_server(tmp_path_factory):
+    """A tiny Qwen2 trained (as tests/test_serve_tools.py does) until greedy decoding answers with the Qwen2.5
+    template's tool calls — for the tool exactly as the ollama client sends a Python function."""
+    from ollama._client import _copy_tools
+    from test_serve_tools import PARIS, PARIS_REPLY, TWO, TWO_REPLY, _train_to_call, get_weather, qwen_tool_tokenizer
+
+    from lmforge.data.render import render_prompt as render
+
+    path = make_tiny_model("qwen2", qwen_tool_tokenizer(), tmp_path_factory.mktemp("ollama_tools") / "tools")
+    tokenizer = load_tokenizer(path)
+    tool = [t.model_dump(exclude_none=True) for t in _copy_tools([get_weather])]
+    end = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    _train_to_call(path, [(render(tokenizer, [{"role": "user", "content": question}], tools=tool),
+                           tokenizer.encode(reply, add_special_tokens=False) + end)
+                          for question, reply in ((PARIS, PARIS_REPLY), (TWO, TWO_REPLY))])
+    config = ServeSettings(max_tokens=256, context_length=1024)
+    with live_server(create_app(build_engine(path, None, {}, config), config)) as (url, _):
+        yield url, get_weather, PARIS, TWO
+
+
+def test_tool_calls_on_api_chat_streamed_or_not(tool_server):
+    url, get_weather, paris, two = tool_server
+    c, greedy = client(url, None), {"temperature": 0, "num_predict": 200}
+    reply = c.chat(model="tools", messages=[{"role": "user", "content": paris}], tools=[get_weather], stream=False,
+                   options=greedy)
+    assert reply.message.content == "" and reply.done_reason == "stop"
+    assert [(t.function.name, dict(t.function.arguments)) for t in reply.message.tool_calls] == \
+        [("get_weather", {"city": "Paris"})]
+    chunks = list(c.chat(model="tools", messages=[{"role": "user", "content": two}], tools=[get_weather],
+                         stream=True, options=greedy))
+    assert "".join(chunk.message.content or "" for chunk in chunks) == "Checking both."
+    calls = [t for chunk in chunks for t in chunk.message.tool_calls or ()]
+    assert [dict(t.function.arguments)["city"] for t in calls] == ["Rome", "Oslo"] and chunks[-1].done
+    whole = c.chat(model="tools", messages=[{"role": "user", "content": two}], tools=[get_weather], stream=False,
+                   options=greedy)
+    assert whole.message.content == "Checking both." and whole.message.tool_calls == calls
+    # The call and its result in the history render as on /v1: the same prompt, so the same greedy reply.
+    history = [{"role": "user", "content": paris}, reply.message,
+               {"role": "tool", "content": "sunny", "tool_name": "get_weather"}]
+    answer = c.chat(model="tools", messages=history, stream=False, options={**greedy, "num_predict": 8})
+    same = openai_client(url, "unused").chat.completions.create(
+        model="tools", temperature=0, max_tokens=8, messages=[
+            {"role": "user", "content": paris},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+                "name": "get_weather", "arguments": json.dumps({"city": "Paris"})}}]},
+            {"role": "tool", "tool_call_id": "c1", "name": "get_weather", "content": "sunny"}])
+    assert answer.message.content and answer.message.content == same.choices[0].message.content
+    assert answer.prompt_eval_count == same.usage.prompt_tokens
+    assert c.show("tools").capabilities == ["completion", "tools"]

@@ -2,14 +2,16 @@
 /api/ps, /api/version — so tools built for Ollama (its Python / JS clients, Open WebUI) talk to a served model.
 
 Owns the Ollama wire format only: its requests (stream defaults to true; `options` carries temperature, top_p, seed,
-num_predict, stop and the penalties), its replies (`done`, `done_reason`, durations in nanoseconds, token counts),
-its error body {"error": "..."} (also for streams cut short, as a last line), and the "load the model" reply to an
-empty chat or prompt; what /api/tags and /api/show say about a model is ollama_models.py's. Everything else is the
-OpenAI path's: the guard (keys, kill switch, rate limits), the body cap, validation in a worker thread, the
-chat template, the engine's queue and routes._Run (stop strings, timeouts, kill switch in abort mode, usage, metrics,
-cancel on disconnect). Sampling the engine cannot do (top_k, min_p, repeat_penalty, mirostat, …) is refused by name
-unless set to its no-op value; Ollama's runtime options (num_ctx, num_thread, num_gpu, …) and keep_alive are
-accepted and change nothing (the served models stay loaded). Must not do model arithmetic or decide limits.
+num_predict, stop and the penalties; tools, tool calls and tool results as Ollama writes them), its replies (`done`,
+`done_reason`, durations in nanoseconds, token counts, tool calls with their arguments as objects), its error body
+{"error": "..."} (also for streams cut short, as a last line), and the "load the model" reply to an empty chat or
+prompt; what /api/tags and /api/show say about a model is ollama_models.py's. Everything else is the OpenAI path's:
+the guard (keys, kill switch, rate limits), the body cap, validation in a worker thread (a request is restated as a
+ChatCompletionRequest / CompletionRequest), the chat template, tools.py's reading of tool calls, the engine's queue
+and routes._Run (stop strings, timeouts, kill switch in abort mode, usage, metrics, cancel on disconnect). Sampling
+the engine cannot do (top_k, min_p, repeat_penalty, mirostat, …) is refused by name unless set to its no-op value;
+Ollama's runtime options (num_ctx, num_thread, num_gpu, …) and keep_alive are accepted and change nothing (the
+served models stay loaded). Must not do model arithmetic or decide limits.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from starlette.exceptions import HTTPException
 
 from .. import __version__
-from ..data.render import render_prompt
+from ..data.render import render_prompt, template_renders_tools
+from . import tools
 from .engine import EngineBusy, EngineStopped, Sampling, Submission
 from .ollama_models import OllamaModels, iso_time
 from .protocol import ApiError, ChatCompletionRequest, CompletionRequest
@@ -142,12 +145,24 @@ class _Request(BaseModel):
         return value
 
 
+class _Function(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(min_length=1)
+    arguments: dict = Field(default_factory=dict)  # Ollama sends the object itself (OpenAI: a JSON string)
+
+
+class _ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    function: _Function
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: str
     content: str = ""
     images: list[Any] | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: list[_ToolCall] | None = None  # assistant: the calls it made
+    tool_name: str | None = None  # tool: the function whose result this is
 
     @model_validator(mode="before")
     @classmethod
@@ -159,32 +174,33 @@ class Message(BaseModel):
     @field_validator("role")
     @classmethod
     def known_role(cls, value):
-        if value not in ("system", "user", "assistant"):
-            raise ValueError(f"role {value!r} is not supported on /api/chat: use system, user or assistant (tool "
-                             f"calling is on /v1/chat/completions)")
+        if value not in ("system", "user", "assistant", "tool"):
+            raise ValueError(f"role {value!r} is not one of system, user, assistant, tool")
         return value
 
-    @field_validator("images", "tool_calls")
+    @field_validator("images")
     @classmethod
-    def text_only(cls, value, info):
+    def text_only(cls, value):
         if value:
-            what = "images (text-only models)" if info.field_name == "images" else \
-                "tool_calls on /api/chat (tool calling is on /v1/chat/completions)"
-            raise ValueError(f"{what} are not supported by this server")
+            raise ValueError("images are not supported by this server (text-only models)")
         return value
+
+    def as_openai(self, index: int) -> dict:
+        """The message in OpenAI's shape (ChatCompletionRequest validates it; a call's arguments as JSON text)."""
+        message: dict = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            message["tool_calls"] = [{"id": f"call_{index}_{number}", "type": "function",
+                                      "function": {"name": call.function.name,
+                                                   "arguments": json.dumps(call.function.arguments)}}
+                                     for number, call in enumerate(self.tool_calls)]
+        if self.role == "tool" and self.tool_name:
+            message["name"] = self.tool_name
+        return message
 
 
 class ChatRequest(_Request):
     messages: list[Message] = Field(default_factory=list)
-    tools: list[Any] | None = None
-
-    @field_validator("tools")
-    @classmethod
-    def no_tools(cls, value):
-        if value:
-            raise ValueError("tools are not supported on /api/chat by this server; tool calling is on "
-                             "/v1/chat/completions (OpenAI's tools, for templates that render them)")
-        return value
+    tools: list[Any] | None = None  # OpenAI's function tools (the same shape); ChatCompletionRequest checks them
 
 
 class GenerateRequest(_Request):
@@ -343,7 +359,9 @@ def _prepare(state, raw: bytes, schema: type[_Request]) -> _Prepared:
     if isinstance(request, ChatRequest):
         if not request.messages:
             return prepared
-        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        messages = [m.as_openai(index) for index, m in enumerate(request.messages)]
+        if request.tools:
+            sampling["tools"] = request.tools
     elif request.raw or not served.has_chat_template:  # the prompt as it is, like /v1/completions
         if request.system:
             raise ApiError(400, "system: a raw prompt (raw: true, or a model without a chat template) is sent as "
@@ -367,8 +385,14 @@ def _prepare(state, raw: bytes, schema: type[_Request]) -> _Prepared:
     retrieval = getattr(state, "retrieval", None)
     if retrieval is not None:  # serve --kb: the knowledge base's passages join the messages (retrieval.py)
         prepared.body, prepared.retrieved = retrieval.augment(prepared.body, served)
+    body, tool_dicts = prepared.body, None
+    if body.uses_tools:  # tools offered, or calls / results in the history: the template must render them
+        if not template_renders_tools(served.tokenizer):
+            raise ApiError(400, f"tools: the chat template of model {served.name!r} does not render tools (no tool "
+                                f"descriptions, calls or results in it); leave tools and tool messages out for it")
+        tool_dicts = body.tool_dicts()
     try:
-        prepared.prompt = render_prompt(served.tokenizer, prepared.body.conversation())
+        prepared.prompt = render_prompt(served.tokenizer, body.conversation(), tools=tool_dicts)
     except (TemplateError, ValueError, TypeError) as err:  # e.g. a template that insists on alternating roles
         raise ApiError(400, f"the chat template rejected these messages: {err}") from None
     return prepared
@@ -396,17 +420,27 @@ def _max_tokens(prepared: _Prepared, settings, context: int) -> int:
 
 
 async def _stream(run: _Run, prepared: _Prepared):
-    """One JSON object per line: each piece of text with done false, then the statistics with done true. An error
-    after the first line travels as a line {"error": ...} (Ollama's clients raise it)."""
+    """One JSON object per line: each piece of text with done false, the tool calls read from the reply (one line),
+    then the statistics with done true. An error after the first line travels as a line {"error": ...} (Ollama's
+    clients raise it)."""
+    calls_stream = tools.ToolCallStream(run.tool_format, run.body.tool_names) if run.tool_format else None
     first_token, said = None, ""
     try:
         async for _, text, reason in run.pieces():
             first_token = first_token or time.perf_counter()
             said += text
+            calls = []
+            if calls_stream is not None:  # content now; what may be a call waits for the end of the reply
+                text = calls_stream.add(text) if text else ""
+                if reason:
+                    rest, calls = calls_stream.finish()
+                    text += rest
             if reason and run.retrieved is not None and run.retrieved.hits:
                 text += run.retrieved.footer()  # serve --kb: the Sources line ends the reply
             if text:
                 yield _line(_reply(prepared, text, {"done": False}))
+            if calls:
+                yield _line(_reply(prepared, "", {"done": False}, calls))
             if reason:
                 yield _line(_reply(prepared, "", _final(run, reason, first_token, said)))
     except ApiError as error:
@@ -422,8 +456,11 @@ async def _collect(run: _Run, prepared: _Prepared, request: Request) -> dict:
             said += piece
     finally:
         watcher.cancel()
+    content, calls = said, []
+    if run.tool_format is not None:
+        content, calls = tools.parse_tool_calls(said, run.tool_format, run.body.tool_names)
     footer = run.retrieved.footer() if run.retrieved is not None and run.retrieved.hits else ""
-    return _reply(prepared, said + footer, _final(run, reason, first_token, said))
+    return _reply(prepared, (content or "") + footer, _final(run, reason, first_token, said), calls)
 
 
 def _final(run: _Run, reason: str | None, first_token: float | None, said: str) -> dict:
@@ -440,11 +477,15 @@ def _final(run: _Run, reason: str | None, first_token: float | None, said: str) 
     return final
 
 
-def _reply(prepared: _Prepared, text: str, rest: dict) -> dict:
+def _reply(prepared: _Prepared, text: str, rest: dict, calls: list | None = None) -> dict:
     head = {"model": prepared.asked_model, "created_at": _now()}
-    if prepared.kind == "chat":
-        return {**head, "message": {"role": "assistant", "content": text}, **rest}
-    return {**head, "response": text, **rest}
+    if prepared.kind != "chat":
+        return {**head, "response": text, **rest}
+    message = {"role": "assistant", "content": text}
+    if calls:  # Ollama's shape: the arguments as an object, no ids
+        message["tool_calls"] = [{"function": {"name": call.name, "arguments": json.loads(call.arguments)}}
+                                 for call in calls]
+    return {**head, "message": message, **rest}
 
 
 def _line(payload: dict) -> str:

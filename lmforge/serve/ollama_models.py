@@ -18,7 +18,7 @@ import math
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ..data.render import end_of_turn_ids, render_text
+from ..data.render import end_of_turn_ids, render_text, template_renders_tools
 from .protocol import ApiError
 
 
@@ -75,7 +75,8 @@ class OllamaModels:
                 f"{family}.context_length": self.engine.max_len,
                 "tokenizer.chat_template": served.tokenizer.chat_template or ""}
         return {"modelfile": modelfile, "parameters": parameters, "template": template, "license": "",
-                "details": listing["details"], "model_info": info, "capabilities": ["completion"],
+                "details": listing["details"], "model_info": info,
+                "capabilities": ["completion", *(["tools"] if template_renders_tools(served.tokenizer) else [])],
                 "modified_at": listing["modified_at"]}
 
     def defaults(self, served) -> dict:
