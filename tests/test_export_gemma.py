@@ -249,8 +249,8 @@ def test_a_gemma3_llama_cpp_would_run_differently_is_refused_clearly(tmp_path, c
 def test_gemma3_with_a_byte_level_tokenizer_and_a_unigram_tokenizer_are_refused(tmp_path):
     model = Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=1100, hidden_size=64, intermediate_size=128,
                                                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
-    with pytest.raises(ModelError, match="SentencePiece .* tokenizer, as llama.cpp reads them; this tokenizer is a "
-                                         "byte-level BPE one"):
+    with pytest.raises(ModelError, match="gemma3 models with a SentencePiece .* tokenizer only; this tokenizer is "
+                                         "a byte-level BPE one"):
         check_gguf_support(model, tiny_tokenizer())
     tokenizer = spm_tokenizer()
     backend = json.loads(tokenizer.backend_tokenizer.to_str())

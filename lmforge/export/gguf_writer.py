@@ -101,8 +101,8 @@ def check_gguf_support(model, tokenizer) -> GGUFArchitecture:
     if kind != architecture.vocabulary:
         described = {"bpe": "a byte-level BPE", "spm": "a SentencePiece (BPE with byte fallback)"}
         raise ModelError(f"GGUF export writes {architecture.name} models with {described[architecture.vocabulary]} "
-                         f"tokenizer, as llama.cpp reads them; this tokenizer is {described[kind]} one. Export "
-                         f"without --gguf and convert with llama.cpp's convert_hf_to_gguf.py")
+                         f"tokenizer only; this tokenizer is {described[kind]} one. Export without --gguf and "
+                         f"convert with llama.cpp's convert_hf_to_gguf.py")
     if kind == "bpe":
         pre_tokenizer_name(tokenizer)  # raises for a tokenizer we cannot describe
     return architecture
