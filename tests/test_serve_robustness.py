@@ -340,7 +340,7 @@ def test_retrieve_one_model(server):
 @pytest.mark.parametrize("path, extra, field", [
     ("/v1/chat/completions", {"functions": [{"name": "f", "parameters": {}}]}, "functions"),
     ("/v1/chat/completions", {"function_call": "auto"}, "function_call"),
-    ("/v1/chat/completions", {"tool_choice": "auto"}, "tool_choice"),  # without tools
+    ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),  # without tools
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),  # no tools in
     # this model's chat template (tests/test_serve_tools.py serves one that has them)
     ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),

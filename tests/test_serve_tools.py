@@ -259,7 +259,7 @@ def test_tool_results_in_the_history_are_rendered_through_the_template(server):
 
 
 @pytest.mark.parametrize("extra, param, words", [
-    ({"tool_choice": "auto", "tools": None}, "tool_choice", "needs tools"),
+    ({"tool_choice": "required", "tools": None}, "tool_choice", "needs tools"),
     ({"tool_choice": {"type": "function", "function": {"name": "other"}}}, "tool_choice", "not one of the tools"),
     ({"tools": [{"type": "function", "function": {"name": "f", "strict": True}}]}, "tools[0].function.strict",
      "does not constrain decoding"),

@@ -199,6 +199,24 @@ class ChatMessage(BaseModel):
         return message
 
 
+_CALL_SCHEMA = {"type": "object", "required": ["function"], "properties": {
+    "id": {"type": "string"}, "type": {"const": "function"},
+    "function": {"type": "object", "required": ["name", "arguments"],
+                 "properties": {"name": {"type": "string", "minLength": 1},
+                                "arguments": {"type": "string", "description": "a JSON object, as text"}}}}}
+# One schema per kind of message, as OpenAI's own spec has them: tool_calls only on assistant messages, tool_call_id
+# on tool results (content may be null beside tool_calls; the schema leaves that out).
+MESSAGE_SCHEMA = {"anyOf": [
+    {"type": "object", "required": ["role", "content"],
+     "properties": {"role": {"enum": ["system", "developer", "user"]}, "content": TEXT_PARTS_SCHEMA,
+                    "name": {"type": "string"}}},
+    {"type": "object", "required": ["role", "content"],
+     "properties": {"role": {"const": "assistant"}, "content": TEXT_PARTS_SCHEMA, "name": {"type": "string"},
+                    "tool_calls": {"type": "array", "items": _CALL_SCHEMA}}},
+    {"type": "object", "required": ["role", "content"],
+     "properties": {"role": {"const": "tool"}, "content": TEXT_PARTS_SCHEMA, "tool_call_id": {"type": "string"}}}]}
+
+
 class FunctionSpec(BaseModel):
     model_config = ConfigDict(extra="ignore")
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
@@ -314,7 +332,7 @@ class _Sampling(BaseModel):
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[Annotated[ChatMessage, WithJsonSchema(MESSAGE_SCHEMA)]] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     # Tool calling, for a model whose chat template renders tools (routes.py checks; tools.py reads calls back).
     tools: list[Tool] | None = None
@@ -327,8 +345,9 @@ class ChatCompletionRequest(_Sampling):
         if "tools" not in info.data:  # the tools themselves were refused: that error says it
             return value
         names = {tool.function.name for tool in info.data["tools"] or ()}
-        if not names:
-            raise ValueError("needs tools: send the tools the model may call, or leave tool_choice out")
+        if not names and value not in ("none", "auto"):  # without tools, none and auto mean the same: no calls
+            raise ValueError(f"{value if isinstance(value, str) else 'a named function'} needs tools: send the tools "
+                             f"the model may call")
         if isinstance(value, NamedToolChoice) and value.function.name not in names:
             raise ValueError(f"names the function {value.function.name!r}, which is not one of the tools "
                              f"({', '.join(sorted(names))})")
@@ -368,7 +387,10 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    # The schema says what is accepted: one non-empty prompt, or a list holding exactly one (one_prompt below).
+    prompt: Annotated[str | list[str], WithJsonSchema({"anyOf": [
+        {"type": "string", "minLength": 1}, {"type": "array", "items": {"type": "string", "minLength": 1},
+                                             "minItems": 1, "maxItems": 1}]})]
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for text completions
     echo: bool = False
     suffix: str | None = None
