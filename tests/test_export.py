@@ -34,8 +34,6 @@ from lmforge.data.render import (
     render_text,
 )
 from lmforge.export.modelfile import (
-    TemplateNotExpressible,
-    derive_turn_format,
     ollama_prompt,
     read_modelfile,
 )
@@ -283,16 +281,6 @@ def test_ollama_prompt_follows_go_template_semantics():
     assert ollama_prompt(template, "Be nice.", messages) == expected  # consecutive user turns merge, as in Ollama
 
 
-def test_a_template_that_folds_the_system_prompt_into_the_user_turn_gets_no_modelfile(tokenizer):
-    tokenizer.chat_template = (  # Gemma's shape: no system turn; the system text opens the first user turn
-        "{%- set first = true %}{%- for m in messages %}{%- if m['role'] == 'system' %}{%- set sys = m['content'] %}"
-        "{%- else %}{{ '<|im_start|>' + m['role'] + '\\n' }}{%- if loop.index0 == 1 and messages[0]['role'] == "
-        "'system' %}{{ messages[0]['content'] + '\\n\\n' }}{%- endif %}{{ m['content'] + '<|im_end|>\\n' }}{%- endif %}"
-        "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}")
-    with pytest.raises(TemplateNotExpressible):
-        derive_turn_format(tokenizer)
-
-
 # ---------------------------------------------------------------------------------------------- other sources
 
 
@@ -372,7 +360,7 @@ def test_refusals_are_clear_and_leave_nothing_behind(llama_run, tmp_path, capsys
     tiny_tokenizer().save_pretrained(gemma)
     assert main(["export", str(gemma), "-o", str(tmp_path / "g"), "--gguf", "q8_0"]) == 2
     error = capsys.readouterr().err
-    assert "'gemma3_text'" in error and "llama, qwen2" in error
+    assert "query_pre_attn_scalar 256 with head_dim 16" in error  # a Gemma 3 llama.cpp would run differently
 
     prefix_run = tmp_path / "prefix-run"  # a run whose method adds virtual tokens: nothing to merge into weights
     shutil.copytree(llama_run / "adapter", prefix_run / "adapter")
