@@ -46,6 +46,8 @@ CONVERTER_DOCS = {
     "ray_run_name": ("refused", "as ray_num_workers"),
     "ray_storage_path": ("refused", "as ray_num_workers"),
     "ray_storage_filesystem": ("refused", "as ray_num_workers"),
+    "mixture_of_depths": ("refused", "convert / load: mixture-of-depths (the mixture-of-depth package's layers that "
+                                     "route tokens past blocks) is not an architecture lmforge trains; remove it"),
 }
 
 STATUS_ZH = {"honoured": "支持", "noted": "接受并提示（不起作用）", "refused": "拒绝", "partly": "部分支持"}

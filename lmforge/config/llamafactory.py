@@ -111,6 +111,14 @@ def _pref_loss(value: Any) -> tuple[dict | None, str | None]:
     raise Refused(f"pref_loss: {value!r} — lmforge has sigmoid, hinge, ipo (stage dpo), orpo and simpo")
 
 
+def _mixture_of_depths(value: Any) -> tuple[dict | None, str | None]:
+    if value in (None, "", False):
+        return None, None
+    raise Refused(f"mixture_of_depths: {value!r} — mixture-of-depths (the mixture-of-depth package's layers that "
+                  f"route tokens past blocks) is not an architecture lmforge trains; it trains the model's own "
+                  f"layers: remove mixture_of_depths")
+
+
 def _ignored(reason: str) -> Callable[[Any], tuple[dict | None, str | None]]:
     return lambda value: (None, f"{reason} (ignored)")
 
@@ -261,6 +269,19 @@ FLAT_KEYS: dict[str, str | Callable[[Any], tuple[dict | None, str | None]]] = {
     **{key: _ignored(f"{key}: a setting of BAdam (use_badam), which lmforge does not run") for key in (
         "badam_mode", "badam_start_block", "badam_switch_mode", "badam_switch_interval", "badam_update_ratio",
         "badam_mask_mode", "badam_verbose")},
+    "use_dft_loss": _false_only("use_dft_loss", "DFT scales each token's loss by the model's own probability of "
+                                                "it, a loss lmforge does not have; lmforge's SFT trains with the "
+                                                "standard token cross-entropy: remove use_dft_loss"),
+    "use_eaft_loss": _false_only("use_eaft_loss", "EAFT weights each token's loss by the model's entropy there, a "
+                                                  "loss lmforge does not have; lmforge's SFT trains with the standard "
+                                                  "token cross-entropy: remove use_eaft_loss (and eaft_alpha)"),
+    "eaft_alpha": _ignored("eaft_alpha: a setting of use_eaft_loss, which lmforge does not run"),
+    "use_asft_loss": _false_only("use_asft_loss", "ASFT (DFT's probability-weighted loss anchored to a frozen "
+                                                  "reference model by KL) is a loss lmforge does not have; lmforge's "
+                                                  "SFT trains with the standard token cross-entropy: remove "
+                                                  "use_asft_loss (and asft_alpha)"),
+    "asft_alpha": _ignored("asft_alpha: a setting of use_asft_loss, which lmforge does not run"),
+    "mixture_of_depths": _mixture_of_depths,
     "dataset": "data.train",
     "eval_dataset": "data.val",
     "dataset_dir": "data.dataset_dir",
