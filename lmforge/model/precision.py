@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import sys
 import time
+import types
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -239,8 +240,10 @@ def half_activations(model: torch.nn.Module) -> int:
     instead of once per consumer: an RMSNorm's output (read by q, k, v or gate, up — autocast would round it for each,
     and each rounding's backward adds a float32 gradient), the rotary cos / sin tables (float32 tables turn the bf16
     q and k into float32 that attention rounds back), and PEFT's cast of a layer's input to its float32 LoRA weights
-    (which autocast then rounds back to bf16). The values reaching the matmuls are the same as autocast's; the
-    gradients of a norm's consumers are summed in bf16 before their one conversion. Outside autocast nothing changes.
+    (which autocast then rounds back to bf16). Llama-style RMSNorms (weight · x / rms(x)) compute through torch's
+    fused `rms_norm`, in float32 as before, in fewer passes. The values reaching the matmuls are the same as
+    autocast's; the gradients of a norm's consumers are summed in bf16 before their one conversion. Outside autocast
+    nothing changes.
     Returns how many modules changed."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -249,11 +252,22 @@ def half_activations(model: torch.nn.Module) -> int:
         name = type(module).__name__
         if name.endswith("RMSNorm") or name.endswith("RotaryEmbedding"):
             module.register_forward_hook(_autocast_dtype_output)
+            if name in LLAMA_STYLE_NORMS and hasattr(module, "variance_epsilon"):
+                module.forward = types.MethodType(_fused_rms_norm, module)
             count += 1
         elif isinstance(module, BaseTunerLayer):
             module.cast_input_dtype_enabled = False  # peft's switch (tuners_utils._cast_input_dtype)
             count += 1
     return count
+
+
+LLAMA_STYLE_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")  # weight · x / rms(x)
+
+
+def _fused_rms_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    if hidden_states.dtype != torch.float32 or self.weight.dtype != torch.float32:
+        return type(self).forward(self, hidden_states)
+    return torch.nn.functional.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
 
 
 def _float32_output(module, inputs, output):
