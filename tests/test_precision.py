@@ -294,3 +294,22 @@ def test_bfloat16_decode_stays_close_to_float32_and_a_reply_does_not_depend_on_i
         assert torch.equal(one[0], many[0])
         assert not torch.equal(one[0], reference)  # bf16 really computed it …
         torch.testing.assert_close(one[0], reference, atol=3e-2 * reference.abs().max(), rtol=0)  # … within rounding
+
+
+def test_half_activations_change_nothing_outside_autocast_and_hand_bf16_inside(llama_dir):
+    """The hooks act only under autocast (fp32 evaluation and export see the model's own numbers); the fused RMSNorm
+    computes the same float32 as the model's; under autocast a norm hands bf16 to its matmuls."""
+    from lmforge.model.precision import half_activations
+
+    model = lora_model(llama_dir).eval()
+    ids = torch.tensor([[5, 9, 17, 33, 2, 8]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        assert half_activations(model) > 0
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(after, before, rtol=1e-6, atol=1e-6)
+    norm = model.get_base_model().model.layers[0].input_layernorm
+    hidden = torch.randn(1, 6, norm.weight.shape[0])
+    assert norm(hidden).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert norm(hidden).dtype == torch.bfloat16
