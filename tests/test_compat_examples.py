@@ -80,3 +80,15 @@ def test_the_same_keys_switched_off_train_as_plain_sft(tmp_path):
     message = str(caught.value)
     assert "3 problems" in message and "use_dft_loss" in message and "mixture_of_depths: 'load'" in message
     assert "not_a_key" in message
+
+
+def test_qoft_on_a_bitsandbytes_base_is_refused_with_why_and_what_to_do(tmp_path):
+    path = tmp_path / "qoft.yaml"
+    path.write_text(FULL_SFT.format(model="m", extra="quantization_bit: 4\nquantization_method: bnb\n"
+                                                     "double_quantization: false\noft_block_size: 32\noft_target: all")
+                    .replace("finetuning_type: full", "finetuning_type: oft"))
+    with pytest.raises(ConfigError, match=r"not 'oft' \(OFT on a 4/8-bit base, LLaMA-Factory's QOFT: .* not of OFT\) "
+                                          r"\(set method.type: qlora, or remove quantization_bit\)"):
+        load_config(path)
+    path.write_text(path.read_text().replace("quantization_bit: 4\n", ""))  # the same file on an unquantised base
+    assert load_config(path).method.oft_block_size == 32

@@ -122,8 +122,10 @@ class MethodConfig(Section):
     def _check_combinations(self) -> MethodConfig:
         if self.quantization_bit is not None and not self.spec.quantized_base:
             quantizable = spoken_list(name for name, spec in METHOD_SPECS.items() if spec.quantized_base)
+            why = (" (OFT on a 4/8-bit base, LLaMA-Factory's QOFT: the installed peft has a bitsandbytes variant of "
+                   "LoRA but not of OFT)" if self.type == "oft" else "")
             raise ValueError(f"method.quantization_bit: a quantised base trains with {quantizable}, not "
-                             f"{self.type!r} (set method.type: qlora, or remove quantization_bit)")
+                             f"{self.type!r}{why} (set method.type: qlora, or remove quantization_bit)")
         if self.lora_init != "default" and not self.spec.lora_init:
             raise ValueError(f"method.lora_init: {self.lora_init} initialises a LoRA on an unquantised base; it does "
                              f"not apply to {self.type!r}")
