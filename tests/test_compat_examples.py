@@ -92,3 +92,14 @@ def test_qoft_on_a_bitsandbytes_base_is_refused_with_why_and_what_to_do(tmp_path
         load_config(path)
     path.write_text(path.read_text().replace("quantization_bit: 4\n", ""))  # the same file on an unquantised base
     assert load_config(path).method.oft_block_size == 32
+
+
+@pytest.mark.parametrize("extra", ["new_special_tokens_config: tokens_cfg.yaml\ninit_special_tokens: desc_init",
+                                   "add_special_tokens: <|START_OF_SVG|>,<|END_OF_SVG|>", "resize_vocab: true",
+                                   "add_tokens: <svg>"])
+def test_adding_tokens_is_refused_with_what_to_do(extra, tmp_path):
+    path = tmp_path / "tokens.yaml"
+    path.write_text(FULL_SFT.format(model="m", extra=extra))
+    with pytest.raises(ConfigError, match=r"1 problem in the config:\n  - \w+: .* — lmforge keeps the model's "
+                                          r"vocabulary as it is .* point model_name_or_path at it"):
+        load_config(path)

@@ -46,6 +46,8 @@ CONVERTER_DOCS = {
     "ray_run_name": ("refused", "as ray_num_workers"),
     "ray_storage_path": ("refused", "as ray_num_workers"),
     "ray_storage_filesystem": ("refused", "as ray_num_workers"),
+    **{key: ("refused", "adding tokens: " + llamafactory._NEW_TOKENS) for key in (
+        "add_tokens", "add_special_tokens", "new_special_tokens_config", "resize_vocab")},
     "mixture_of_depths": ("refused", "convert / load: mixture-of-depths (the mixture-of-depth package's layers that "
                                      "route tokens past blocks) is not an architecture lmforge trains; remove it"),
 }

@@ -119,6 +119,19 @@ def _mixture_of_depths(value: Any) -> tuple[dict | None, str | None]:
                   f"layers: remove mixture_of_depths")
 
 
+_NEW_TOKENS = ("lmforge keeps the model's vocabulary as it is (no new tokens, no resized embeddings); add the "
+               "tokens to the model dir first (tokenizer.add_tokens + model.resize_token_embeddings, then "
+               "save_pretrained) and point model_name_or_path at it, or write them as plain text")
+
+
+def _new_tokens(key: str) -> Callable[[Any], tuple[dict | None, str | None]]:
+    def convert(value: Any) -> tuple[dict | None, str | None]:
+        if value in (None, "", False, []):
+            return None, None
+        raise Refused(f"{key}: {value!r} — {_NEW_TOKENS}")
+    return convert
+
+
 def _ignored(reason: str) -> Callable[[Any], tuple[dict | None, str | None]]:
     return lambda value: (None, f"{reason} (ignored)")
 
@@ -282,6 +295,11 @@ FLAT_KEYS: dict[str, str | Callable[[Any], tuple[dict | None, str | None]]] = {
                                                   "use_asft_loss (and asft_alpha)"),
     "asft_alpha": _ignored("asft_alpha: a setting of use_asft_loss, which lmforge does not run"),
     "mixture_of_depths": _mixture_of_depths,
+    "add_tokens": _new_tokens("add_tokens"),
+    "add_special_tokens": _new_tokens("add_special_tokens"),
+    "new_special_tokens_config": _new_tokens("new_special_tokens_config"),
+    "resize_vocab": _new_tokens("resize_vocab"),
+    "init_special_tokens": _ignored("init_special_tokens: how new tokens' embeddings start; lmforge adds no tokens"),
     "dataset": "data.train",
     "eval_dataset": "data.val",
     "dataset_dir": "data.dataset_dir",
