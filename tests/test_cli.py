@@ -161,7 +161,8 @@ def test_chat_prompt_on_a_trained_run(llama_dir, tmp_path, capsys):
                                        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 1,
                                                  "batch_size": 2}}))
     capsys.readouterr()
-    code, out, err = run_cli(capsys, "chat", str(run.root), "--prompt", "hi", "--max-new-tokens", "4")
+    code, out, err = run_cli(capsys, "chat", str(run.root), "--prompt", "hi", "--max-new-tokens", "4",
+                             "--decode-dtype", "float32")  # float32: exactly the model's own greedy reply
     assert code == 0, err
     model, tokenizer = load_for_inference(run_dir=str(run.root))
     expected = reply(model, tokenizer, [{"role": "user", "content": "hi"}], SamplingParams(max_new_tokens=4))
