@@ -33,7 +33,7 @@ from ..data.render import render_prompt, template_renders_tools
 from . import tools
 from .engine import EngineBusy, EngineStopped, Sampling, Submission
 from .ollama_models import OllamaModels, iso_time
-from .protocol import ApiError, ChatCompletionRequest, CompletionRequest
+from .protocol import ApiError, ChatCompletionRequest, CompletionRequest, NullMeansDefault
 from .routes import STARTED, _cancel_on_disconnect, _json_object, _read_body, _Run, _state, _validated
 
 OLLAMA_VERSION = "0.6.3"  # the Ollama API as of this version (what /api/version reports to clients that check it)
@@ -102,7 +102,7 @@ class Options(BaseModel):
         return self
 
 
-class _Request(BaseModel):
+class _Request(NullMeansDefault):
     """Fields /api/chat and /api/generate share."""
 
     model_config = ConfigDict(extra="ignore")
@@ -114,13 +114,6 @@ class _Request(BaseModel):
     think: Any = None
     logprobs: Any = None
     top_logprobs: Any = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def null_is_default(cls, data):
-        if isinstance(data, dict):
-            return {key: value for key, value in data.items() if value is not None}
-        return data
 
     @field_validator("format")
     @classmethod
@@ -156,20 +149,13 @@ class _ToolCall(BaseModel):
     function: _Function
 
 
-class Message(BaseModel):
+class Message(NullMeansDefault):
     model_config = ConfigDict(extra="ignore")
     role: str
     content: str = ""
     images: list[Any] | None = None
     tool_calls: list[_ToolCall] | None = None  # assistant: the calls it made
     tool_name: str | None = None  # tool: the function whose result this is
-
-    @model_validator(mode="before")
-    @classmethod
-    def null_is_default(cls, data):
-        if isinstance(data, dict):
-            return {key: value for key, value in data.items() if value is not None}
-        return data
 
     @field_validator("role")
     @classmethod

@@ -259,7 +259,18 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Sampling(BaseModel):
+class NullMeansDefault(BaseModel):
+    """A field sent as null takes its default: clients send null for "not set"."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def null_is_default(cls, data):
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
+
+
+class _Sampling(NullMeansDefault):
     """Fields shared by chat and text completions. A field sent as null takes its default."""
 
     model_config = ConfigDict(extra="ignore")
@@ -283,13 +294,6 @@ class _Sampling(BaseModel):
     functions: list[Any] | None = None
     function_call: Any = None
     response_format: dict | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def null_is_default(cls, data):
-        if isinstance(data, dict):
-            return {key: value for key, value in data.items() if value is not None}
-        return data
 
     @field_validator("response_format")
     @classmethod
