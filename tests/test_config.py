@@ -327,3 +327,18 @@ def test_fractional_warmup_steps_is_a_ratio_as_in_transformers(tmp_path, capsys)
     config = load_config(ours)
     assert config.train.warmup_ratio == 0.05 and config.train.warmup_steps == 0
     assert load_config(ours, ["warmup_steps=0.2"]).train.warmup_ratio == 0.2
+
+
+def test_a_yaml_that_is_no_config_is_said_to_be_none_not_listed_key_by_key(tmp_path):
+    tokens = tmp_path / "tokens_cfg.yaml"  # LLaMA-Factory's new-token descriptions: a YAML, but no training config
+    tokens.write_text("".join(f'"<|start_of_{t}|>": "Begins a {t} element"\n' for t in ("svg", "g", "rect", "path")))
+    with pytest.raises(ConfigError) as err:
+        load_config(tokens)
+    message = str(err.value)
+    assert "is not a training config" in message and "4 top-level keys" in message and "--help-config" in message
+    assert "unknown key" not in message
+
+    typo = tmp_path / "typo.yaml"  # a config with a misspelt section is still read as one, problem by problem
+    typo.write_text("modle:\n  name_or_path: x\n")
+    with pytest.raises(ConfigError, match="unknown key 'modle'"):
+        load_config(typo)

@@ -37,6 +37,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         raw, notes = translate_flat(raw, source)
     elif is_chatglm3(raw):
         raw, notes = translate_chatglm3(raw, source)
+    elif len(raw) >= 3 and not set(raw) & (set(Config.model_fields) | set(FLAT_KEYS)) and not any(
+            _close_matches(str(key), [*known_paths(), *FLAT_KEYS]) for key in raw):  # typos get "did you mean"
+        listed = ", ".join(repr(key) for key in list(raw)[:3]) + (", …" if len(raw) > 3 else "")
+        raise ConfigError(f"{source} is not a training config: none of its {len(raw)} top-level keys ({listed}) is "
+                          f"an lmforge, LLaMA-Factory or ChatGLM3 key. `lmforge train --help-config` lists the keys")
     problems: list[str] = []
     _fractional_warmup_steps(raw, notes)
     for item in overrides:
