@@ -49,13 +49,18 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight) if weight.requires_grad else None
         compute = torch.promote_types(weight.dtype, torch.float32)  # half-precision logits are summed in fp32
         total = hidden.new_zeros((), dtype=compute)
-        fused = not softcap and _logits_dtype(hidden, weight) == torch.bfloat16
-        rows = BF16_CHUNK_ROWS if fused else CHUNK_ROWS
+        if not softcap and _logits_dtype(hidden, weight) == torch.bfloat16:
+            h16, w16 = hidden.detach().to(torch.bfloat16), weight.detach().to(torch.bfloat16)  # autocast's rounding
+            rows = max(1, min(BF16_CHUNK_ROWS, hidden.shape[0]))
+            logits_buffer = hidden.new_empty((rows, weight.shape[0]), dtype=torch.bfloat16)  # reused by every chunk:
+            probs_buffer = torch.empty_like(logits_buffer)  # no fresh 50 MB allocation (page faults) per chunk
+        else:
+            rows, h16 = CHUNK_ROWS, None
         for start in range(0, hidden.shape[0], rows):
             h, y = hidden[start:start + rows], targets[start:start + rows]
-            raw = h @ weight.t()
-            if fused and raw.dtype == torch.bfloat16:
-                grad_logits = torch.softmax(raw, -1)
+            if h16 is not None:
+                raw = torch.mm(h16[start:start + rows], w16.t(), out=logits_buffer[:len(y)])
+                grad_logits = torch.softmax(raw, -1, out=probs_buffer[:len(y)])  # float32 inside, rounded once
                 picked = grad_logits.gather(1, y[:, None])[:, 0].to(compute)
                 tiny = picked < TINY_PROBABILITY
                 logp = picked.log()
@@ -66,7 +71,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                     continue
                 grad_logits[torch.arange(len(y)), y] -= 1.0
             else:
-                raw = raw.to(compute)
+                raw = (h @ weight.t()).to(compute)
                 logits = torch.tanh(raw / softcap) * softcap if softcap else raw
                 log_probs = logits.log_softmax(-1)
                 total -= log_probs.gather(1, y[:, None]).sum()
@@ -78,9 +83,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                     grad_logits *= 1.0 - (logits / softcap) ** 2
                 grad_logits = grad_logits.to(weight.dtype)
             if grad_hidden is not None:
-                grad_hidden[start:start + rows] = grad_logits @ weight
+                grad_hidden[start:start + rows] = grad_logits @ w16 if h16 is not None else grad_logits @ weight
             if grad_weight is not None:
-                grad_weight += grad_logits.t() @ h
+                grad_weight += grad_logits.t() @ (h16[start:start + rows] if h16 is not None else h)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total
 
