@@ -29,6 +29,8 @@ PACKED_WEIGHTS = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkld
 FLOAT16_KERNELS = "fbgemm" in torch.backends.quantized.supported_engines  # x86-64 builds of torch
 FLOAT16_LINEAR = torch.ops.quantized.linear_dynamic_fp16.default if FLOAT16_KERNELS else None  # no per-call lookup
 WEIGHT_FORMATS = ("float32", "float16", "bfloat16")
+# a reduced-format decode step attends over a key length rounded up to this (fixed by the row's own position)
+ATTENTION_BUCKET = 64
 FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
          "down": ("down_proj",)}
 
@@ -277,19 +279,49 @@ class Decoder:
 
     def _attend_each(self, index: int, q: torch.Tensor, slots: list[int], positions: list[int],
                      window: int | None) -> torch.Tensor:
-        """Each listed row's attention over exactly its own keys. One call over the batch pads every row to the
-        longest, and the padded length changes the last bits of the sums, so a reply would depend on what else runs
-        (the float16 and bfloat16 linears are row-invariant, so this keeps the whole step so)."""
-        first = [max(0, position + 1 - window) if window else 0 for position in positions]
-        parts = [F.scaled_dot_product_attention(q[slot:slot + 1],
-                                                self.k_cache[index, slot:slot + 1, :, start:position + 1],
-                                                self.v_cache[index, slot:slot + 1, :, start:position + 1],
-                                                enable_gqa=True, scale=self.scale)
-                 for slot, position, start in zip(slots, positions, first)]
-        if slots == list(range(q.shape[0])):  # every row listed, in order
+        """Each listed row's attention over its own keys, computed so that it does not depend on the other rows.
+        One call over the batch pads every row to the longest, and the padded length changes the last bits of the
+        sums, so a reply would depend on what else runs (the float16 and bfloat16 linears are row-invariant, so this
+        keeps the whole step so). Instead a row attends over a key length fixed by its own position alone — rounded
+        up to ATTENTION_BUCKET, the keys past its position masked out — and the rows whose lengths match share one
+        call (each row is its own batch entry there: the same arithmetic as alone), so a step makes a few calls
+        instead of one per row. Sliding-window layers attend row by row over the window."""
+        if window:
+            parts = [F.scaled_dot_product_attention(q[slot:slot + 1],
+                                                    self.k_cache[index, slot:slot + 1, :, start:position + 1],
+                                                    self.v_cache[index, slot:slot + 1, :, start:position + 1],
+                                                    enable_gqa=True, scale=self.scale)
+                     for slot, position, start in ((s, p, max(0, p + 1 - window)) for s, p in zip(slots, positions))]
+            order = slots
+        else:
+            buckets: dict[int, list[int]] = {}  # key length → the listed rows attending over that many keys
+            for n, position in enumerate(positions):
+                length = min(-(-(position + 1) // ATTENTION_BUCKET) * ATTENTION_BUCKET, self.max_len)
+                buckets.setdefault(length, []).append(n)
+            parts, order = [], []
+            for length, members in buckets.items():
+                rows = [slots[n] for n in members]
+                first, last = rows[0], rows[-1]
+                if rows == list(range(first, last + 1)):  # consecutive slots: views of the cache, no copy
+                    pick = slice(first, last + 1)
+                    query, keys, values = (q[pick], self.k_cache[index, pick, :, :length],
+                                           self.v_cache[index, pick, :, :length])
+                else:
+                    pick = torch.tensor(rows)
+                    query = q.index_select(0, pick)
+                    keys = self.k_cache[index, :, :, :length].index_select(0, pick)
+                    values = self.v_cache[index, :, :, :length].index_select(0, pick)
+                seen = torch.tensor([positions[n] for n in members])[:, None] >= torch.arange(length)[None]
+                # a kv head's query heads as the query rows of one product (faster than enable_gqa's repeat)
+                grouped = query.reshape(len(rows), self.kv_heads, self.heads // self.kv_heads, self.head_dim)
+                attended = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=seen[:, None, None],
+                                                          scale=self.scale)
+                parts.append(attended.reshape(query.shape))
+                order += rows
+        if order == list(range(q.shape[0])):  # every row listed, in order
             return parts[0] if len(parts) == 1 else torch.cat(parts)
         attended = torch.zeros_like(q)  # idle rows stay zero
-        attended[torch.tensor(slots)] = torch.cat(parts)
+        attended[torch.tensor(order)] = torch.cat(parts)
         return attended
 
     def copy_slot(self, source: int, target: int, length: int) -> None:
@@ -472,12 +504,17 @@ def _expand_groups(groups, count: int):
 
 
 def _zeros_on_demand(shape) -> torch.Tensor:
-    """A float32 zero tensor whose pages become resident only when written: numpy allocates it with calloc, which
-    maps zero pages lazily, where torch.zeros would touch (and keep) all of it at start-up. Zeros, not garbage: a NaN
-    left in memory would leak through masked attention (0 × NaN)."""
-    import numpy
+    """A float32 zero tensor whose pages become resident only when written: an anonymous mmap maps zero pages
+    lazily, where torch.zeros would touch (and keep) all of it at start-up. Zeros, not garbage: a NaN left in memory
+    would leak through masked attention (0 × NaN). Not numpy.zeros: numpy asks for transparent huge pages on large
+    arrays, so the first write into each 2 MiB zeroes all of it — the whole cache, scattered writes touch every
+    huge page — which cost ~0.8 s per cache on an eval's first prefill (benchmarks/RESULTS.md); 4 KiB pages zero
+    only what is written."""
+    import math
+    import mmap
 
-    return torch.from_numpy(numpy.zeros(shape, dtype=numpy.float32))
+    buffer = mmap.mmap(-1, max(1, math.prod(shape)) * 4)  # anonymous, private, zero-filled on first touch
+    return torch.frombuffer(buffer, dtype=torch.float32).view(shape)  # the tensor keeps the mapping alive
 
 
 def fast_decoder_runs(config) -> bool:
