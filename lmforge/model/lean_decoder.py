@@ -149,9 +149,8 @@ class Decoder:
         offset = 1.0 if self.model_type.startswith("gemma") else 0.0  # gemma's norms scale by (1 + weight)
         self.final_norm = inner.norm.weight.detach() + offset
         self.lm_head = Linear(model.get_output_embeddings().weight.detach(), weights=weights)
-        deltas = {key: lora_b @ lora_a for key, (lora_a, lora_b) in
-                  (lora_pairs(model, merge_adapter, merge_adapter).items() if merge_adapter else ())}
-        self.layers = [_layer(layer, weights, offset, {p: d for (i, p), d in deltas.items() if i == index})
+        merged = lora_pairs(model, merge_adapter, merge_adapter) if merge_adapter else {}
+        self.layers = [_layer(layer, weights, offset, {p: pair for (i, p), pair in merged.items() if i == index})
                        for index, layer in enumerate(inner.layers)]
         positions = torch.arange(max_len + 1)[None]
         self.ropes = {}  # layer type (None: every layer) → cos, sin: transformers' own RoPE (scaling types included)
@@ -425,9 +424,9 @@ def load_adapter_into(decoder: Decoder, model, name: str, adapter_dir: Path) -> 
         peft_model.unload()  # back to the plain base model, which the decoder's weights come from
 
 
-def _layer(layer, weights: str, offset: float, deltas: dict[str, torch.Tensor]) -> Layer:
-    """offset: 1.0 for gemma's norms, which scale by (1 + weight); deltas: projection name → a merged LoRA's
-    product, added to that projection's weight."""
+def _layer(layer, weights: str, offset: float, deltas: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Layer:
+    """offset: 1.0 for gemma's norms, which scale by (1 + weight); deltas: projection name → a merged LoRA's pair
+    (A, B), whose product B @ A is added to that projection's weight."""
     attention, mlp = layer.self_attn, layer.mlp
     gemma = hasattr(layer, "pre_feedforward_layernorm")
 
@@ -448,13 +447,29 @@ def _layer(layer, weights: str, offset: float, deltas: dict[str, torch.Tensor]) 
     )
 
 
-def _fused_linear(modules, weights: str, deltas: dict[str, torch.Tensor] | None = None,
+def _fused_linear(modules, weights: str, deltas: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
                   names: tuple[str, ...] = ()) -> Linear:
     modules = [getattr(m, "base_layer", m) for m in modules]  # a PEFT-wrapped model: the base weights
     parts = [m.weight.detach() for m in modules]
-    if deltas:
-        parts = [part + deltas[name] if name in deltas else part for part, name in zip(parts, names)]
-    weight = torch.cat(parts) if len(parts) > 1 else parts[0]
+    deltas = {name: pair for name, pair in (deltas or {}).items() if name in names}
+    if weights == "bfloat16" and (len(parts) > 1 or deltas):  # fused and rounded in one pass, no float32 copy
+        weight = torch.empty(sum(part.shape[0] for part in parts), parts[0].shape[1], dtype=torch.bfloat16)
+    elif len(parts) > 1:
+        weight = torch.cat(parts)
+    else:  # a copy only where a LoRA is added into it
+        weight = parts[0].clone() if deltas else parts[0]
+    row = 0
+    for part, name in zip(parts, names):  # a LoRA's product added in float32, before any rounding
+        rows = weight[row:row + part.shape[0]]
+        if name in deltas:
+            lora_a, lora_b = deltas[name]
+            if rows.dtype == torch.bfloat16:
+                rows.copy_(torch.addmm(part, lora_b, lora_a))
+            else:
+                rows.addmm_(lora_b, lora_a)
+        elif rows.dtype == torch.bfloat16:
+            rows.copy_(part)
+        row += part.shape[0]
     biases = [m.bias for m in modules]
     if all(b is None for b in biases):
         return Linear(weight.contiguous(), weights=weights)
