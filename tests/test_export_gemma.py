@@ -289,9 +289,10 @@ def test_bundled_gemma3_run_exports_to_a_gguf_that_reads_back(tmp_path):
     stops = [value for name, value in read_modelfile((out / "Modelfile").read_text())["parameters"] if name == "stop"]
     assert '"<end_of_turn>"' in stops
 
-    trained, tokenizer = load_for_inference(str(run), dtype="float32", checkpoint="final")
-    model, gguf_tokenizer = read_back_gguf(out, "model-q8_0.gguf", tmp_path / "gguf")
-    assert_reads_back_like_training(trained, tokenizer, model, gguf_tokenizer, 5e-2)
+    # The export read its GGUF back with transformers and compared it with the trained run (the tiny-model tests above
+    # repeat that read-back independently; at 270M a second one costs a minute of CI for the same check).
+    read_back = manifest["gguf"]["read_back_vs_trained"]
+    assert read_back["relative_rms"] < 5e-2 and read_back["top1_agreement"] >= 0.9, read_back
 
     # What llama.cpp wrote for this model (the GGUF it came from) is what we write: vocabulary, types, special ids,
     # flags and hyperparameters; the SentencePiece scores in the same order (normal tokens: decreasing with the id).
