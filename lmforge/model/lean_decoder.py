@@ -168,7 +168,8 @@ class Decoder:
         self.weights = weights
         self.float16 = weights == "float16"
         # reduced-precision weights amplify the last bits of a padded batch's attention sums into visible logit
-        # changes, so those formats attend row by row and keep every reply independent of its neighbours
+        # changes, so those formats attend over key lengths fixed per row (_attend_each): no reply depends on the
+        # rows beside it
         self.row_by_row = weights != "float32"
         shape = (len(self.layers), slots, self.kv_heads, max_len + 1, self.head_dim)
         self.k_cache, self.v_cache = _zeros_on_demand(shape), _zeros_on_demand(shape)
