@@ -124,13 +124,11 @@ class ToolCallStream:
                 return ""
             end = len(self.text)  # not a call: plain content from here on
         else:
-            at = self.text.find(OPEN)
-            if at >= 0:
-                self.holding = True
-                end = len(self.text[:at].rstrip())
-            else:
-                end = len(self.text) - _partial_tag(self.text)
-                end = len(self.text[:end].rstrip())
+            # Only the unsent tail is searched and stripped: a long reply costs linear time, not quadratic.
+            at = self.text.find(OPEN, max(0, self.sent - len(OPEN)))
+            end = at if at >= 0 else len(self.text) - _partial_tag(self.text)
+            self.holding = at >= 0
+            end = self.sent + len(self.text[self.sent:end].rstrip())
         if end <= self.sent:
             return ""
         piece, self.sent = self.text[self.sent:end], end
