@@ -10,6 +10,11 @@ SAME batches in the same order):
   attention: padding-free, transformers' own strongest CPU setting (TRL's `padding_free` is the same);
 - `peer-flat-bf16` — the same with `bf16=True` (autocast), what a LLaMA-Factory user with `bf16: true` gets (only on a
   CPU with native bf16).
+Allocator: lmforge's children run on the allocator `lmforge` itself runs on (jemalloc where the system has it,
+lmforge/allocator.py), the peers on glibc malloc as shipped; two more systems put the allocator beside its effect:
+- `lmforge-bf16-glibc` — lmforge bf16 on glibc malloc with its heap trims (LMFORGE_ALLOCATOR=system);
+- `peer-flat-bf16-jemalloc` — the bf16 flattening peer with jemalloc preloaded, the peer in its best setting here.
+Each child records the allocator it ran on.
 The parent prepares the batches, probes fp32 and bf16 GEMM speed at the model's shapes in the same run, runs the
 children one after the other and prints the comparison plus a Markdown table for benchmarks/RESULTS.md. With
 `--rounds N` every system runs N times, the order reversed every other round, so a busy machine's drift in load falls
@@ -43,13 +48,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/machine.p
 from machine import gemm_probe, machine_info
 from train_speed_report import batch_counts, loss_check, report, useful_flops
 
+from lmforge import allocator  # light: no torch
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "datasets" / "llamafactory"
 DEFAULT_DATA = [DEFAULT_DATA_DIR / "alpaca_en_demo.json", DEFAULT_DATA_DIR / "alpaca_zh_demo.json"]
 IGNORE_INDEX = -100
 LORA_TARGETS = ["q_proj", "v_proj"]
-SYSTEMS = ("lmforge", "lmforge-bf16", "peer", "peer-flat", "peer-flat-bf16")
-BF16_SYSTEMS = ("lmforge-bf16", "peer-flat-bf16")
+SYSTEMS = ("lmforge", "lmforge-bf16", "peer", "peer-flat", "peer-flat-bf16", "lmforge-bf16-glibc",
+           "peer-flat-bf16-jemalloc")
+BF16_SYSTEMS = ("lmforge-bf16", "peer-flat-bf16", "lmforge-bf16-glibc", "peer-flat-bf16-jemalloc")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -349,8 +357,11 @@ def child_main(args) -> None:
     runners = {"lmforge": lambda: run_lmforge(batches, args), "lmforge-bf16": lambda: run_lmforge(batches, args, True),
                "peer": lambda: run_peer(batches, args), "peer-flat": lambda: run_peer(batches, args, flatten=True),
                "peer-flat-bf16": lambda: run_peer(batches, args, flatten=True, bf16=True)}
+    runners["lmforge-bf16-glibc"] = runners["lmforge-bf16"]  # the allocator differs: run_child's environment
+    runners["peer-flat-bf16-jemalloc"] = runners["peer-flat-bf16"]
     result = runners[args.system]()
     result.update(system=args.system, warmup=args.warmup, threads=torch.get_num_threads(),
+                  allocator="jemalloc" if allocator.jemalloc_loaded() else "glibc malloc",
                   versions={"torch": torch.__version__, "transformers": transformers.__version__,
                             "peft": peft.__version__, "python": platform.python_version()})
     text = json.dumps(result)
@@ -382,7 +393,13 @@ def summarize(result: dict) -> dict:
 def run_child(system: str, args, batches_file: Path, out_file: Path, argv: list[str]) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), *argv, "--system", system,
                "--batches", str(batches_file), "--out", str(out_file)]
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("LD_PRELOAD", allocator.ENV_DONE, allocator.ENV_CHOICE)}
+    env.update(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    if system.endswith("-glibc"):
+        env[allocator.ENV_CHOICE] = "system"
+    elif system.startswith("lmforge") or system.endswith("-jemalloc"):  # as `lmforge train` runs (cli.py)
+        env = allocator.environment_with_jemalloc(env) or env
     print(f"running {system} in a child process …", file=sys.stderr, flush=True)
     if subprocess.run(command, env=env).returncode != 0:
         sys.exit(f"the {system} child failed (see its output above)")

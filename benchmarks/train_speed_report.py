@@ -12,7 +12,9 @@ from machine import machine_line
 IGNORE_INDEX = -100
 LABELS = {"lmforge": "lmforge fp32 (packed)", "lmforge-bf16": "lmforge bf16 autocast (packed)",
           "peer": "Trainer + padding collator, fp32", "peer-flat": "Trainer + DataCollatorWithFlattening, fp32",
-          "peer-flat-bf16": "Trainer + DataCollatorWithFlattening, bf16"}
+          "peer-flat-bf16": "Trainer + DataCollatorWithFlattening, bf16",
+          "lmforge-bf16-glibc": "lmforge bf16 autocast (packed), glibc malloc + heap trims",
+          "peer-flat-bf16-jemalloc": "Trainer + DataCollatorWithFlattening, bf16, jemalloc preloaded"}
 
 
 def batch_counts(batch: list[dict]) -> tuple[int, int]:
@@ -105,6 +107,7 @@ def report(args, info: dict, results: dict, summaries: dict, machine: dict, mach
         f"bf16 {probe['bf16_gflops']:.0f} GFLOP/s.", "",
         "| | " + " | ".join(LABELS[s] for s in systems) + " |",
         "|---|" + "---:|" * len(systems),
+        "| allocator | " + " | ".join(results[s].get("allocator", "n/a") for s in systems) + " |",
         row("real tokens/s", "tokens_per_s"),
         "| × best peer" + (f" ({peer_best})" if peer_best else "") + " | " + " | ".join(
             f"{summaries[s]['tokens_per_s'] / summaries[peer_best]['tokens_per_s']:.2f}×" if peer_best else "n/a"

@@ -12,7 +12,7 @@ import os
 import sys
 import warnings
 
-from . import __version__
+from . import __version__, allocator
 from .errors import UserError
 from .kb.commands import add_kb
 
@@ -666,6 +666,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# verbs that run a model: they allocate activation tensors by the hundred per step, where jemalloc saves CPU time and
+# memory (allocator.py); the data verbs and `models` stay on the system allocator
+TENSOR_VERBS = ("train", "eval", "compare", "export", "serve", "score", "chat", "ui", "kb")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # transformers' own deprecation notices about its internals say nothing actionable to our users
@@ -674,6 +679,8 @@ def main(argv: list[str] | None = None) -> int:
     # built-in CPU kernels are what lmforge uses, and lmforge never downloads code at run time
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
+    if argv is None and args.verb in TENSOR_VERBS:  # the real command line, not a call from Python
+        allocator.reexec_with_jemalloc(sys.argv[1:])
     try:
         return args.func(args)
     except UserError as error:

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from .. import allocator
 from ..config import Config
 from ..data.render import ensure_chat_template
 from ..errors import UserError
@@ -277,6 +278,8 @@ def set_up(config: Config, ranks: Ranks | None = None) -> TrainingSession:
     rounded = round_frozen_weights(config, model, precision, ranks)  # before DDP copies the model's state
     if rounded:
         print(rounded)
+    if device.type == "cpu":
+        print(allocator.describe())
     parallel = wrap_model(model, config, loss, ranks)
     scaler = torch.amp.GradScaler(device.type) if precision.needs_grad_scaler else None
     parameters = [p for p in model.parameters() if p.requires_grad]
