@@ -105,6 +105,32 @@ class Layer:
     rope: str | None = None  # which RoPE table (gemma3: one per layer type)
 
 
+@dataclass
+class Bucket:
+    """Rows of one decode step that attend over the same number of keys (_attention_buckets)."""
+
+    rows: list[int]  # their slots
+    pick: slice | torch.Tensor  # those slots in the cache: a slice when consecutive (views, no gather)
+    length: int  # keys attended: the rows' positions + 1 rounded up to ATTENTION_BUCKET
+    seen: torch.Tensor  # [rows, 1, 1, length]: True up to each row's own position
+
+
+def _attention_buckets(slots: list[int], positions: list[int], max_len: int) -> list[Bucket]:
+    """Group a decode step's rows by key length, once per step (every layer attends the same way)."""
+    members: dict[int, list[int]] = {}  # key length → indices into slots / positions
+    for n, position in enumerate(positions):
+        length = min(-(-(position + 1) // ATTENTION_BUCKET) * ATTENTION_BUCKET, max_len)
+        members.setdefault(length, []).append(n)
+    plan = []
+    for length, indices in members.items():
+        rows = [slots[n] for n in indices]
+        consecutive = rows == list(range(rows[0], rows[-1] + 1))
+        seen = torch.tensor([positions[n] for n in indices])[:, None] >= torch.arange(length)[None]
+        plan.append(Bucket(rows, slice(rows[0], rows[-1] + 1) if consecutive else torch.tensor(rows), length,
+                           seen[:, None, None]))
+    return plan
+
+
 class Decoder:
     """Weights + KV cache for `slots` concurrent sequences of up to `max_len` tokens each.
 
@@ -260,6 +286,7 @@ class Decoder:
             masks[window] = (visible & (recent | (row_positions[:, None] == self.max_len)))[:, None, None, :]
         groups = _adapter_groups(row_adapters)
         rows = torch.arange(width)
+        plan = _attention_buckets(slots, positions, self.max_len) if self.row_by_row else None  # one per step
         hidden = self._embed(row_tokens)[:, None]  # [W, 1, D]
         ropes = {name: self._rope(table, row_positions[:, None]) for name, table in self.ropes.items()}
         for index, layer in enumerate(self.layers):
@@ -267,7 +294,7 @@ class Decoder:
             self.k_cache[index, :width][rows, :, row_positions] = k[:, :, 0]
             self.v_cache[index, :width][rows, :, row_positions] = v[:, :, 0]
             if self.row_by_row:
-                attended = self._attend_each(index, q, slots, positions, layer.window)
+                attended = self._attend_each(index, q, slots, positions, layer.window, plan)
             else:
                 keys = self.k_cache[index, :width, :, :length]
                 values = self.v_cache[index, :width, :, :length]
@@ -278,14 +305,15 @@ class Decoder:
         return self.lm_head(last, [])
 
     def _attend_each(self, index: int, q: torch.Tensor, slots: list[int], positions: list[int],
-                     window: int | None) -> torch.Tensor:
+                     window: int | None, plan: list[Bucket]) -> torch.Tensor:
         """Each listed row's attention over its own keys, computed so that it does not depend on the other rows.
         One call over the batch pads every row to the longest, and the padded length changes the last bits of the
         sums, so a reply would depend on what else runs (the float16 and bfloat16 linears are row-invariant, so this
         keeps the whole step so). Instead a row attends over a key length fixed by its own position alone — rounded
         up to ATTENTION_BUCKET, the keys past its position masked out — and the rows whose lengths match share one
         call (each row is its own batch entry there: the same arithmetic as alone), so a step makes a few calls
-        instead of one per row. Sliding-window layers attend row by row over the window."""
+        instead of one per row; `plan` (_attention_buckets) groups them once per step for every layer.
+        Sliding-window layers attend row by row over the window."""
         if window:
             parts = [F.scaled_dot_product_attention(q[slot:slot + 1],
                                                     self.k_cache[index, slot:slot + 1, :, start:position + 1],
@@ -294,30 +322,22 @@ class Decoder:
                      for slot, position, start in ((s, p, max(0, p + 1 - window)) for s, p in zip(slots, positions))]
             order = slots
         else:
-            buckets: dict[int, list[int]] = {}  # key length → the listed rows attending over that many keys
-            for n, position in enumerate(positions):
-                length = min(-(-(position + 1) // ATTENTION_BUCKET) * ATTENTION_BUCKET, self.max_len)
-                buckets.setdefault(length, []).append(n)
             parts, order = [], []
-            for length, members in buckets.items():
-                rows = [slots[n] for n in members]
-                first, last = rows[0], rows[-1]
-                if rows == list(range(first, last + 1)):  # consecutive slots: views of the cache, no copy
-                    pick = slice(first, last + 1)
-                    query, keys, values = (q[pick], self.k_cache[index, pick, :, :length],
-                                           self.v_cache[index, pick, :, :length])
+            for bucket in plan:
+                if isinstance(bucket.pick, slice):  # consecutive slots: views of the cache, no copy
+                    query = q[bucket.pick]
+                    keys = self.k_cache[index, bucket.pick, :, :bucket.length]
+                    values = self.v_cache[index, bucket.pick, :, :bucket.length]
                 else:
-                    pick = torch.tensor(rows)
-                    query = q.index_select(0, pick)
-                    keys = self.k_cache[index, :, :, :length].index_select(0, pick)
-                    values = self.v_cache[index, :, :, :length].index_select(0, pick)
-                seen = torch.tensor([positions[n] for n in members])[:, None] >= torch.arange(length)[None]
+                    query = q.index_select(0, bucket.pick)
+                    keys = self.k_cache[index, :, :, :bucket.length].index_select(0, bucket.pick)
+                    values = self.v_cache[index, :, :, :bucket.length].index_select(0, bucket.pick)
                 # a kv head's query heads as the query rows of one product (faster than enable_gqa's repeat)
-                grouped = query.reshape(len(rows), self.kv_heads, self.heads // self.kv_heads, self.head_dim)
-                attended = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=seen[:, None, None],
+                grouped = query.reshape(len(bucket.rows), self.kv_heads, self.heads // self.kv_heads, self.head_dim)
+                attended = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=bucket.seen,
                                                           scale=self.scale)
                 parts.append(attended.reshape(query.shape))
-                order += rows
+                order += bucket.rows
         if order == list(range(q.shape[0])):  # every row listed, in order
             return parts[0] if len(parts) == 1 else torch.cat(parts)
         attended = torch.zeros_like(q)  # idle rows stay zero
