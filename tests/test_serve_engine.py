@@ -11,7 +11,7 @@ import torch
 from serve_helpers import make_adapter, vivid_tiny_model
 
 from lmforge.model.loader import load_model, load_tokenizer
-from lmforge.serve.decoder import Decoder, load_adapter_into
+from lmforge.serve.decoder import Decoder, bfloat16_kernels, load_adapter_into
 from lmforge.serve.engine import Engine, Sampling, Submission
 from lmforge.serve.settings import ServeSettings
 
@@ -113,6 +113,25 @@ def test_batching_keeps_greedy_token_ids(llama):
         assert together == alone
         assert [len(t[0]) for t in together] == [6 + i for i in range(8)]
         assert len({tuple(t[0]) for t in together}) == 8  # different prompts and adapters → different replies
+    finally:
+        engine.stop()
+
+
+@pytest.mark.skipif(not bfloat16_kernels(), reason="this CPU has no native bf16 (AVX512_BF16 / AMX)")
+@pytest.mark.xfail(strict=True, reason="open: with bf16 weights and a per-request LoRA on k/o/gate/up, one of 8 "
+                   "replies differs by a token alone vs batched (float16 and bf16 without adapters: none); serve "
+                   "says so at start and its default stays float16")
+def test_bfloat16_with_adapters_keeps_greedy_token_ids_under_batching(llama):
+    from lmforge.serve.loading import build_engine
+
+    base_dir, adapters = llama
+    engine = build_engine(base_dir, None, adapters, ServeSettings(max_concurrent=4, decode_dtype="bfloat16"))
+    engine.start()
+    try:
+        submissions = [Submission(_prompt(5 + 3 * i, 10 + i), adapter=2, choices=[Sampling(max_tokens=6 + i)],
+                                  stop_ids=frozenset()) for i in range(8)]
+        together = _run(engine, submissions)
+        assert together == [_run(engine, [s])[0] for s in submissions]
     finally:
         engine.stop()
 
