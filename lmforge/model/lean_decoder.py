@@ -81,12 +81,27 @@ class Linear:
             pair = self.lora.get(adapter)
             if pair is None:
                 continue
-            lora_a, lora_b = pair
+            product = _lora_rowwise if self.format != "float32" else _lora_batched
             if rows is None:  # every row uses this adapter
-                out += F.linear(F.linear(x, lora_a), lora_b)
+                out += product(x, *pair)
             else:
-                out.index_add_(0, rows, F.linear(F.linear(x.index_select(0, rows), lora_a), lora_b))
+                out.index_add_(0, rows, product(x.index_select(0, rows), *pair))
         return out
+
+
+def _lora_batched(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+    """B(A x) as two GEMMs over all rows: float32 decoding keeps the arithmetic of the model's own forward (peft's)."""
+    return F.linear(F.linear(x, lora_a), lora_b)
+
+
+def _lora_rowwise(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+    """B(A x) one row at a time (a batched product of 1-row matrices), so a row's bits do not depend on the other
+    rows: a float32 GEMM picks its kernel by the row count (1 row vs 4 differ in the last bits), which made a
+    per-request LoRA's reply depend on what else ran — slightly in float16, by a token in bf16, where the difference
+    flips a rounding (tests/test_serve_engine.py)."""
+    rows = x.shape[0]
+    hidden = torch.bmm(x[:, None], lora_a.t().expand(rows, -1, -1))
+    return torch.bmm(hidden, lora_b.t().expand(rows, -1, -1))[:, 0]
 
 
 @dataclass

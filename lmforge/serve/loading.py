@@ -121,9 +121,9 @@ def build_engine(target: str | None, model: str | None, adapters: dict[str, str]
 
         served = _base_and_loras(add_lora, decoder.vocab_size, tokenizer, served_target, adapters, settings)
         if settings.decode_dtype == "bfloat16" and len(served) > 1:  # open issue, benchmarks/RESULTS.md
-            print("note: --decode-dtype bfloat16 with per-request LoRA adapters: a reply can differ by a token alone "
-                  "vs beside other requests (seen in tests); the default (float16 here) keeps replies independent "
-                  "of server load", file=sys.stderr)
+            print("note: --decode-dtype bfloat16 with per-request LoRA adapters: a repeated prompt (its prefix reused "
+                  "from the cache) can get a reply that differs by a token from a fresh one (seen in tests); the "
+                  "default (float16 here) has not shown it", file=sys.stderr)
     threads = settings.threads or max(1, (os.cpu_count() or 2) - 1)
     return Engine(decoder, served, max_queue=settings.max_queue, prefill_chunk=settings.prefill_chunk,
                   threads=threads)
