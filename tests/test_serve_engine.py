@@ -149,6 +149,24 @@ def test_a_lora_rows_logits_do_not_depend_on_the_other_rows(llama, weights):
     assert all(torch.equal(a, b) for a, b in zip(together_logits[1], alone_logits[0]))
 
 
+@pytest.mark.parametrize("weights", ["float16", "bfloat16"])
+@pytest.mark.parametrize("shape", [(576, 1536), (640, 2048), (3072, 576)])  # SmolLM2's down / gate_up, Gemma 3's down
+def test_a_projection_row_does_not_depend_on_how_many_rows_run(shape, weights):
+    """A prompt prefilled with others (hundreds of rows) gets the bits it gets alone. oneDNN's bf16 GEMM over 1,536
+    or 2,048 inputs changed an output row's last bits at 200+ rows (129+ at 2,048) until the product was split in
+    depth (lean_decoder.BFLOAT16_DEPTH)."""
+    from lmforge.serve.decoder import Linear
+
+    if weights == "bfloat16" and not bfloat16_kernels():
+        pytest.skip("this CPU has no native bf16 (AVX512_BF16 / AMX)")
+    generator = torch.Generator().manual_seed(0)
+    linear = Linear(torch.randn(shape, generator=generator) * 0.05, weights=weights)
+    x = torch.randn(300, shape[1], generator=generator)
+    alone = torch.cat([linear(x[r:r + 1], []) for r in range(300)])
+    for rows in (2, 18, 129, 200, 300):
+        assert torch.equal(linear(x[:rows], []), alone[:rows]), f"{rows} rows"
+
+
 @pytest.mark.skipif(not bfloat16_kernels(), reason="this CPU has no native bf16 (AVX512_BF16 / AMX)")
 @pytest.mark.xfail(strict=True, reason="open: a request whose prompt a slot still holds (prefix reuse) re-prefills "
                    "its last token with a masked attention call, whose last bits differ from the whole prompt's "

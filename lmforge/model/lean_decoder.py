@@ -31,6 +31,9 @@ FLOAT16_LINEAR = torch.ops.quantized.linear_dynamic_fp16.default if FLOAT16_KERN
 WEIGHT_FORMATS = ("float32", "float16", "bfloat16")
 # a reduced-format decode step attends over a key length rounded up to this (fixed by the row's own position)
 ATTENTION_BUCKET = 64
+# oneDNN's bf16 GEMM reduces over more than ~1,152 inputs in a way that depends on the row count (at 129-200+ rows
+# an output row's last bits change): a bf16 projection that deep is split into products this deep, summed in float32
+BFLOAT16_DEPTH = 1024
 FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
          "down": ("down_proj",)}
 
@@ -48,7 +51,8 @@ class Linear:
     keep float32's range and precision; and each output row depends only on its input row (the kernel blocks the
     same way at any batch width), so a reply does not depend on what else is in the batch.
     `bfloat16`: bf16 weights packed for oneDNN (AMX / AVX512_BF16 where the CPU has them), activations rounded to
-    bf16 for the product, sums and the result in float32.
+    bf16 for the product, sums and the result in float32; deeper than BFLOAT16_DEPTH inputs, the product is split
+    in depth so that, as in float16, an output row depends only on its input row.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, weights: str = "float32"):
@@ -62,7 +66,9 @@ class Linear:
             self.weight = torch.ops.quantized.linear_prepack_fp16(weight.float(), bias)
         elif weights == "bfloat16":
             _check_bfloat16_kernels()
-            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.to(torch.bfloat16), 1)
+            self.depth = -(-weight.shape[1] // -(-weight.shape[1] // BFLOAT16_DEPTH))  # equal parts ≤ BFLOAT16_DEPTH
+            self.weight = [torch.ops.mkldnn._reorder_linear_weight(part.to(torch.bfloat16).contiguous(), 1)
+                           for part in weight.split(self.depth, dim=1)]
         else:
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.packed else weight
 
@@ -70,7 +76,11 @@ class Linear:
         if self.format == "float16":
             out = FLOAT16_LINEAR(x, self.weight)  # bias included
         elif self.format == "bfloat16":
-            out = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.weight, None, "none", [], "").float()
+            rounded = x.to(torch.bfloat16)
+            pieces = [rounded] if len(self.weight) == 1 else [p.contiguous() for p in rounded.split(self.depth, 1)]
+            out = torch.ops.mkldnn._linear_pointwise(pieces[0], self.weight[0], None, "none", [], "").float()
+            for piece, weight in zip(pieces[1:], self.weight[1:]):
+                out += torch.ops.mkldnn._linear_pointwise(piece, weight, None, "none", [], "")
             if self.bias is not None:
                 out += self.bias
         elif self.packed:
