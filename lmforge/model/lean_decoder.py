@@ -156,20 +156,6 @@ def _attention_buckets(slots: list[int], positions: list[int], max_len: int) -> 
     return plan
 
 
-def _prompt_buckets(start: int, count: int, max_len: int) -> list[tuple[int, int, int, torch.Tensor]]:
-    """A prompt chunk's rows (positions start…start+count-1) grouped as decode groups rows: by key length, their
-    position + 1 rounded up to ATTENTION_BUCKET. [(first row, rows, key length, mask [rows, 1, 1, length])]."""
-    plan, row = [], 0
-    while row < count:
-        position = start + row
-        length = min(-(-(position + 1) // ATTENTION_BUCKET) * ATTENTION_BUCKET, max_len)
-        rows = min(count - row, length - position)  # the positions that round up to the same length
-        seen = torch.arange(position, position + rows)[:, None] >= torch.arange(length)[None]
-        plan.append((row, rows, length, seen[:, None, None]))
-        row += rows
-    return plan
-
-
 class Decoder:
     """Weights + KV cache for `slots` concurrent sequences of up to `max_len` tokens each.
 
@@ -282,18 +268,12 @@ class Decoder:
         windows = {layer.window for layer in self.layers if layer.window}
         window_masks = {window: [_window_mask(start, count, window) for start, count in zip(starts, counts)]
                         for window in windows}
-        # reduced formats: each row over its own key bucket, as decode attends (_prompt_buckets)
-        plans = [_prompt_buckets(start, count, self.max_len) for start, count in zip(starts, counts)] \
-            if self.row_by_row else None
         hidden = self._embed(torch.tensor([t for tokens in token_lists for t in tokens]))[:, None]  # [R, 1, D]
         ropes = {name: self._rope(table, positions[:, None]) for name, table in self.ropes.items()}
         for index, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, hidden, ropes[layer.rope], groups)  # [R, heads, 1, hd]
             self.k_cache[index][row_slots, :, positions] = k[:, :, 0]
             self.v_cache[index][row_slots, :, positions] = v[:, :, 0]
-            if plans is not None and not layer.window:
-                hidden = self._finish_layer(layer, hidden, self._attend_rows(index, q, slots, offsets, plans), groups)
-                continue
             parts = []
             for slot, start, count, offset, mask in zip(slots, starts, counts, offsets,
                                                         window_masks[layer.window] if layer.window else masks):
@@ -348,22 +328,6 @@ class Decoder:
             hidden = self._finish_layer(layer, hidden, attended, groups)
         last = _rms_norm(hidden[listed, 0], self.final_norm, self.eps)
         return self.lm_head(last, [])
-
-    def _attend_rows(self, index: int, q: torch.Tensor, slots: list[int], offsets: list[int],
-                     plans: list[list[tuple[int, int, int, torch.Tensor]]]) -> torch.Tensor:
-        """A prefill's attention in the reduced formats, row by row as a decode step computes it (_attend_each):
-        every row its own batch entry over its position's key bucket, so a token gets the same bits whether its
-        prompt is prefilled whole, in chunks, after a reused prefix or beside other prompts. [R, heads, 1, hd]."""
-        parts = []
-        for slot, offset, plan in zip(slots, offsets, plans):
-            for first, rows, length, seen in plan:
-                query = q[offset + first:offset + first + rows]  # [rows, heads, 1, hd]
-                keys = self.k_cache[index, slot:slot + 1, :, :length].expand(rows, -1, -1, -1)
-                values = self.v_cache[index, slot:slot + 1, :, :length].expand(rows, -1, -1, -1)
-                grouped = query.reshape(rows, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
-                attended = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=seen, scale=self.scale)
-                parts.append(attended.reshape(query.shape))
-        return torch.cat(parts)
 
     def _attend_each(self, index: int, q: torch.Tensor, slots: list[int], positions: list[int],
                      window: int | None, plan: list[Bucket]) -> torch.Tensor:

@@ -75,9 +75,8 @@ class ServeSettings(BaseModel):
         "auto", description="float16: weights held in float16 for FBGEMM's float16 GEMM (float32 activations): half "
                             "the memory and ~2x the speed of float32 on CPU; replies differ slightly from float32's, "
                             "never with server load. bfloat16: bf16 weights and products through oneDNN (CPUs with "
-                            "AMX / AVX512_BF16): faster than float16 there, single-stream and batched, and as "
-                            "independent of server load. auto: bfloat16 where the CPU multiplies bf16 natively, else "
-                            "float16 where torch has FBGEMM (x86-64), else float32 (eval's choice; said at start)")
+                            "AMX / AVX512_BF16): faster than float16 at wide batches there, as fast single-stream. "
+                            "auto: float16 where torch has FBGEMM (x86-64), else float32")
     prefill_chunk: int = Field(256, ge=1, description="prompt tokens prefilled per engine step (long prompts "
                                                       "are split so running streams keep flowing)")
 
