@@ -378,6 +378,8 @@ def _lean_events(decoder: Decoder, adapter: int, prompts: list[list[int]], stop_
 
     while waiting or running:
         events: list[tuple[int, int | None]] = []
+        if not waiting:
+            _compact_rows(decoder, running, free)
         if running:
             batch = sorted(running, key=lambda i: running[i][0])
             logits = decoder.decode([running[i][0] for i in batch], [running[i][2] for i in batch],
@@ -401,6 +403,24 @@ def _lean_events(decoder: Decoder, adapter: int, prompts: list[list[int]], stop_
             for i, row, token in zip(admitted, logits, tokens):
                 accept(i, row, token, events)
         yield events
+
+
+def _compact_rows(decoder: Decoder, running: dict[int, list[int]], free: list[int]) -> None:
+    """Once no prompt waits, move the reply on the highest row into the lowest free row (its cache copied) until
+    the running rows are 0..n-1: a decode step computes every row up to the highest one, so rows whose replies ended
+    below it still cost their share of every product (on the demo's held-out set, 486 rows computed for 377 tokens).
+    A row's tokens do not depend on which row it is on (tests/test_eval.py)."""
+    free.sort()
+    while running and free:
+        top = max(running, key=lambda i: running[i][0])
+        source = running[top][0]
+        if free[0] > source:
+            return
+        target = free.pop(0)
+        decoder.copy_slot(source, target, running[top][1])
+        running[top][0] = target
+        free.append(source)
+        free.sort()
 
 
 def _as_steps(rounds: Iterator[list[tuple[int, int | None]]], count: int) -> Iterator[list[int | None]]:

@@ -462,6 +462,42 @@ def test_seeded_sampling_does_not_depend_on_the_batch(tmp_path, tokenizer):
         assert generate_all(model, [prompt], stop, shifted, slots=1)[0][0] == together[i]
 
 
+@pytest.mark.parametrize("weights", ["float32", "float16"])
+def test_rows_whose_replies_ended_are_not_computed_and_replies_do_not_change(tmp_path, tokenizer, weights):
+    """Once no prompt waits, a reply on a high row moves down into a row freed below it, so a decode step computes
+    only running replies (eval's last steps, one long reply left, cost one row, not the whole batch's); every prompt
+    still gets the tokens it gets alone."""
+    from conftest import make_tiny_model
+
+    from lmforge.data.render import render_prompt
+    from lmforge.generate import generate_all
+    from lmforge.model.lean_decoder import Decoder
+
+    model, tokenizer = load_for_inference(model=make_tiny_model("llama", tokenizer, tmp_path / "llama"))
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=3, decode_dtype=weights)  # varied tokens
+    prompts = [render_prompt(tokenizer, r["messages"][:-1]) for r in sample_records()]
+    free_running, _ = generate_all(model, prompts, [], params, slots=len(prompts))
+    # a stop token that ends the first reply early and never ends the last one: rows free up below a running one
+    stop = next(t for t in free_running[0][1:6] if t not in free_running[-1])
+    calls = []
+    real_decode = Decoder.decode
+
+    def recording(self, slots, tokens, positions, adapters):
+        calls.append(list(slots))
+        return real_decode(self, slots, tokens, positions, adapters)
+
+    Decoder.decode = recording
+    try:
+        together, _ = generate_all(model, prompts, [stop], params, slots=len(prompts))
+    finally:
+        Decoder.decode = real_decode
+    assert len(together[0]) < 6 and len(together[-1]) == 12
+    assert all(slots == list(range(len(slots))) for slots in calls), calls  # rows 0..n-1, no idle row inside
+    assert any(len(slots) < len(prompts) for slots in calls)
+    alone = [generate_all(model, [prompt], [stop], params, slots=1, keys=[i])[0][0] for i, prompt in enumerate(prompts)]
+    assert together == alone
+
+
 @pytest.mark.skipif(not bfloat16_kernels(),
                     reason="no native bf16 kernels in torch's oneDNN on this CPU: --decode-dtype bfloat16 is refused")
 def test_bfloat16_decoding_merges_the_lora_and_a_reply_does_not_depend_on_the_batch(run_dir):
