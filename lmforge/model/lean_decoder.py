@@ -72,13 +72,20 @@ class Linear:
         else:
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.packed else weight
 
-    def __call__(self, x: torch.Tensor, groups: list[tuple[int, torch.Tensor | None]]) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, groups: list[tuple[int, torch.Tensor | None]], as_rounded: bool = False
+                 ) -> torch.Tensor:
+        """x [rows, in] float32 → [rows, out] float32. `as_rounded`: a bf16 product with nothing to add to it (one
+        piece, no bias, no LoRA rows) comes back in bf16 for the caller to widen as it reads it (the same values,
+        one copy fewer)."""
         if self.format == "float16":
             out = FLOAT16_LINEAR(x, self.weight)  # bias included
         elif self.format == "bfloat16":
             rounded = x.to(torch.bfloat16)
             pieces = [rounded] if len(self.weight) == 1 else [p.contiguous() for p in rounded.split(self.depth, 1)]
-            out = torch.ops.mkldnn._linear_pointwise(pieces[0], self.weight[0], None, "none", [], "").float()
+            out = torch.ops.mkldnn._linear_pointwise(pieces[0], self.weight[0], None, "none", [], "")
+            if as_rounded and len(pieces) == 1 and self.bias is None and not any(a in self.lora for a, _ in groups):
+                return out
+            out = out.float()
             for piece, weight in zip(pieces[1:], self.weight[1:]):
                 out += torch.ops.mkldnn._linear_pointwise(piece, weight, None, "none", [], "")
             if self.bias is not None:
@@ -410,9 +417,10 @@ class Decoder:
         if layer.attention_out_norm is not None:
             attention_out = _rms_norm(attention_out, layer.attention_out_norm, self.eps)
         hidden = hidden + attention_out
-        gate_up = layer.gate_up(_rms_norm(hidden, layer.post_norm, self.eps).view(batch * count, -1), rows)
-        gate, up = gate_up.chunk(2, dim=-1)
-        mlp_out = layer.down(self.activation(gate) * up, rows).view(batch, count, width)
+        gate_up = layer.gate_up(_rms_norm(hidden, layer.post_norm, self.eps).view(batch * count, -1), rows,
+                                as_rounded=True)
+        gate, up = gate_up.chunk(2, dim=-1)  # bf16 or float32; `* up` widens a bf16 `up` exactly, as .float() would
+        mlp_out = layer.down(self.activation(gate.float()) * up, rows).view(batch, count, width)
         if layer.mlp_out_norm is not None:
             mlp_out = _rms_norm(mlp_out, layer.mlp_out_norm, self.eps)
         return hidden + mlp_out
