@@ -498,6 +498,52 @@ def test_rows_whose_replies_ended_are_not_computed_and_replies_do_not_change(tmp
     assert together == alone
 
 
+@pytest.mark.parametrize("weights", ["float16", "bfloat16"])
+def test_a_shared_system_prompt_is_prefilled_once_and_a_prompts_logits_do_not_depend_on_the_batch(
+        tmp_path, tokenizer, weights):
+    """eval's prompts share the template's head (system prompt, user turn opening): in the reduced formats it is
+    prefilled once per batch and copied, and each prompt's logits are bit-identical alone and in the batch."""
+    if weights == "bfloat16" and not bfloat16_kernels():
+        pytest.skip("no native bf16 kernels in torch's oneDNN on this CPU")
+    from conftest import make_tiny_model
+
+    from lmforge.data.render import prompt_heads, render_prompt
+    from lmforge.generate import _prefill, _usable_head, lean_decoder
+    from lmforge.model.lean_decoder import Decoder
+
+    model, tokenizer = load_for_inference(model=make_tiny_model("llama", tokenizer, tmp_path / "llama"))
+    system = {"role": "system", "content": "You answer questions about tenancy law in plain words."}
+    questions = ["Can my landlord keep the deposit?", "How long is a notice period?", "Who fixes the boiler?"]
+    conversations = [[system, {"role": "user", "content": q}] for q in questions]
+    conversations.append([{"role": "user", "content": "Hello there"}])  # no system prompt: a head of its own
+    prompts = [render_prompt(tokenizer, c) for c in conversations]
+    heads = prompt_heads(tokenizer, conversations, prompts)
+    assert heads[0] == heads[1] == heads[2] > heads[3] > 0
+    assert prompts[0][:heads[0]] == prompts[2][:heads[0]] and prompts[0][heads[0]] != prompts[1][heads[0]]
+    assert prompt_heads(tokenizer, [[system]], [render_prompt(tokenizer, [system])]) == [0]  # no user message
+    usable = [_usable_head(heads, prompts, i) for i in range(len(prompts))]
+    decoder, adapter = lean_decoder(model, len(prompts), 256, weights)
+    rows = []
+    real_prefill = Decoder.prefill_many
+
+    def counting(self, slots, token_lists, starts, adapters):
+        rows.append(sum(map(len, token_lists)))
+        return real_prefill(self, slots, token_lists, starts, adapters)
+
+    Decoder.prefill_many = counting
+    try:
+        together = _prefill(decoder, adapter, list(range(len(prompts))), prompts, usable)
+    finally:
+        Decoder.prefill_many = real_prefill
+    distinct_heads = len({tuple(p[:h]) for p, h in zip(prompts, usable) if h})
+    assert sum(rows) == sum(len(p) for p in prompts) - sum(usable) + sum(
+        len(h) for h in {tuple(p[:h]) for p, h in zip(prompts, usable) if h})
+    assert distinct_heads < sum(1 for h in usable if h)  # the three with the system prompt computed it once
+    for slot, (prompt, head) in enumerate(zip(prompts, usable)):
+        alone = _prefill(decoder, adapter, [slot], [prompt], [head])
+        assert torch.equal(alone[0], together[slot]), slot
+
+
 @pytest.mark.skipif(not bfloat16_kernels(),
                     reason="no native bf16 kernels in torch's oneDNN on this CPU: --decode-dtype bfloat16 is refused")
 def test_bfloat16_decoding_merges_the_lora_and_a_reply_does_not_depend_on_the_batch(run_dir):

@@ -153,6 +153,36 @@ def render_prompt(tokenizer, messages: list[dict], tools: list[dict] | None = No
     return _tokenize(tokenizer, text, _reply_spans(text, messages), [])[0]
 
 
+def prompt_heads(tokenizer, conversations: list[list[dict]], prompts: list[list[int]]) -> list[int]:
+    """For each rendered prompt, how many of its first tokens do not depend on the first user message's text: the
+    template's head, with the system prompt (the template's default or the conversation's own) and the user turn's
+    opening. Conversations with the same messages before the first user message share it, so a batch can prefill it
+    once. A function of one conversation alone (found by rendering it with that text replaced twice and keeping what
+    both renders share with the real one), so a prompt is split the same way whatever else is in its batch."""
+    variants: dict[str, tuple[list[int], list[int]]] = {}
+    heads = []
+    for messages, prompt in zip(conversations, prompts):
+        first_user = next((i for i, m in enumerate(messages) if m.get("role") == "user"), None)
+        if first_user is None or not isinstance(messages[first_user].get("content"), str):
+            heads.append(0)
+            continue
+        key = repr(messages[:first_user])
+        if key not in variants:
+            variants[key] = tuple(render_prompt(tokenizer, messages[:first_user] + [{"role": "user", "content": text}])
+                                  for text in ("A", "Z"))
+        heads.append(min(_common_prefix(variant, prompt) for variant in variants[key]))
+    return heads
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def _reply_spans(text: str, messages: list[dict]) -> list[tuple]:
     """Character spans of the assistant replies in `text`, found in order; stops at the first message whose text
     the template did not render verbatim (nothing after it is cut)."""
