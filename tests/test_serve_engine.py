@@ -118,6 +118,34 @@ def test_batching_keeps_greedy_token_ids(llama):
         engine.stop()
 
 
+def test_a_stream_left_on_a_high_slot_moves_down_and_keeps_its_tokens(llama):
+    """When the streams on low slots end, the one still running moves into slot 0 (its cache copied), so its decode
+    steps compute one row, not every row up to its old slot; its tokens are the ones it gets alone."""
+    from lmforge.serve.loading import build_engine
+
+    base_dir, adapters = llama
+    engine = build_engine(base_dir, None, adapters, ServeSettings(max_concurrent=4))
+    widths = []
+    real_decode = engine.decoder.decode
+
+    def recording(slots, tokens, positions, adapters):
+        widths.append((len(slots), max(slots) + 1))
+        return real_decode(slots, tokens, positions, adapters)
+
+    engine.decoder.decode = recording
+    engine.start()
+    try:
+        submissions = [Submission(_prompt(6 + i, 30 + i), adapter=i % 3, choices=[Sampling(max_tokens=tokens)],
+                                  stop_ids=frozenset()) for i, tokens in enumerate((3, 4, 16))]
+        together = _run(engine, submissions)
+        assert engine.moved_sequences >= 1
+        assert widths[-1] == (1, 1)  # the long stream's last steps ran on slot 0 alone
+        assert all(rows == width for rows, width in widths[-10:])
+        assert together == [_run(engine, [s])[0] for s in submissions]
+    finally:
+        engine.stop()
+
+
 def _greedy(decoder, prompts, slots, adapter, steps):
     """Greedy tokens and every step's logits of each prompt, prefilled together into `slots`."""
     logits = decoder.prefill_many(slots, prompts, [0] * len(prompts), [adapter] * len(prompts))
