@@ -197,7 +197,8 @@ def test_a_projection_row_does_not_depend_on_how_many_rows_run(shape, weights):
 
 
 @pytest.mark.skipif(not bfloat16_kernels(), reason="this CPU has no native bf16 (AVX512_BF16 / AMX)")
-@pytest.mark.xfail("amx_bf16" in cpu_capability().flags, strict=True,
+@pytest.mark.xfail("amx_bf16" in cpu_capability().flags, strict=False,  # whether the flip shows depends on
+                   # which slot holds which prefix when a prompt repeats, which slot moves change: not strict
                    reason="open: a request whose prompt a slot still holds (prefix reuse) re-prefills "
                    "its last token with a masked attention call, whose last bits differ from the whole prompt's "
                    "causal call; on a CPU with AMX (oneDNN's AMX kernels) under bf16 with this LoRA that flips one of "
