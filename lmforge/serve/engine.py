@@ -423,10 +423,13 @@ class Engine:
     def _compact(self) -> None:
         """Move the sequence on the highest running slot into a free slot below it (its cache copied) while there is
         one: a decode step computes every slot up to the highest running one, so a stream left running high after
-        the ones below it ended would pay for their rows every step (one of 8 slots: ~2x the time per token). The
-        free slot that holds the fewest reusable prompt tokens is overwritten; the vacated slot keeps the moved
-        sequence's tokens for reuse. In the reduced formats a row's bits do not depend on its slot."""
+        the ones below it ended would pay for their rows every step (one of 8 slots: ~2x the time per token). Only
+        while nothing waits or arrives (arrivals take the free slots anyway). The free slot that holds the fewest
+        reusable prompt tokens is overwritten; the vacated slot keeps the moved sequence's tokens for reuse. In the
+        reduced formats a row's bits do not depend on its slot."""
         if not isinstance(self.decoder, Decoder):  # the model's own forward decodes slot by slot: nothing to gain
+            return
+        if self._waiting or self._prefilling or not self._inbox.empty():  # arrivals are about to take the free slots
             return
         while True:
             top = max(self._running, key=lambda s: s.slot)
