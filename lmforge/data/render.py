@@ -170,11 +170,12 @@ def prompt_heads(tokenizer, conversations: list[list[dict]], prompts: list[list[
         if key not in variants:
             variants[key] = tuple(render_prompt(tokenizer, messages[:first_user] + [{"role": "user", "content": text}])
                                   for text in ("A", "Z"))
-        heads.append(min(_common_prefix(variant, prompt) for variant in variants[key]))
+        heads.append(min(common_prefix(variant, prompt) for variant in variants[key]))
     return heads
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two token lists share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:

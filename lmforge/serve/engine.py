@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..data.render import common_prefix
 from ..generate import sample_token
 from .decoder import Decoder
 
@@ -353,7 +354,7 @@ class Engine:
         """Prompt tokens whose keys/values `slot` already holds (never the last one: its logits pick token 1)."""
         if self._slot_adapter[slot] != submission.adapter:
             return 0
-        return min(_common_prefix(self._slot_tokens[slot], submission.prompt), len(submission.prompt) - 1)
+        return min(common_prefix(self._slot_tokens[slot], submission.prompt), len(submission.prompt) - 1)
 
     def _prefill(self, outbox) -> None:
         """One forward for every admitted prompt (up to `prefill_chunk` tokens in all, the rest next step)."""
@@ -501,14 +502,6 @@ def _send(outbox: dict) -> None:
         ticket.loop.call_soon_threadsafe(ticket._deliver, events)
     outbox.clear()
 
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    count = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        count += 1
-    return count
 
 
 def _generator(seed: int | None, choice: int) -> torch.Generator:
