@@ -503,7 +503,6 @@ def _send(outbox: dict) -> None:
     outbox.clear()
 
 
-
 def _generator(seed: int | None, choice: int) -> torch.Generator:
     """Choice i of a request with seed s draws from seed s + i (modulo 2**64, the generator's range): a seeded
     request repeats exactly, and its choice 0 equals the same request with n=1."""
