@@ -155,6 +155,19 @@ def test_reference_losses_compute_as_training_would_except_in_exact_mode(tmp_pat
     assert result.info["loss_precision"]["name"] == auto.name
 
 
+def test_the_loss_line_says_why_on_a_cpu_and_on_a_gpu():
+    from lmforge.eval.evaluate import _loss_line
+    from lmforge.model.precision import CpuCapability, GemmProbe, choose_cpu_training, choose_gpu_training
+
+    bf16_cpu = CpuCapability("Some CPU", frozenset({"avx512_bf16"}))
+    cpu = choose_cpu_training("auto", bf16_cpu, 576, lambda: GemmProbe((256, 576, 1536), 100.0, 250.0))
+    line = _loss_line(cpu)
+    assert "because Some CPU has avx512_bf16" in line and "optimizer" not in line
+    gpu = _loss_line(choose_gpu_training("auto", True))
+    assert "on the GPU" in gpu and "because" not in gpu
+    assert _loss_line(choose_cpu_training("float32", bf16_cpu, 576, lambda: None)).startswith("loss in float32")
+
+
 def test_eval_of_a_model_writes_every_example_in_order(tmp_path, llama_dir):
     model, tokenizer = load_for_inference(model=llama_dir)
     test = load_test_set([str(write_jsonl(tmp_path / "t.jsonl", sample_records()))])

@@ -178,11 +178,13 @@ def loss_precision(model, options: EvalOptions) -> Precision:
 
 
 def _loss_line(precision: Precision) -> str:
+    """What eval says about its loss pass: the training precision's reason, without the parts only training has
+    (optimizer state, rounded frozen weights) where the reason says why in a `because` clause."""
     if precision.autocast is None:
         return f"loss in float32 ({precision.reason})"
-    because = precision.reason.partition(", because ")[2]
-    return (f"loss in {precision.name}, as training runs on this CPU, because {because}; --decode-dtype float32 "
-            f"computes it in float32")
+    head, _, because = precision.reason.partition(", because ")
+    why = f"as training runs on this CPU, because {because}" if because else head  # GPU reasons have no clause
+    return f"loss in {precision.name}, {why}; --decode-dtype float32 computes it in float32"
 
 
 def reference_losses(model, tokenizer, items: list[TestItem], options: EvalOptions,
