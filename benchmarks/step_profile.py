@@ -1,7 +1,8 @@
 """Where a training step's time goes: torch.profiler over a few steps, every op's self time sorted into GEMM,
 attention, elementwise / other tensor ops, optimizer and the rest (Python, dispatch, autograd bookkeeping = wall time
-not inside any op). Used by train_speed.py --profile so the next speed lever is chosen by measurement. Measures;
-changes nothing.
+not inside any op). An op called from inside an attention function counts as attention (lmforge's blocked attention:
+its forward and backward are autograd functions whose names say attention). Used by train_speed.py --profile so the
+next speed lever is chosen by measurement. Measures; changes nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +27,15 @@ def category(name: str) -> str:
     return "elementwise and other ops"
 
 
+def _inside_attention(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if category(parent.name) == "attention":
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
 def profile_steps(step: Callable[[int], None], steps: int) -> dict:
     """Run `step(i)` for i < steps under the profiler; seconds per category (self time of ops on every thread, so
     with several intra-op threads an op counts once — its wall time on the calling thread) and the top ops."""
@@ -37,14 +47,17 @@ def profile_steps(step: Callable[[int], None], steps: int) -> dict:
             step(i)
         wall = time.perf_counter() - start
     totals: dict[str, float] = {}
-    ops = []
-    for event in profiler.key_averages():
+    by_op: dict[tuple[str, str], list] = {}
+    for event in profiler.events():
         seconds = event.self_cpu_time_total / 1e6
         if seconds <= 0:
             continue
-        group = category(event.key)
+        group = "attention" if _inside_attention(event) else category(event.name)
         totals[group] = totals.get(group, 0.0) + seconds
-        ops.append((seconds, event.key, event.count, group))
+        entry = by_op.setdefault((event.name, group), [0.0, 0])
+        entry[0] += seconds
+        entry[1] += 1
+    ops = [(s, key, count, group) for (key, group), (s, count) in by_op.items()]
     inside = sum(totals.values())
     totals["python, dispatch, autograd (wall not inside an op)"] = max(0.0, wall - inside)
     ops.sort(reverse=True)

@@ -13,8 +13,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from . import blocked_attention
+
 PACKED_ATTENTION = "lmforge_packed"
-FLOAT32_BELOW = 256  # tokens: shorter examples attend in float32 under CPU bf16 autocast (see _causal)
 
 
 def packed_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -32,15 +33,12 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout=
 
 
 def _causal(query, key, value, dropout: float, scaling):
-    """One example's causal attention. Under CPU bf16 autocast an example shorter than FLOAT32_BELOW tokens computes
-    in float32: the CPU flash-attention backward in bf16 is slower than float32's there (benchmarks/RESULTS.md)."""
-    if (query.shape[2] < FLOAT32_BELOW and query.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-            and query.dtype != torch.float32):
-        with torch.autocast("cpu", enabled=False):
-            out = F.scaled_dot_product_attention(query.float(), key.float(), value.float(), is_causal=True,
-                                                 dropout_p=dropout, scale=scaling,
-                                                 enable_gqa=query.shape[1] != key.shape[1])
-        return out.to(query.dtype)
+    """One example's causal attention. Under CPU bf16 autocast (no dropout) it is blocked_attention's: torch's CPU
+    flash-attention backward is 1.4–2.7× slower at the lengths fine-tuning sees (benchmarks/RESULTS.md)."""
+    if (dropout == 0.0 and query.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+        return blocked_attention.causal_attention(query, key, value,
+                                                  query.shape[-1] ** -0.5 if scaling is None else scaling)
     return F.scaled_dot_product_attention(query, key, value, is_causal=True, dropout_p=dropout, scale=scaling,
                                           enable_gqa=query.shape[1] != key.shape[1])
 
