@@ -34,7 +34,7 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout=
 
 def _causal(query, key, value, dropout: float, scaling):
     """One example's causal attention. Under CPU bf16 autocast (no dropout) it is blocked_attention's: torch's CPU
-    flash-attention backward is 1.4–2.7× slower at the lengths fine-tuning sees (benchmarks/RESULTS.md)."""
+    flash attention is 2.0–2.3× slower forward + backward at 256–512 tokens (benchmarks/RESULTS.md)."""
     if (dropout == 0.0 and query.device.type == "cpu" and torch.is_autocast_enabled("cpu")
             and torch.get_autocast_dtype("cpu") == torch.bfloat16):
         return blocked_attention.causal_attention(query, key, value,
