@@ -1,6 +1,7 @@
 """The blocked causal attention that CPU bf16 training runs (model/blocked_attention.py) computes what float32
 attention computes, within bf16's rounding, forward and backward — at lengths on and around its block edges and past
-the length where it stops keeping probabilities — and packed training under bf16 autocast goes through it."""
+the length where it stops keeping probabilities — and packed training under bf16 autocast goes through it for all but
+short examples."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 
 from lmforge.model import blocked_attention
 from lmforge.model.blocked_attention import BLOCK, KEEP_PROBABILITIES_UP_TO, causal_attention
-from lmforge.model.packed_attention import packed_attention_forward
+from lmforge.model.packed_attention import SHORT_IN_FLOAT32, packed_attention_forward
 
 HEADS, KV_HEADS, DIM = 6, 2, 32
 TOLERANCE = 2.5e-2  # relative (norm of the difference / norm of float32's): bf16 scores and products
@@ -74,15 +75,19 @@ def test_recomputing_probabilities_in_the_backward_gives_the_same_gradients(monk
         assert torch.equal(a, b)
 
 
-def test_packed_examples_under_cpu_bf16_autocast_attend_through_the_blocked_kernel():
-    lengths = [5, BLOCK + 2, 17]
+def test_packed_examples_under_cpu_bf16_autocast_attend_through_the_blocked_kernel_short_ones_in_float32():
+    lengths = [SHORT_IN_FLOAT32, 5, 2 * BLOCK + 3, SHORT_IN_FLOAT32 - 1]
     q, k, v, _ = inputs(sum(lengths))
     bounds = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     module = torch.nn.Module().train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         packed, _ = packed_attention_forward(module, q, k, v, None, scaling=DIM ** -0.5, cu_seq_lens_q=bounds)
+    assert packed.dtype == torch.bfloat16
     start = 0
     for length in lengths:
-        alone = blocked(q[:, :, start:start + length], k[:, :, start:start + length], v[:, :, start:start + length])
-        assert torch.equal(packed[0, start:start + length], alone[0].transpose(0, 1))
+        part = slice(start, start + length)
+        attention = blocked if length >= SHORT_IN_FLOAT32 else float32_attention
+        alone = attention(q[:, :, part].bfloat16().float(), k[:, :, part].bfloat16().float(),
+                          v[:, :, part].bfloat16().float()).bfloat16()
+        assert torch.equal(packed[0, part], alone[0].transpose(0, 1)), length
         start += length

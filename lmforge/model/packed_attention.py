@@ -16,6 +16,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from . import blocked_attention
 
 PACKED_ATTENTION = "lmforge_packed"
+SHORT_IN_FLOAT32 = 100  # tokens: below this, float32 flash beats the blocked kernel under CPU bf16 (see _causal)
 
 
 def packed_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -33,12 +34,19 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout=
 
 
 def _causal(query, key, value, dropout: float, scaling):
-    """One example's causal attention. Under CPU bf16 autocast (no dropout) it is blocked_attention's: torch's CPU
-    flash attention is 2.0–2.3× slower forward + backward at 256–512 tokens (benchmarks/RESULTS.md)."""
+    """One example's causal attention. Under CPU bf16 autocast (no dropout) an example of SHORT_IN_FLOAT32 tokens or
+    more goes through blocked_attention's kernel: torch's CPU flash attention is 2.0–2.3× slower forward + backward at
+    256–512 tokens. Shorter ones attend in float32 flash, which is faster there than the kernel's per-block ops and
+    than bf16 flash (benchmarks/RESULTS.md)."""
     if (dropout == 0.0 and query.device.type == "cpu" and torch.is_autocast_enabled("cpu")
             and torch.get_autocast_dtype("cpu") == torch.bfloat16):
-        return blocked_attention.causal_attention(query, key, value,
-                                                  query.shape[-1] ** -0.5 if scaling is None else scaling)
+        if query.shape[2] >= SHORT_IN_FLOAT32:
+            return blocked_attention.causal_attention(query, key, value,
+                                                      query.shape[-1] ** -0.5 if scaling is None else scaling)
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(query.float(), key.float(), value.float(), is_causal=True,
+                                                 scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+        return out.to(torch.bfloat16)
     return F.scaled_dot_product_attention(query, key, value, is_causal=True, dropout_p=dropout, scale=scaling,
                                           enable_gqa=query.shape[1] != key.shape[1])
 
