@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_tiny_model, qwen_tokenizer, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from lmforge.config import MethodConfig
@@ -34,9 +35,13 @@ CONVERSATIONS = [
 ]
 
 
-@pytest.fixture(params=["tiny_llama", "tiny_qwen2"])
-def model_dir(request) -> str:
-    return request.getfixturevalue(request.param)
+@pytest.fixture(params=["tiny_llama", "tiny_qwen2", "gemma3", "qwen2-window"])
+def model_dir(request, tmp_path) -> str:
+    """Llama, Qwen2, and two with a sliding-window layer (8 tokens, shorter than the examples)."""
+    if request.param.startswith("tiny_"):
+        return request.getfixturevalue(request.param)
+    tokenizer = qwen_tokenizer() if request.param.startswith("qwen2") else tiny_tokenizer()
+    return make_tiny_model(request.param, tokenizer, tmp_path / request.param)
 
 
 def packed_model(path: str):

@@ -1,7 +1,8 @@
 """Attention over packed examples: one causal attention per example, no padding, no cross-example attention.
 
 Registered with transformers' AttentionInterface as "lmforge_packed". With `cu_seq_lens_q` in the call (training,
-see batching.Batch) each example attends only to itself; without it (generation, padded batches) it is plain SDPA.
+see batching.Batch) each example attends only to itself, and within a sliding-window layer's window; without it
+(generation, padded batches) it is plain SDPA with the mask transformers built.
 Must not know about losses or training.
 """
 
@@ -28,7 +29,10 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout=
     # split, not slicing: a slice's backward fills a zero tensor of the whole row per example and adds them up
     bounds = cu_seq_lens.tolist()
     lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
-    outputs = [_causal(q, k, v, dropout if module.training else 0.0, scaling)
+    dropout = dropout if module.training else 0.0
+    window = kwargs.get("sliding_window")  # a sliding-window layer's (Gemma 3, Mistral, Qwen2 with windows), else None
+    outputs = [_causal(q, k, v, dropout, scaling) if window is None or q.shape[2] <= window
+               else _windowed(q, k, v, dropout, scaling, window)
                for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
@@ -48,6 +52,16 @@ def _causal(query, key, value, dropout: float, scaling):
                                                  scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
         return out.to(torch.bfloat16)
     return F.scaled_dot_product_attention(query, key, value, is_causal=True, dropout_p=dropout, scale=scaling,
+                                          enable_gqa=query.shape[1] != key.shape[1])
+
+
+def _windowed(query, key, value, dropout: float, scaling, window: int):
+    """One example longer than a sliding-window layer's window: position p attends to keys p - window < k <= p, as
+    transformers' sliding-window mask has it (the fast decoder's too). Rare in fine-tuning, so plain masked SDPA."""
+    positions = torch.arange(query.shape[2], device=query.device)
+    distance = positions[:, None] - positions[None, :]
+    mask = (distance >= 0) & (distance < window)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
                                           enable_gqa=query.shape[1] != key.shape[1])
 
 
