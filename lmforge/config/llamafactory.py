@@ -355,7 +355,8 @@ FLAT_KEYS: dict[str, str | Callable[[Any], tuple[dict | None, str | None]]] = {
     "ray_run_name": _ray("ray_run_name"),
     "ray_storage_path": _ray("ray_storage_path"),
     "ray_storage_filesystem": _ray("ray_storage_filesystem"),
-    "flash_attn": _ignored("flash_attn: attention runs on torch's SDPA kernels, per example inside a packed row"),
+    "flash_attn": _ignored("flash_attn: attention runs per example inside a packed row, on torch's SDPA kernels "
+                           "(CPU bf16: lmforge's blocked kernel)"),
     "disable_gradient_checkpointing": _ignored("disable_gradient_checkpointing: lmforge does not checkpoint "
                                                "activations (packing and a lean MLP keep their memory down)"),
     "run_name": _ignored("run_name: the run is named after output_dir"),

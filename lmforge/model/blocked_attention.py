@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-BLOCK = 64  # query rows per block: the fastest of 32/64/128/256 at 256–1,024 tokens on AVX512_BF16 and AMX
+BLOCK = 64  # query rows per block: of 32/64/128/256 the fastest at 256–1,024 tokens on a Zen 4 (AMX not measured)
 KEEP_PROBABILITIES_UP_TO = 512  # tokens
 
 _upper_triangles: dict[tuple[int, torch.dtype], torch.Tensor] = {}
