@@ -54,6 +54,15 @@ def test_output_and_gradients_equal_float32_attention_within_bf16_rounding(lengt
         assert error <= TOLERANCE * want.norm().item() + 1e-4, (name, length, error, want.norm().item())
 
 
+def test_in_float32_it_is_float32_attention_to_rounding():
+    """The kernel in float32 (benchmarks/attention_speed.py --precision float32 measures it): no bf16 anywhere."""
+    q, k, v, grad_out = inputs(2 * BLOCK + 9)
+    reference = forward_backward(float32_attention, q, k, v, grad_out)
+    result = forward_backward(lambda *qkv: causal_attention(*qkv, DIM ** -0.5, torch.float32), q, k, v, grad_out)
+    for got, want in zip(result, reference):
+        assert (got - want).norm() <= 1e-5 * want.norm()
+
+
 def test_a_later_token_never_changes_an_earlier_output():
     q, k, v, _ = inputs(2 * BLOCK + 3)
     before = blocked(q, k, v).detach()

@@ -25,10 +25,11 @@ KEEP_PROBABILITIES_UP_TO = 512  # tokens
 _upper_triangles: dict[tuple[int, torch.dtype], torch.Tensor] = {}
 
 
-def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
-    """query [1, heads, T, dim], key and value [1, kv_heads, T, dim] (any float dtype) → [1, heads, T, dim] bf16."""
-    bf16 = torch.bfloat16
-    return _BlockedCausalAttention.apply(query[0].to(bf16), key[0].to(bf16), value[0].to(bf16), scale)[None]
+def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                     dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """query [1, heads, T, dim], key and value [1, kv_heads, T, dim] (any float dtype) → [1, heads, T, dim] in
+    `dtype`, the dtype its products compute in."""
+    return _BlockedCausalAttention.apply(query[0].to(dtype), key[0].to(dtype), value[0].to(dtype), scale)[None]
 
 
 def _masked_above_diagonal(rows: int, dtype: torch.dtype) -> torch.Tensor:
