@@ -10,9 +10,9 @@ attention by ~6e-3 (benchmarks/RESULTS.md).
 Why: torch's CPU flash-attention backward runs at ~18 GFLOP/s on the 64–512-token examples fine-tuning sees and was a
 third of a bf16 training step; this computes forward + backward 2.0–2.3× faster at 256–512 tokens (1.15× at 128, 0.8×
 at 64; benchmarks/attention_speed.py). An example of up to KEEP_PROBABILITIES_UP_TO tokens keeps its attention
-probabilities for the backward (bf16, heads × T²/2 values: +150 MiB of peak memory on the benchmark's batches of the
-bundled model, 2,097 → 2,250 MiB); a longer one recomputes them block by block, so its memory stays linear in T. Must
-not know about packing, models or training.
+probabilities for the backward (bf16, heads × T²/2 values: about 110 MiB on the benchmark's batches of the bundled
+model, where the new attention raised peak memory by ~150 MiB, 2,090 → 2,250 MiB in an alternating A/B); a longer one
+recomputes them block by block, so its memory stays linear in T. Must not know about packing, models or training.
 """
 
 from __future__ import annotations
