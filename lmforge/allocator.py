@@ -8,6 +8,14 @@ lower peak RSS (benchmarks/RESULTS.md). The allocator can only be chosen before 
 re-executes itself once with jemalloc preloaded (`reexec_with_jemalloc`); `LMFORGE_ALLOCATOR=system` keeps glibc.
 Child processes (torchrun workers, board jobs) inherit the environment and so the allocator.
 
+Also the bound on oneDNN's kernel caches (`bound_kernel_caches`). Under bf16 on the CPU every matmul runs through
+oneDNN, which keeps the kernel it built for each matmul shape in two caches: its own primitive cache and PyTorch's
+(ideep's) computation cache, 1,024 entries each by default, ~0.25 MB an entry. A packed training row has a new
+length nearly every step and so brings ~25 new shapes, which the caches keep: the demo's training process grew by
+~750 MB over 60 steps. A step uses ~25 kernels, a decoding step ~5 per batch size, so 128 entries hold several
+steps' worth and the caches stop at ~60 MB. oneDNN reads both variables when it first builds a kernel, so they are
+set before any matmul runs; a value the user set is kept.
+
 Must not import torch or anything heavy: it runs before the verb's own imports.
 """
 
@@ -22,6 +30,16 @@ ENV_DONE = "LMFORGE_ALLOCATOR_EXEC"  # set on the re-executed process so it neve
 SEARCH = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib",
           "/lib/x86_64-linux-gnu", "/lib/aarch64-linux-gnu")
 LIBRARY = "libjemalloc.so.2"  # jemalloc with its default settings (MALLOC_CONF, if the user sets one, is kept)
+
+
+KERNEL_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")  # oneDNN's; PyTorch's (ideep)
+KERNEL_CACHE_CAPACITY = "128"  # entries per cache: a few steps' kernels, not every shape ever seen (RESULTS.md)
+
+
+def bound_kernel_caches(environ=os.environ) -> None:
+    """Cap oneDNN's per-shape kernel caches at KERNEL_CACHE_CAPACITY entries in `environ`, unless already set."""
+    for name in KERNEL_CACHE_VARIABLES:
+        environ.setdefault(name, KERNEL_CACHE_CAPACITY)
 
 
 def find_jemalloc() -> str | None:

@@ -679,6 +679,8 @@ def main(argv: list[str] | None = None) -> int:
     # built-in CPU kernels are what lmforge uses, and lmforge never downloads code at run time
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
+    if args.verb in TENSOR_VERBS:
+        allocator.bound_kernel_caches()  # before any matmul; inherited by the re-executed process and its children
     if argv is None and args.verb in TENSOR_VERBS:  # the real command line, not a call from Python
         allocator.reexec_with_jemalloc(sys.argv[1:])
     try:

@@ -1,6 +1,7 @@
 """The CLI runs its tensor verbs on jemalloc where the system has it (lmforge/allocator.py): a real `lmforge train`
 re-executes itself with jemalloc preloaded, says so, trains to exactly the losses of the same run on glibc malloc,
-and `LMFORGE_ALLOCATOR=system` keeps glibc. Errors keep their message and exit code 2 through the re-exec."""
+and `LMFORGE_ALLOCATOR=system` keeps glibc. Errors keep their message and exit code 2 through the re-exec. oneDNN's
+per-shape kernel caches are bounded, so new matmul shapes stop adding memory."""
 
 from __future__ import annotations
 
@@ -32,6 +33,11 @@ def test_the_environment_preloads_jemalloc_first_and_keeps_the_rest():
 @pytest.mark.parametrize("choice", ["system", "glibc", "off"])
 def test_the_user_can_keep_the_system_allocator(choice):
     assert allocator.environment_with_jemalloc({allocator.ENV_CHOICE: choice}, library="/l/libjemalloc.so.2") is None
+
+
+def torch_bf16_on_onednn() -> bool:
+    import torch
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def lmforge(*args: str, **env) -> subprocess.CompletedProcess:
@@ -76,3 +82,50 @@ def test_an_error_keeps_its_message_and_exit_code_through_the_reexec(tmp_path):
     result = lmforge("train", str(tmp_path / "missing.yaml"))
     assert result.returncode == 2
     assert "missing.yaml" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_kernel_caches_are_bounded_unless_the_user_set_them():
+    env = {"LRU_CACHE_CAPACITY": "512"}
+    allocator.bound_kernel_caches(env)
+    assert env == {"LRU_CACHE_CAPACITY": "512", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": allocator.KERNEL_CACHE_CAPACITY}
+
+
+def test_tensor_verbs_bound_the_kernel_caches_before_they_run(tmp_path, monkeypatch):
+    from lmforge import cli
+    for name in allocator.KERNEL_CACHE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert cli.main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert all(os.environ[name] == allocator.KERNEL_CACHE_CAPACITY for name in allocator.KERNEL_CACHE_VARIABLES)
+
+
+NEW_SHAPES = """
+import sys, torch
+from pathlib import Path
+from lmforge.allocator import bound_kernel_caches
+if sys.argv[1] == "bounded":
+    bound_kernel_caches()  # after torch's import, before the first matmul: as cli.py does
+def rss_mib():
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmRSS"))
+    return int(line.split()[1]) / 1024
+torch.set_num_threads(1)
+weight = torch.randn(64, 64, dtype=torch.bfloat16)
+torch.nn.functional.linear(torch.randn(1, 64, dtype=torch.bfloat16), weight)
+start = rss_mib()
+for rows in range(2, 602):  # a new matmul shape each time, as a packed row of a new length brings
+    torch.nn.functional.linear(torch.randn(rows, 64, dtype=torch.bfloat16), weight)
+print(rss_mib() - start)
+"""
+
+
+@pytest.mark.skipif(not torch_bf16_on_onednn(), reason="bf16 matmuls do not run through oneDNN on this CPU (no "
+                    "AVX-512 bf16 support), so its kernel caches do not fill")
+def test_bounded_kernel_caches_stop_memory_growing_with_every_new_matmul_shape():
+    environ = {key: value for key, value in os.environ.items() if key not in allocator.KERNEL_CACHE_VARIABLES}
+    growth = {}
+    for mode in ("bounded", "as_shipped"):
+        result = subprocess.run([sys.executable, "-c", NEW_SHAPES, mode], cwd=ROOT, env=environ, capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        growth[mode] = float(result.stdout.split()[-1])
+    # 600 shapes: ~330-390 MiB with 1,024 kernels per cache, ~75-120 MiB with 128 (benchmarks/RESULTS.md)
+    assert growth["bounded"] < growth["as_shipped"] / 2, growth
