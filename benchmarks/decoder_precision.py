@@ -63,6 +63,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=16, help="decode steps per measurement")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    from lmforge.allocator import bound_kernel_caches
+    bound_kernel_caches()  # before the first matmul, as cli.py does for eval, compare, chat and serve
     torch.set_num_threads(args.threads)
     from lmforge.model.lean_decoder import Decoder, bfloat16_kernels, holds_in_float16
     from lmforge.model.loader import load_model, resolve_model

@@ -131,6 +131,8 @@ def main() -> int:
     parser.add_argument("--paths", nargs="+", default=list(DEFAULT_PATHS), choices=list(LABELS))
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    from lmforge.allocator import bound_kernel_caches
+    bound_kernel_caches()  # before the first matmul, as cli.py does for eval, compare, chat and serve
     if BEFORE not in args.paths:
         parser.error(f"--paths must include {BEFORE!r} (the reference for speed-ups and agreement)")
     torch.set_num_threads(args.threads)

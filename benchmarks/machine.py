@@ -1,7 +1,7 @@
 """What machine a benchmark ran on, recorded beside its figures: CPU model, the flags that decide precision (avx2,
-avx512f, avx512_bf16, amx_bf16, avx512_fp16), cores, load, this process's memory allocator, versions — and a GEMM
-probe of each precision taken in the same run, the yardstick for "useful GFLOP/s". Figures from different CPUs are
-never comparable; RESULTS.md keeps one section per CPU. Measures; changes nothing.
+avx512f, avx512_bf16, amx_bf16, avx512_fp16), cores, load, this process's memory allocator and oneDNN kernel-cache
+bounds, versions — and a GEMM probe of each precision taken in the same run, the yardstick for "useful GFLOP/s".
+Figures from different CPUs are never comparable; RESULTS.md keeps one section per CPU. Measures; changes nothing.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import platform
 
-from lmforge.allocator import jemalloc_loaded
+from lmforge.allocator import KERNEL_CACHE_VARIABLES, jemalloc_loaded
 from lmforge.model.precision import REPORTED_FLAGS, cpu_capability, gemm_gflops
 
 
@@ -20,14 +20,16 @@ def machine_info() -> dict:
     return {"cpu": capability.model, "flags": [flag for flag in REPORTED_FLAGS if flag in capability.flags],
             "bf16_native": bool(capability.bf16_instructions), "logical_cpus": os.cpu_count(), "usable_cpus": usable,
             "os": platform.platform(), "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-            "allocator": "jemalloc" if jemalloc_loaded() else "glibc malloc"}
+            "allocator": "jemalloc" if jemalloc_loaded() else "glibc malloc",
+            "kernel_caches": {name: os.environ.get(name, "default") for name in KERNEL_CACHE_VARIABLES}}
 
 
 def machine_line(info: dict) -> str:
     """One line for a Markdown report: `CPU (flags), N logical CPUs (M usable), load average …`."""
     flags = ", ".join(info["flags"]) or "none of " + ", ".join(REPORTED_FLAGS)
     return (f"{info['cpu']} (flags: {flags}), {info['logical_cpus']} logical CPUs ({info['usable_cpus']} usable), "
-            f"load average (1/5/15 min) {info['load_average']}, allocator {info.get('allocator', 'n/a')}")
+            f"load average (1/5/15 min) {info['load_average']}, allocator {info.get('allocator', 'n/a')}"
+            + (f", oneDNN kernel caches {info['kernel_caches']}" if "kernel_caches" in info else ""))
 
 
 def gemm_probe(tokens: int, inputs: int, outputs: int, seconds: float = 0.5) -> dict:

@@ -400,6 +400,8 @@ def run_child(system: str, args, batches_file: Path, out_file: Path, argv: list[
         env[allocator.ENV_CHOICE] = "system"
     elif system.startswith("lmforge") or system.endswith("-jemalloc"):  # as `lmforge train` runs (cli.py)
         env = allocator.environment_with_jemalloc(env) or env
+    if system.startswith("lmforge"):
+        allocator.bound_kernel_caches(env)  # as cli.py does for every tensor verb
     print(f"running {system} in a child process …", file=sys.stderr, flush=True)
     if subprocess.run(command, env=env).returncode != 0:
         sys.exit(f"the {system} child failed (see its output above)")
