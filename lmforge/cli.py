@@ -667,7 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # verbs that run a model: they allocate activation tensors by the hundred per step, where jemalloc saves CPU time and
-# memory (allocator.py); the data verbs and `models` stay on the system allocator
+# memory, and meet new matmul shapes, which oneDNN's bounded kernel caches keep from piling up (allocator.py); the data
+# verbs and `models` stay on the system allocator
 TENSOR_VERBS = ("train", "eval", "compare", "export", "serve", "score", "chat", "ui", "kb")
 
 
@@ -681,8 +682,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verb in TENSOR_VERBS:
         allocator.bound_kernel_caches()  # before any matmul; inherited by the re-executed process and its children
-    if argv is None and args.verb in TENSOR_VERBS:  # the real command line, not a call from Python
-        allocator.reexec_with_jemalloc(sys.argv[1:])
+        if argv is None:  # the real command line, not a call from Python
+            allocator.reexec_with_jemalloc(sys.argv[1:])
     try:
         return args.func(args)
     except UserError as error:
