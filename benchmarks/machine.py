@@ -21,7 +21,7 @@ def machine_info() -> dict:
             "bf16_native": bool(capability.bf16_instructions), "logical_cpus": os.cpu_count(), "usable_cpus": usable,
             "os": platform.platform(), "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
             "allocator": "jemalloc" if jemalloc_loaded() else "glibc malloc",
-            "kernel_caches": {name: os.environ.get(name, "default") for name in KERNEL_CACHE_VARIABLES}}
+            "kernel_caches": {name: os.environ.get(name, "unset (1024)") for name in KERNEL_CACHE_VARIABLES}}
 
 
 def machine_line(info: dict) -> str:
@@ -29,7 +29,7 @@ def machine_line(info: dict) -> str:
     flags = ", ".join(info["flags"]) or "none of " + ", ".join(REPORTED_FLAGS)
     return (f"{info['cpu']} (flags: {flags}), {info['logical_cpus']} logical CPUs ({info['usable_cpus']} usable), "
             f"load average (1/5/15 min) {info['load_average']}, allocator {info.get('allocator', 'n/a')}"
-            + (f", oneDNN kernel caches {info['kernel_caches']}" if "kernel_caches" in info else ""))
+            + (f", this process's oneDNN kernel caches {info['kernel_caches']}" if "kernel_caches" in info else ""))
 
 
 def gemm_probe(tokens: int, inputs: int, outputs: int, seconds: float = 0.5) -> dict:
